@@ -1,0 +1,74 @@
+"""The same quantities as the augmented graph, from torch eager (hooks and autograd).
+
+This is the reference side of parity: ``activations_and_gradients`` returns each layer's output
+and the gradient of ``sum_b score_b`` with respect to it, exactly as the graph defines them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def score_function(name: str):
+    import torch
+
+    return {
+        "logit": lambda z: z,
+        "softmax": lambda z: torch.softmax(z, dim=-1),
+        "log_softmax": lambda z: torch.log_softmax(z, dim=-1),
+    }[name]
+
+
+def resolve_module(module, layer: str):
+    """The submodule that ``layer`` names (pgc indexing such as ``layer4[-1]`` allowed)."""
+    from camexport.graph.locate import normalise
+
+    path = normalise(layer, [name for name, _ in module.named_modules() if name])
+    return module.get_submodule(path)
+
+
+def activations_and_gradients(
+    module,
+    x: np.ndarray,
+    layers: Sequence[str],
+    target_weights: np.ndarray,
+    score: str = "logit",
+    dtype=None,
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(outputs, activations, gradients) of ``module`` on ``x``, by torch autograd.
+
+    ``dtype`` (e.g. ``torch.float64``) runs the copy in that precision. The copy has in-place
+    activations turned off, so each layer's output is its value before any later in-place op.
+    """
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(module)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.eval()
+    for sub in model.modules():  # the true pre-in-place layer output (reference Q4)
+        if getattr(sub, "inplace", False) is True:
+            sub.inplace = False
+    dtype = dtype or torch.float32
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for layer in layers:
+        def hook(_module, _inputs, output, layer=layer):
+            captured[layer] = output
+        handles.append(resolve_module(model, layer).register_forward_hook(hook))
+    try:
+        inputs = torch.as_tensor(x, dtype=dtype)
+        outputs = model(inputs)
+        weights = torch.as_tensor(target_weights, dtype=dtype)
+        total = (score_function(score)(outputs) * weights).sum()
+        grads = torch.autograd.grad(total, [captured[layer] for layer in layers])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (outputs.detach().numpy(),
+            {layer: captured[layer].detach().numpy() for layer in layers},
+            {layer: g.detach().numpy() for layer, g in zip(layers, grads)})

@@ -1,0 +1,17 @@
+"""Graph-level work: locating layers, reverse-mode differentiation, augmentation."""
+
+from camexport.graph.augment import (
+    SCORE,
+    SCORE_FUNCTIONS,
+    TARGET_WEIGHTS,
+    activation_name,
+    augment,
+    get_manifest,
+    gradient_name,
+)
+from camexport.graph.autodiff import GradientError
+
+__all__ = [
+    "SCORE", "SCORE_FUNCTIONS", "TARGET_WEIGHTS", "GradientError", "activation_name", "augment",
+    "get_manifest", "gradient_name",
+]

@@ -1,0 +1,145 @@
+"""Augment a plain ONNX graph into a CAM-augmented one (ONNX in, ONNX out).
+
+Added to the graph, and nothing else changed:
+
+- input ``target_weights``, shaped like the chosen model output;
+- output ``score`` (batch,): ``score_b = sum_k target_weights_bk * f(output_bk)``, with ``f``
+  fixed at build time (:data:`SCORE_FUNCTIONS`);
+- outputs ``activation/<layer>`` and ``gradient/<layer>`` for each layer: the layer's tensor and
+  d(sum_b score_b)/d(tensor), from a reverse-mode subgraph over the tail only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import onnx
+from onnx import helper
+
+from camexport.graph.autodiff import differentiate
+from camexport.graph.builder import Builder, GraphFacts
+
+TARGET_WEIGHTS = "target_weights"
+SCORE = "score"
+
+#: Score functions f applied to the model output before weighting, by the name users type.
+SCORE_FUNCTIONS = ("logit", "softmax", "log_softmax")
+
+MANIFEST_KEY = "camexport.manifest"
+
+#: The opset camexport emits into when a model is older (rules use opset >= 13 forms).
+MIN_OPSET = 17
+
+
+def activation_name(layer: str) -> str:
+    return f"activation/{layer}"
+
+
+def gradient_name(layer: str) -> str:
+    return f"gradient/{layer}"
+
+
+def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Convert a model older than :data:`MIN_OPSET` so every rule's op forms are available."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset >= MIN_OPSET:
+        return model
+    return onnx.version_converter.convert_version(model, MIN_OPSET)
+
+
+def augment(
+    model: onnx.ModelProto,
+    layers: Mapping[str, str],
+    score: str = "logit",
+    output: str | None = None,
+    manifest: Mapping | None = None,
+) -> onnx.ModelProto:
+    """Return a copy of ``model`` with the score block, layer activations and their gradients.
+
+    ``layers`` maps a layer label (what the user typed) to the tensor it names in the graph.
+    """
+    if score not in SCORE_FUNCTIONS:
+        raise ValueError(f"unknown score function {score!r}; choose one of {SCORE_FUNCTIONS}")
+    result = onnx.ModelProto()
+    result.CopyFrom(upgrade_opset(model))
+    graph = result.graph
+    outputs = [o.name for o in graph.output]
+    output = output or outputs[0]
+    if output not in outputs:
+        raise ValueError(f"model has no output {output!r}; outputs are {outputs}")
+    for reserved in (TARGET_WEIGHTS, SCORE):
+        if reserved in outputs or reserved in [i.name for i in graph.input]:
+            raise ValueError(f"model already has a value named {reserved!r}; is it augmented?")
+
+    facts = GraphFacts(result)
+    out_info = next(o for o in graph.output if o.name == output)
+    weights_info = onnx.ValueInfoProto()
+    weights_info.CopyFrom(out_info)
+    weights_info.name = TARGET_WEIGHTS
+    del weights_info.metadata_props[:]
+    graph.input.append(weights_info)
+
+    taken = {v for node in graph.node for v in (*node.input, *node.output)}
+    taken |= {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    builder = Builder(facts, taken)
+    builder.owner = SCORE
+    rank = facts.rank(output)
+    scored = output
+    if score == "softmax":
+        scored = builder.op("Softmax", output, axis=-1)
+    elif score == "log_softmax":
+        scored = builder.op("LogSoftmax", output, axis=-1)
+    weighted = builder.op("Mul", scored, TARGET_WEIGHTS)
+    builder.reduce("ReduceSum", weighted, list(range(1, rank)), keepdims=False, name=SCORE)
+    score_nodes = builder.nodes
+    graph.node.extend(score_nodes)
+    graph.initializer.extend(builder.initializers)
+
+    # differentiate through the score function too: facts must know its values
+    facts = GraphFacts(result)
+    builder = Builder(facts, taken)
+    tensors = list(dict.fromkeys(layers.values()))
+    labels = {tensor: label for label, tensor in layers.items()}
+    grads = differentiate(result, facts, builder, {scored: TARGET_WEIGHTS}, tensors, labels=labels)
+    graph.node.extend(builder.nodes)
+    graph.initializer.extend(builder.initializers)
+
+    graph.output.append(helper.make_tensor_value_info(SCORE, facts.dtype(output),
+                                                      [_dim(out_info, 0)]))
+    for label, tensor in layers.items():
+        for name, source in ((activation_name(label), tensor), (gradient_name(label), grads[tensor])):
+            graph.node.append(helper.make_node("Identity", [source], [name], name=f"{name}/output"))
+            graph.output.append(helper.make_tensor_value_info(
+                name, facts.dtype(tensor), _symbolic_shape(facts, tensor, out_info)))
+    if manifest is not None:
+        set_manifest(result, manifest)
+    onnx.checker.check_model(result)
+    return result
+
+
+def _dim(info: onnx.ValueInfoProto, axis: int):
+    dim = info.type.tensor_type.shape.dim[axis]
+    return dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or "batch")
+
+
+def _symbolic_shape(facts: GraphFacts, tensor: str, out_info: onnx.ValueInfoProto) -> list:
+    batch = _dim(out_info, 0)
+    return [batch if (i == 0 and d is None) else (d if d is not None else f"d{i}")
+            for i, d in enumerate(facts.shape(tensor))]
+
+
+def set_manifest(model: onnx.ModelProto, manifest: Mapping) -> None:
+    """Store the manifest (JSON) in the model's ``metadata_props``, replacing any earlier one."""
+    kept = [p for p in model.metadata_props if p.key != MANIFEST_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = MANIFEST_KEY, json.dumps(manifest, sort_keys=True)
+
+
+def get_manifest(model: onnx.ModelProto) -> dict | None:
+    for prop in model.metadata_props:
+        if prop.key == MANIFEST_KEY:
+            return json.loads(prop.value)
+    return None

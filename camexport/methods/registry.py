@@ -1,0 +1,67 @@
+"""The one table of CAM method names, as users type them, with their accepted aliases.
+
+``needs`` tells the build step what each method asks of the graph: ``gradients`` (the VJP
+subgraph), ``forwards`` (extra forward passes of the plain model), ``tail`` (the tail as its own
+graph), ``input_gradients`` and ``bias_gradients`` (FullGrad), ``guided`` (guided ReLU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class MethodError(ValueError):
+    """An unknown method name."""
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    title: str
+    needs: frozenset[str]
+    aliases: tuple[str, ...] = ()
+
+
+def _m(name: str, title: str, needs: str = "", aliases: tuple[str, ...] = ()) -> MethodInfo:
+    return MethodInfo(name, title, frozenset(needs.split()), aliases)
+
+
+METHODS: dict[str, MethodInfo] = {m.name: m for m in [
+    _m("gradcam", "GradCAM", "gradients", ("grad-cam",)),
+    _m("hirescam", "HiResCAM", "gradients", ("hires-cam",)),
+    _m("gradcamelementwise", "GradCAMElementWise", "gradients", ("gradcam-elementwise",)),
+    _m("gradcam++", "GradCAM++", "gradients", ("gradcampp", "gradcamplusplus", "grad-cam++")),
+    _m("xgradcam", "XGradCAM", "gradients", ("xgrad-cam",)),
+    _m("ablationcam", "AblationCAM", "tail", ("ablation-cam",)),
+    _m("scorecam", "ScoreCAM", "forwards", ("score-cam",)),
+    _m("eigencam", "EigenCAM", "", ("eigen-cam",)),
+    _m("eigengradcam", "EigenGradCAM", "gradients", ("eigen-grad-cam",)),
+    _m("layercam", "LayerCAM", "gradients", ("layer-cam",)),
+    _m("fullgrad", "FullGrad", "gradients input_gradients bias_gradients", ("full-grad",)),
+    _m("dff", "Deep Feature Factorization", "", ("deepfeaturefactorization",)),
+    _m("kpcacam", "KPCA-CAM", "", ("kpca-cam", "kpca")),
+    _m("fem", "FEM", ""),
+    _m("shapleycam", "ShapleyCAM", "gradients", ("shapley-cam",)),
+    _m("finercam", "FinerCAM", "gradients", ("finer-cam",)),
+    _m("randomcam", "RandomCAM", "gradients", ("random-cam", "random")),
+    _m("guidedbackprop", "Guided Backprop", "guided input_gradients",
+       ("guided-backprop", "guidedbp", "gbp")),
+]}
+
+_LOOKUP = {alias: m.name for m in METHODS.values() for alias in (m.name, *m.aliases)}
+
+
+def canonical_methods(names: str | list[str]) -> list[str]:
+    """Canonical method names from a comma-separated string or a list (case-insensitive)."""
+    if isinstance(names, str):
+        names = [n for n in names.split(",")]
+    result = []
+    for raw in names:
+        key = raw.strip().lower().replace("_", "")
+        if not key:
+            continue
+        if key not in _LOOKUP:
+            raise MethodError(f"unknown method {raw.strip()!r}; choose from {', '.join(METHODS)}")
+        if _LOOKUP[key] not in result:
+            result.append(_LOOKUP[key])
+    return result

@@ -1,0 +1,100 @@
+"""Every registered gradient rule, checked by the one harness in rule_harness.py."""
+
+import numpy as np
+import pytest
+
+from camexport.graph.rules import RULES
+from rule_harness import Case, check
+
+F = np.float64
+S = (2, 3, 4, 5)  # a small NCHW shape
+
+CASES = [
+    Case("Identity", [S]),
+    Case("Dropout", [S]),
+    Case("Cast", [S], {"to": 11}, name="Cast"),
+    Case("Relu", [S]),
+    Case("LeakyRelu", [S], {"alpha": 0.1}),
+    Case("Sigmoid", [S]),
+    Case("Tanh", [S]),
+    Case("Exp", [S]),
+    Case("Log", [S], low=0.5, high=2.0),
+    Case("Sqrt", [S], low=0.5, high=2.0),
+    Case("Neg", [S]),
+    Case("Abs", [S]),
+    Case("Reciprocal", [S], low=0.5, high=2.0),
+    Case("Erf", [S]),
+    Case("Softplus", [S]),
+    Case("Pow", [S, np.array(3.0)], low=0.5, high=2.0),
+    Case("HardSigmoid", [S], {"alpha": 1 / 6, "beta": 0.5}, low=-5, high=5),
+    Case("HardSwish", [S], low=-5, high=5),
+    Case("Clip", [S, np.array(0.0), np.array(6.0)], low=-3, high=9),
+    Case("Clip", [S, np.array(-0.5), None], name="Clip-min-only"),
+    Case("Gelu", [S]),
+    Case("Gelu", [S], {"approximate": "tanh"}, name="Gelu-tanh"),
+    Case("Softmax", [S], {"axis": -1}),
+    Case("Softmax", [S], {"axis": 1}, name="Softmax-axis1"),
+    Case("LogSoftmax", [S], {"axis": -1}),
+    Case("Add", [S, (3, 1, 5)], name="Add-broadcast"),
+    Case("Add", [S, np.ones((1, 3, 1, 1))], name="Add-const"),
+    Case("Sum", [S, S, (5,)]),
+    Case("Sub", [(3, 1, 5), S]),
+    Case("Mul", [S, (1, 3, 4, 1)]),
+    Case("Div", [S, (4, 5)], low=0.5, high=2.0),
+    Case("Mean", [S, S]),
+    Case("Where", [np.random.default_rng(3).random(S) > 0.5, S, (5,)]),
+    Case("Expand", [(3, 1, 5), np.array([2, 3, 4, 5])]),
+    Case("MatMul", [(2, 3, 4, 5), (2, 3, 5, 6)]),
+    Case("MatMul", [(2, 3, 4, 5), (5, 6)], name="MatMul-2d-right"),
+    Case("Gemm", [(3, 4), (4, 5), (5,)]),
+    Case("Gemm", [(4, 3), (5, 4), (1, 5)], {"transA": 1, "transB": 1, "alpha": 0.5, "beta": 2.0},
+         name="Gemm-transposed"),
+    Case("Conv", [(2, 4, 7, 6), np.random.default_rng(4).standard_normal((6, 2, 3, 3))],
+         {"group": 2, "strides": [2, 2], "pads": [1, 0, 1, 1]}, name="Conv-grouped-strided"),
+    Case("Conv", [(2, 3, 9, 9), np.random.default_rng(5).standard_normal((4, 3, 3, 3)),
+                  np.ones(4)], {"dilations": [2, 2], "pads": [2, 1, 2, 2]},
+         name="Conv-dilated-bias"),
+    Case("Conv", [(2, 3, 8, 9), np.random.default_rng(7).standard_normal((4, 3, 3, 2))],
+         {"strides": [2, 2], "auto_pad": "SAME_UPPER"}, name="Conv-same-upper"),
+    Case("Conv", [(2, 3, 11), np.random.default_rng(6).standard_normal((4, 3, 4))],
+         {"strides": [3]}, name="Conv-1d"),
+    Case("AveragePool", [(2, 3, 6, 6)], {"kernel_shape": [2, 2], "strides": [2, 2]}),
+    Case("AveragePool", [(2, 3, 7, 7)], {"kernel_shape": [3, 3], "strides": [2, 2],
+                                         "pads": [1, 1, 1, 1]}, name="AveragePool-pad-excl"),
+    Case("AveragePool", [(2, 3, 7, 7)], {"kernel_shape": [3, 3], "strides": [2, 2],
+                                         "pads": [1, 1, 1, 1], "count_include_pad": 1},
+         name="AveragePool-pad-incl"),
+    Case("MaxPool", [(2, 3, 7, 7)], {"kernel_shape": [3, 3], "strides": [2, 2],
+                                     "pads": [1, 1, 1, 1]}),
+    Case("GlobalAveragePool", [(2, 3, 4, 5)]),
+    Case("ReduceMean", [S, np.array([2, 3])], {"keepdims": 0}),
+    Case("ReduceSum", [S, np.array([1])]),
+    Case("BatchNormalization", [S, np.array([1.0, 2.0, 0.5]), np.zeros(3), np.array([0.1, 0.2, 0.3]),
+                                np.array([1.0, 0.5, 2.0])]),
+    Case("LayerNormalization", [(2, 4, 6), np.linspace(0.5, 1.5, 6), np.zeros(6)], {"axis": -1}),
+    Case("LayerNormalization", [(2, 4, 6), np.linspace(0.5, 1.5, 24).reshape(4, 6)], {"axis": 1},
+         name="LayerNormalization-2axes"),
+    Case("Reshape", [S, np.array([2, -1])]),
+    Case("Flatten", [S], {"axis": 1}),
+    Case("Squeeze", [(2, 1, 5), np.array([1])]),
+    Case("Unsqueeze", [(2, 5), np.array([1])]),
+    Case("Transpose", [S], {"perm": [0, 2, 3, 1]}),
+    Case("Concat", [S, (2, 2, 4, 5), np.ones((2, 1, 4, 5))], {"axis": 1}),
+    Case("Split", [S, np.array([2, 3])], {"axis": -1}, outputs=2),
+    Case("Slice", [S, np.array([1, 0]), np.array([4, 5]), np.array([2, 3]), np.array([1, 2])]),
+    Case("Slice", [S, np.array([-3]), np.array([100]), np.array([1])], name="Slice-negative-start"),
+    Case("Gather", [S, np.array(1)], {"axis": 2}, name="Gather-scalar"),
+    Case("Gather", [S, np.array([0, 3, 0])], {"axis": 3}, name="Gather-repeated"),
+    Case("Pad", [S, np.array([0, 1, 2, 0, 0, 0, 1, 3])]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_rule(case):
+    check(case)
+
+
+def test_every_rule_has_a_case():
+    covered = {case.op for case in CASES}
+    missing = sorted(set(RULES) - covered)
+    assert not missing, f"rules without a test case: {missing}"
