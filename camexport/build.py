@@ -25,7 +25,7 @@ from camexport.graph.augment import augment, set_manifest
 from camexport.graph.builder import GraphFacts
 from camexport.graph.locate import resolve
 from camexport.layout import infer_layout
-from camexport.load import load
+from camexport.load import Loaded, load
 from camexport.methods import canonical_methods
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def build(
     out_dir: str | Path | None = None,
     trust_pickle: bool = False,
     output: str | None = None,
+    input_size: tuple[int, int] | None = None,
     progress: Callable[[str], None] = lambda message: None,
 ) -> BuildResult:
     """Build the CAM-augmented graph of ``model`` for ``layers`` and write the artifact."""
@@ -66,6 +67,8 @@ def build(
 
     progress("loading model")
     loaded = load(model, arch=arch, trust_pickle=trust_pickle)
+    if input_size:
+        loaded.preprocessing.size = tuple(input_size)
     timings["load"] = time.perf_counter() - clock
 
     progress("exporting to ONNX")
@@ -75,25 +78,7 @@ def build(
 
     progress("locating layers and differentiating the tail")
     clock = time.perf_counter()
-    facts = GraphFacts(plain)
-    tensors = {layer: resolve(plain, layer, facts) for layer in layers}
-    manifest = {
-        "camexport_version": __version__,
-        "source": {"path": loaded.source, "sha256": loaded.sha256, "kind": loaded.kind,
-                   "name": loaded.name},
-        "layers": [{"name": layer, "tensor": tensor, "shape": list(facts.shape(tensor)),
-                    "layout": infer_layout(facts.shape(tensor))}
-                   for layer, tensor in tensors.items()],
-        "score": {"function": score, "output": output or plain.graph.output[0].name},
-        "outputs": [o.name for o in plain.graph.output],
-        "methods": method_names,
-        "preprocessing": loaded.preprocessing.as_dict(),
-        "opset": facts.opset,
-    }
-    augmented = augment(plain, tensors, score=score, output=output)
-    manifest["opset"] = next(o.version for o in augmented.opset_import if o.domain in ("", "ai.onnx"))
-    manifest["plain_sha256"] = hashlib.sha256(plain.SerializeToString()).hexdigest()
-    set_manifest(augmented, manifest)
+    augmented, manifest = make_augmented(loaded, plain, layers, method_names, score, output)
     timings["augment"] = time.perf_counter() - clock
 
     progress("writing artifact")
@@ -105,6 +90,39 @@ def build(
     _write_atomic(directory / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
     timings["write"] = time.perf_counter() - clock
     return BuildResult(directory, manifest, timings)
+
+
+def make_augmented(
+    loaded: Loaded,
+    plain: onnx.ModelProto,
+    layers: list[str],
+    methods: list[str],
+    score: str = "logit",
+    output: str | None = None,
+) -> tuple[onnx.ModelProto, dict]:
+    """The augmented graph of an exported model, with its manifest inside, and the manifest."""
+    facts = GraphFacts(plain)
+    resolved = [resolve(plain, layer, facts) for layer in layers]
+    tensors = dict(resolved)
+    if len(tensors) != len(layers):
+        raise ValueError(f"--layer values {layers} name the same layer more than once")
+    augmented = augment(plain, tensors, score=score, output=output)
+    manifest = {
+        "camexport_version": __version__,
+        "source": {"path": loaded.source, "sha256": loaded.sha256, "kind": loaded.kind,
+                   "name": loaded.name},
+        "layers": [{"name": label, "requested": layer, "tensor": tensor,
+                    "shape": list(facts.shape(tensor)), "layout": infer_layout(facts.shape(tensor))}
+                   for layer, (label, tensor) in zip(layers, resolved)],
+        "score": {"function": score, "output": output or plain.graph.output[0].name},
+        "outputs": [o.name for o in plain.graph.output],
+        "methods": list(methods),
+        "preprocessing": loaded.preprocessing.as_dict(),
+        "opset": next(o.version for o in augmented.opset_import if o.domain in ("", "ai.onnx")),
+        "plain_sha256": hashlib.sha256(plain.SerializeToString()).hexdigest(),
+    }
+    set_manifest(augmented, manifest)
+    return augmented, manifest
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

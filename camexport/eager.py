@@ -39,8 +39,8 @@ def activations_and_gradients(
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(outputs, activations, gradients) of ``module`` on ``x``, by torch autograd.
 
-    ``dtype`` (e.g. ``torch.float64``) runs the copy in that precision. The copy has in-place
-    activations turned off, so each layer's output is its value before any later in-place op.
+    ``dtype`` (e.g. ``torch.float64``) runs a copy in that precision. Each layer's activation is
+    its true output, before any later in-place op.
     """
     import copy
 
@@ -50,15 +50,15 @@ def activations_and_gradients(
     if dtype is not None:
         model = model.to(dtype)
     model.eval()
-    for sub in model.modules():  # the true pre-in-place layer output (reference Q4)
-        if getattr(sub, "inplace", False) is True:
-            sub.inplace = False
     dtype = dtype or torch.float32
     captured: dict[str, torch.Tensor] = {}
     handles = []
     for layer in layers:
         def hook(_module, _inputs, output, layer=layer):
+            # the rest of the model gets a copy, so a later in-place op (ReLU(inplace=True),
+            # F.relu(..., inplace=True)) cannot change the captured value (reference Q4)
             captured[layer] = output
+            return output.clone()
         handles.append(resolve_module(model, layer).register_forward_hook(hook))
     try:
         inputs = torch.as_tensor(x, dtype=dtype)

@@ -150,6 +150,16 @@ def _torch_file(path: Path, arch: str | None, trust_pickle: bool) -> Loaded:
                   preprocessing=preprocessing)
 
 
+def from_module(module, name: str, preprocessing: Preprocessing | None = None) -> Loaded:
+    """Wrap an in-memory ``nn.Module`` (Python API and tests); its digest covers the weights."""
+    digest = hashlib.sha256()
+    for key, tensor in module.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    return Loaded("<module>", digest.hexdigest(), "module", name, module=module.eval(),
+                  preprocessing=preprocessing or Preprocessing())
+
+
 def build_architecture(arch: str):
     """An untrained ``arch`` from torchvision or timm, with its preprocessing."""
     import torchvision

@@ -85,6 +85,10 @@ CASES = [
     Case("Slice", [S, np.array([-3]), np.array([100]), np.array([1])], name="Slice-negative-start"),
     Case("Gather", [S, np.array(1)], {"axis": 2}, name="Gather-scalar"),
     Case("Gather", [S, np.array([0, 3, 0])], {"axis": 3}, name="Gather-repeated"),
+    Case("Gather", [S, np.array([[2, -1], [0, 2]])], {"axis": 1}, name="Gather-2d-negative"),
+    Case("Gather", [(20,), np.array([[3, 7, 3], [19, 0, 1]])], {"axis": 0}, name="Gather-flat"),
+    Case("GatherND", [S, np.array([[[0, 1], [1, 2]], [[0, 1], [0, 0]]])], name="GatherND-repeated"),
+    Case("GatherND", [(3, 4), np.array([[2], [0], [2], [-1]] * 50)], name="GatherND-many-repeats"),
     Case("Pad", [S, np.array([0, 1, 2, 0, 0, 0, 1, 3])]),
 ]
 

@@ -209,3 +209,23 @@ class Builder:
         if ones:
             grad = self.reduce("ReduceSum", grad, ones, keepdims=True)
         return grad
+
+    def scatter_add_rows(self, shape: str, rows: str, updates: str, like: str) -> str:
+        """Zeros of 1-D int64 ``shape`` (D, *rest) with ``updates`` (M, *rest) added at ``rows`` (M,).
+
+        Built on a flat ScatterElements with reduction "add": onnxruntime's ScatterND "add"
+        loses updates when indices repeat (a race between threads), ScatterElements does not.
+        """
+        rest = self.reduce("ReduceProd", self.op("Slice", shape, self.ints([1]), self.ints([2**62])),
+                           [0], keepdims=True)
+        span = self.op("Range", self.array(np.array(0, np.int64)), self.op("Squeeze", rest),
+                       self.array(np.array(1, np.int64)))
+        positions = self.op("Add", self.op("Mul", self.unsqueeze(rows, [1]), rest),
+                            self.unsqueeze(span, [0]))
+        total = self.reduce("ReduceProd", shape, [0], keepdims=True)
+        zero = numpy_helper.from_array(
+            np.zeros(1, dtype=helper.tensor_dtype_to_np_dtype(self.facts.dtype(like))))
+        flat = self.op("ScatterElements", self.op("ConstantOfShape", total, value=zero),
+                       self.op("Reshape", positions, self.ints([-1])),
+                       self.op("Reshape", updates, self.ints([-1])), axis=0, reduction="add")
+        return self.op("Reshape", flat, shape)

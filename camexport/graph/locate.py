@@ -79,7 +79,10 @@ _TOKEN = re.compile(r"\[(-?\d+)\]|\.?([^.\[\]]+)")
 
 
 def normalise(layer: str, paths: list[str]) -> str:
-    """Resolve pytorch-grad-cam style indexing (``layer4[-1]``) against known module paths."""
+    """Resolve pytorch-grad-cam style indexing (``layer4[-1]``, ``features[-1]``) against known
+    module paths. ``paths`` come in execution (or registration) order: numbered children are
+    indexed by number, named ones (DenseNet's ``features``) by that order, as ``nn.Sequential``
+    indexing would."""
     if "[" not in layer:
         return layer
     prefix = ""
@@ -87,10 +90,12 @@ def normalise(layer: str, paths: list[str]) -> str:
         if name:
             prefix = f"{prefix}.{name}" if prefix else name
             continue
-        children = sorted({int(p[len(prefix) + 1:].split(".")[0]) for p in paths
-                           if p.startswith(prefix + ".") and p[len(prefix) + 1:].split(".")[0].isdigit()})
+        children = list(dict.fromkeys(
+            p[len(prefix) + 1:].split(".")[0] for p in paths if p.startswith(prefix + ".")))
+        if all(c.isdigit() for c in children):
+            children.sort(key=int)
         if not children:
-            raise LayerError(f"{prefix!r} has no numbered children to index in {layer!r}")
+            raise LayerError(f"{prefix!r} has no children to index in {layer!r}")
         try:
             child = children[int(index)]
         except IndexError:
@@ -100,8 +105,9 @@ def normalise(layer: str, paths: list[str]) -> str:
     return prefix
 
 
-def resolve(model: onnx.ModelProto, layer: str, facts: GraphFacts | None = None) -> str:
-    """The tensor name for ``layer``: a module path (pgc indexing allowed) or a tensor name."""
+def resolve(model: onnx.ModelProto, layer: str, facts: GraphFacts | None = None) -> tuple[str, str]:
+    """(label, tensor) for ``layer``: a module path (pgc indexing such as ``layer4[-1]`` is
+    resolved, and the label is the plain path ``layer4.2``) or an ONNX tensor name."""
     facts = facts or GraphFacts(model)
     modules = module_outputs(model, facts)
     produced = {v for node in model.graph.node for v in node.output if facts.is_float(v)}
@@ -109,12 +115,12 @@ def resolve(model: onnx.ModelProto, layer: str, facts: GraphFacts | None = None)
     if path in modules:
         tensors = modules[path].tensors
         if len(tensors) == 1:
-            return tensors[0]
+            return path, tensors[0]
         raise LayerError(
             f"module {path!r} hands {len(tensors)} tensors to the rest of the graph (called more "
             f"than once, or returns several): {', '.join(tensors)}. Pass one tensor name as --layer")
     if layer in produced or layer in {i.name for i in model.graph.input}:
-        return layer
+        return layer, layer
     close = difflib.get_close_matches(layer, list(modules) + sorted(produced), n=6, cutoff=0.5)
     hint = f" Closest valid names: {', '.join(close)}." if close else ""
     raise LayerError(f"no layer named {layer!r} in this model.{hint} "

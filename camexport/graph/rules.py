@@ -597,24 +597,58 @@ def _interleave_zeros(b, grad: str, shape: list, axis: int, step: int) -> str:
 
 @rule("Gather", since=13)
 def _gather(b, node, dys):
-    """Y = Gather(X, idx, axis), idx constant: dX = dY scattered back (Pad for a scalar index,
-    one-hot MatMul for a 1-D index, which sums repeats)."""
-    x = node.input[0]
+    """Y = Gather(X, idx, axis): dX = ScatterND-add of dY into zeros at idx along axis
+    (repeated indices sum); a constant scalar index is a plain Pad."""
+    x, index = node.input[0], node.input[1]
     rank = b.facts.rank(x)
     axis = attr(node, "axis", 0) % rank
-    size = b.facts.static_dim(x, axis)
-    index = np.asarray(_const_input(b, node, 1, "indices")) % size
-    if index.ndim == 0:
+    constant = b.facts.constant(index)
+    if constant is not None and constant.ndim == 0:
+        size = b.facts.static_dim(x, axis)
+        position = int(constant) % size
         pads = [0] * (2 * rank)
-        pads[axis], pads[rank + axis] = int(index), size - int(index) - 1
+        pads[axis], pads[rank + axis] = position, size - position - 1
         return [b.op("Pad", b.unsqueeze(dys[0], [axis]), b.ints(pads)), None]
-    if index.ndim != 1:
-        raise NotImplementedError("Gather with indices of rank > 1")
-    dtype = helper.tensor_dtype_to_np_dtype(b.facts.dtype(x))
-    onehot = b.array(np.eye(size, dtype=dtype)[index])
-    to_last = [i for i in range(rank) if i != axis] + [axis]
-    moved = b.op("MatMul", b.op("Transpose", dys[0], perm=to_last), onehot)
-    return [b.op("Transpose", moved, perm=[int(i) for i in np.argsort(to_last)]), None]
+    index_rank = b.facts.rank(index)
+    to_front = [axis] + [i for i in range(rank) if i != axis]
+    dy_front = list(range(axis, axis + index_rank)) + [
+        i for i in range(rank + index_rank - 1) if not axis <= i < axis + index_rank]
+    dy = b.op("Transpose", dys[0], perm=dy_front) if dy_front != sorted(dy_front) else dys[0]
+    x_shape = b.shape_of(x)
+    if constant is None:
+        length = b.op("Gather", x_shape, b.ints([axis]))
+        index = b.op("Where", b.op("Less", index, b.array(np.zeros((), np.int64))),
+                     b.op("Add", index, length), index)
+    else:
+        index = b.array(constant.astype(np.int64) % b.facts.static_dim(x, axis))
+    rows = b.op("Reshape", index, b.ints([-1]))
+    grad = b.scatter_add_rows(b.op("Gather", x_shape, b.ints(to_front)), rows, dy, x)
+    if to_front != sorted(to_front):
+        grad = b.op("Transpose", grad, perm=[int(i) for i in np.argsort(to_front)])
+    return [grad, None]
+
+
+@rule("GatherND", since=12)
+def _gather_nd(b, node, dys):
+    """Y = GatherND(X, idx), batch_dims 0: dX = dY added back at the rows idx names (repeats sum)."""
+    if attr(node, "batch_dims", 0):
+        raise NotImplementedError("GatherND with batch_dims > 0")
+    x, index = node.input[0], node.input[1]
+    depth = b.facts.static_dim(index, -1)
+    dims = b.facts.shape(x)
+    strides = [int(np.prod(dims[j + 1:depth])) for j in range(depth)]
+    if None in dims[1:depth]:
+        raise NotImplementedError("GatherND over more than one dynamic axis")
+    sizes = b.op("Slice", b.shape_of(x), b.ints([0]), b.ints([depth]))
+    index = b.op("Where", b.op("Less", index, b.array(np.zeros((), np.int64))),
+                 b.op("Add", index, sizes), index)
+    rows = b.reduce("ReduceSum", b.op("Mul", index, b.ints(strides)), [-1], keepdims=False)
+    front = b.op("Concat", b.reduce("ReduceProd", sizes, [0], keepdims=True),
+                 b.op("Slice", b.shape_of(x), b.ints([depth]), b.ints([2**62])), axis=0)
+    updates = b.op("Reshape", dys[0], b.op("Concat", b.ints([-1]), b.op(
+        "Slice", b.shape_of(x), b.ints([depth]), b.ints([2**62])), axis=0))
+    grad = b.scatter_add_rows(front, b.op("Reshape", rows, b.ints([-1])), updates, x)
+    return [b.op("Reshape", grad, b.shape_of(x)), None]
 
 
 @rule("Pad", since=11)
