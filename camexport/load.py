@@ -92,11 +92,16 @@ def _onnx(path: Path) -> Loaded:
 def _exported_program(path: Path) -> Loaded:
     import torch
 
+    export_log = logging.getLogger("torch.export")
+    level = export_log.level
+    export_log.setLevel(logging.CRITICAL)  # it logs its own traceback before raising
     try:
         program = torch.export.load(str(path))
     except Exception as err:
         raise LoadError(f"{path} is not a loadable ExportedProgram ({type(err).__name__}: {err}); "
-                        f"save one with torch.export.save") from err
+                        f"is it truncated? Save one with torch.export.save") from err
+    finally:
+        export_log.setLevel(level)
     return Loaded(str(path), sha256(path), "exported_program", path.stem, program=program)
 
 

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv and install camexport with its test extra. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+# torch==2.14.1 / torchvision==0.29.1 are pinned in pyproject.toml (they install from local disk here)
+.venv/bin/python -m pip install --quiet -e ".[test]"
+# foolbox ships 20 labelled ImageNet photos; its own dependencies are not needed to read them
+.venv/bin/python -m pip install --quiet --no-deps foolbox==3.3.4

@@ -1,0 +1,214 @@
+"""Loading every accepted model format, `camexport build`/`inspect`, and their errors."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from camexport.build import AUGMENTED_FILE, MANIFEST_FILE, PLAIN_FILE, build
+from camexport.cli import main
+from camexport.eager import activations_and_gradients
+from camexport.graph import GradientError, augment, get_manifest
+from camexport.graph.locate import LayerError
+from camexport.runtime import session
+
+SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def resnet18():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18().eval()
+
+
+@pytest.fixture(scope="session")
+def files(resnet18, tmp_path_factory):
+    """resnet18 saved in every format camexport reads."""
+    root = tmp_path_factory.mktemp("models")
+    example = torch.randn(2, 3, SIZE, SIZE)
+    paths = {"state_dict": root / "r18.pt", "pickle": root / "r18.full.pt",
+             "torchscript": root / "r18.ts.pt", "program": root / "r18.pt2"}
+    torch.save(resnet18.state_dict(), paths["state_dict"])
+    torch.save(resnet18, paths["pickle"])
+    torch.jit.trace(resnet18, example).save(str(paths["torchscript"]))
+    program = torch.export.export(resnet18, (example,),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    torch.export.save(program, str(paths["program"]))
+    return paths
+
+
+def _check_against_torch(graph_path, module, layer_label, layer_module):
+    """The artifact's graph runs at batch 1 and 3 and matches torch eager."""
+    model = onnx.load(str(graph_path))
+    run = session(model)
+    input_name = run.get_inputs()[0].name
+    for batch in (1, 3):
+        rng = np.random.default_rng(batch)
+        x = rng.standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
+        weights = np.eye(1000, dtype=np.float32)[rng.integers(0, 1000, batch)]
+        names = [o.name for o in run.get_outputs()]
+        got = dict(zip(names, run.run(None, {input_name: x, "target_weights": weights})))
+        outputs, _, grads = activations_and_gradients(module, x, [layer_module], weights,
+                                                      dtype=torch.float64)
+        assert np.abs(got[names[0]] - outputs).max() <= 1e-4 * np.abs(outputs).max()
+        grad = got[f"gradient/{layer_label}"]
+        ref = grads[layer_module]
+        assert np.linalg.norm(grad - ref) / np.linalg.norm(ref) <= 1e-5
+
+
+@pytest.mark.parametrize("kind,options,layer,label", [
+    ("state_dict", ["--arch", "resnet18"], "layer4[-1]", "layer4.1"),
+    ("pickle", ["--trust-pickle"], "layer4.1", "layer4.1"),
+    ("torchscript", [], "layer4", "layer4"),
+    ("program", [], "layer4.1", "layer4.1"),
+])
+def test_build_each_format(kind, options, layer, label, files, resnet18, tmp_path):
+    out = tmp_path / "artifact"
+    result = CliRunner().invoke(main, ["build", str(files[kind]), "--layer", layer, "--out", str(out),
+                                       "--input-size", str(SIZE), str(SIZE), *options])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"built .* in \d+\.\d+s", result.output)
+    for name in (AUGMENTED_FILE, PLAIN_FILE, MANIFEST_FILE):
+        assert (out / name).is_file()
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest == get_manifest(onnx.load(str(out / AUGMENTED_FILE)))
+    assert manifest["layers"][0]["name"] == label
+    assert manifest["source"]["kind"] == {"program": "exported_program", "pickle": "pickled_module"}.get(kind, kind)
+    _check_against_torch(out / AUGMENTED_FILE, resnet18, label, "layer4")
+
+
+def test_pickled_module_refused_by_default(files, tmp_path):
+    out = tmp_path / "artifact"
+    result = CliRunner().invoke(main, ["build", str(files["pickle"]), "--layer", "layer4", "--out", str(out)])
+    assert result.exit_code != 0
+    assert "--trust-pickle" in result.output and "arbitrary code" in result.output
+    assert not out.exists()
+
+
+def test_state_dict_needs_arch_and_matching_weights(files, tmp_path):
+    out = tmp_path / "artifact"
+    runner = CliRunner()
+    missing = runner.invoke(main, ["build", str(files["state_dict"]), "--layer", "layer4", "--out", str(out)])
+    assert missing.exit_code != 0 and "--arch" in missing.output
+    wrong = runner.invoke(main, ["build", str(files["state_dict"]), "--arch", "resnet34", "--layer",
+                                 "layer4", "--out", str(out)])
+    assert wrong.exit_code != 0 and "do not fit --arch resnet34" in wrong.output
+    unknown = runner.invoke(main, ["build", str(files["state_dict"]), "--arch", "resnet_9000", "--layer",
+                                   "layer4", "--out", str(out)])
+    assert unknown.exit_code != 0 and "unknown --arch" in unknown.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".onnx", ".pt2"])
+def test_truncated_file_gives_clear_error_and_writes_nothing(files, tmp_path, suffix):
+    source = {".pt": files["state_dict"], ".pt2": files["program"]}.get(suffix)
+    if source is None:  # a real ONNX file, cut in half
+        source = tmp_path / "whole.onnx"
+        model = helper.make_model(helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        ))
+        onnx.save(model, str(source))
+    data = source.read_bytes()
+    broken = tmp_path / f"broken{suffix}"
+    broken.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "artifact"
+    result = CliRunner().invoke(main, ["build", str(broken), "--arch", "resnet18", "--layer", "layer4",
+                                       "--out", str(out)])
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    assert re.search(r"truncated|corrupt|not a|does not load", result.output), result.output
+    assert not out.exists()
+
+
+def test_unknown_layer_lists_closest_names(files, tmp_path):
+    out = tmp_path / "artifact"
+    result = CliRunner().invoke(main, ["build", str(files["state_dict"]), "--arch", "resnet18",
+                                       "--layer", "layer4.7", "--out", str(out),
+                                       "--input-size", str(SIZE), str(SIZE)])
+    assert result.exit_code != 0
+    assert "no layer named 'layer4.7'" in result.output
+    assert "layer4.1" in result.output and "layer4.0" in result.output
+    assert not out.exists()
+
+
+def test_module_called_twice_is_ambiguous():
+    from zoo import exported
+
+    _, plain = exported("resnet50")
+    from camexport.graph.locate import resolve
+
+    with pytest.raises(LayerError, match=r"hands 3 tensors.*Pass one tensor name"):
+        resolve(plain, "layer4.2.relu")
+
+
+def _tiny_graph(op: str) -> onnx.ModelProto:
+    """x -> Conv -> (layer 'feat') -> op -> ReduceMean -> Gemm -> logits."""
+    rng = np.random.default_rng(0)
+    inits = [
+        onnx.numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+        onnx.numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32), "fc"),
+        onnx.numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["feat"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node(op, ["feat"], ["bent"], name="the_odd_one"),
+        helper.make_node("ReduceMean", ["bent", "axes"], ["pooled"], keepdims=0, name="pool"),
+        helper.make_node("Gemm", ["pooled", "fc"], ["logits"], name="head"),
+    ]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def test_op_without_rule_names_op_node_and_layer():
+    with pytest.raises(GradientError) as err:
+        augment(_tiny_graph("Cos"), {"feat": "feat"})
+    message = str(err.value)
+    assert "'Cos'" in message and "'the_odd_one'" in message and "feat" in message
+
+
+def test_onnx_file_with_tensor_name_layer(tmp_path):
+    path = tmp_path / "tiny.onnx"
+    onnx.save(_tiny_graph("Sigmoid"), str(path))
+    result = CliRunner().invoke(main, ["build", str(path), "--layer", "feat", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    model = onnx.load(str(tmp_path / "a" / AUGMENTED_FILE))
+    assert {n.domain for n in model.graph.node} <= {""}
+    # gradient of sum(w * logits) w.r.t. feat, against finite differences of the plain graph
+    plain = session(_tiny_graph("Sigmoid"))
+    run = session(model)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    weights = rng.standard_normal((2, 5)).astype(np.float32)
+    grad, feat = run.run(["gradient/feat", "activation/feat"], {"x": x, "target_weights": weights})
+    sigmoid = 1 / (1 + np.exp(-feat.astype(np.float64)))
+    fc = onnx.numpy_helper.to_array(_tiny_graph("Sigmoid").graph.initializer[1]).astype(np.float64)
+    expected = (weights.astype(np.float64) @ fc.T)[:, :, None, None] * sigmoid * (1 - sigmoid) / 64
+    assert np.abs(grad - expected).max() <= 1e-6 * np.abs(expected).max() + 1e-9
+    assert plain is not None
+
+
+def test_inspect_lists_layers_and_artifact(files, tmp_path):
+    runner = CliRunner()
+    listing = runner.invoke(main, ["inspect", str(files["state_dict"]), "--arch", "resnet18"])
+    assert listing.exit_code == 0, listing.output
+    assert re.search(r"layer4\.1\s+\(N, 512, 7, 7\)", listing.output)
+    out = tmp_path / "a"
+    build(str(files["state_dict"]), ["layer3"], arch="resnet18", out_dir=out)
+    shown = runner.invoke(main, ["inspect", str(out), "--json"])
+    assert shown.exit_code == 0, shown.output
+    info = json.loads(shown.output)
+    names = [name for name, _ in info["outputs"]]
+    assert names == ["linear", "score", "activation/layer3", "gradient/layer3"]
+    assert [name for name, _ in info["inputs"]] == ["x", "target_weights"]
+    assert info["manifest"]["layers"][0]["shape"] == [None, 256, 14, 14]
