@@ -2,7 +2,8 @@
 
 Added to the graph, and nothing else changed:
 
-- input ``target_weights``, shaped like the chosen model output;
+- input ``target_weights``, shaped like the chosen model output; for a (batch, classes) output an
+  all-zero row means "this image's top class" (pytorch-grad-cam's default target);
 - output ``score`` (batch,): ``score_b = sum_k target_weights_bk * f(output_bk)``, with ``f``
   fixed at build time (:data:`SCORE_FUNCTIONS`);
 - outputs ``activation/<layer>`` and ``gradient/<layer>`` for each layer: the layer's tensor and
@@ -90,7 +91,8 @@ def augment(
         scored = builder.op("Softmax", output, axis=-1)
     elif score == "log_softmax":
         scored = builder.op("LogSoftmax", output, axis=-1)
-    weighted = builder.op("Mul", scored, TARGET_WEIGHTS)
+    weights = _argmax_when_zero(builder, output, rank) if rank == 2 else TARGET_WEIGHTS
+    weighted = builder.op("Mul", scored, weights)
     builder.reduce("ReduceSum", weighted, list(range(1, rank)), keepdims=False, name=SCORE)
     score_nodes = builder.nodes
     graph.node.extend(score_nodes)
@@ -101,7 +103,7 @@ def augment(
     builder = Builder(facts, taken)
     tensors = list(dict.fromkeys(layers.values()))
     labels = {tensor: label for label, tensor in layers.items()}
-    grads = differentiate(result, facts, builder, {scored: TARGET_WEIGHTS}, tensors, labels=labels)
+    grads = differentiate(result, facts, builder, {scored: weights}, tensors, labels=labels)
     graph.node.extend(builder.nodes)
     graph.initializer.extend(builder.initializers)
 
@@ -116,6 +118,18 @@ def augment(
         set_manifest(result, manifest)
     onnx.checker.check_model(result)
     return result
+
+
+def _argmax_when_zero(builder: Builder, output: str, rank: int) -> str:
+    """target_weights, with each all-zero row replaced by the one-hot of that row's argmax
+    (first index on ties), as pytorch-grad-cam's default target."""
+    total = builder.reduce("ReduceSum", builder.op("Abs", TARGET_WEIGHTS), [1], keepdims=True)
+    empty = builder.op("Equal", total, builder.const(0, output))
+    top = builder.op("ArgMax", output, axis=1, keepdims=1, select_last_index=0)
+    classes = builder.facts.static_dim(output, 1)
+    onehot = builder.op("Cast", builder.op("Equal", builder.ints(range(classes)), top),
+                        to=builder.facts.dtype(output))
+    return builder.op("Where", empty, onehot, TARGET_WEIGHTS)
 
 
 def _dim(info: onnx.ValueInfoProto, axis: int):

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from camexport.methods import gradient, perturbation
+from camexport.methods.core import Method
+
 
 class MethodError(ValueError):
     """An unknown method name."""
@@ -20,30 +23,32 @@ class MethodInfo:
     title: str
     needs: frozenset[str]
     aliases: tuple[str, ...] = ()
+    implementation: type[Method] | None = None
 
 
-def _m(name: str, title: str, needs: str = "", aliases: tuple[str, ...] = ()) -> MethodInfo:
-    return MethodInfo(name, title, frozenset(needs.split()), aliases)
+def _m(name: str, title: str, needs: str = "", aliases: tuple[str, ...] = (),
+       implementation: type[Method] | None = None) -> MethodInfo:
+    return MethodInfo(name, title, frozenset(needs.split()), aliases, implementation)
 
 
 METHODS: dict[str, MethodInfo] = {m.name: m for m in [
-    _m("gradcam", "GradCAM", "gradients", ("grad-cam",)),
-    _m("hirescam", "HiResCAM", "gradients", ("hires-cam",)),
-    _m("gradcamelementwise", "GradCAMElementWise", "gradients", ("gradcam-elementwise",)),
-    _m("gradcam++", "GradCAM++", "gradients", ("gradcampp", "gradcamplusplus", "grad-cam++")),
-    _m("xgradcam", "XGradCAM", "gradients", ("xgrad-cam",)),
-    _m("ablationcam", "AblationCAM", "tail", ("ablation-cam",)),
-    _m("scorecam", "ScoreCAM", "forwards", ("score-cam",)),
-    _m("eigencam", "EigenCAM", "", ("eigen-cam",)),
-    _m("eigengradcam", "EigenGradCAM", "gradients", ("eigen-grad-cam",)),
-    _m("layercam", "LayerCAM", "gradients", ("layer-cam",)),
+    _m("gradcam", "GradCAM", "gradients", ("grad-cam",), gradient.GradCAM),
+    _m("hirescam", "HiResCAM", "gradients", ("hires-cam",), gradient.HiResCAM),
+    _m("gradcamelementwise", "GradCAMElementWise", "gradients", ("gradcam-elementwise",), gradient.GradCAMElementWise),
+    _m("gradcam++", "GradCAM++", "gradients", ("gradcampp", "gradcamplusplus", "grad-cam++"), gradient.GradCAMPlusPlus),
+    _m("xgradcam", "XGradCAM", "gradients", ("xgrad-cam",), gradient.XGradCAM),
+    _m("ablationcam", "AblationCAM", "tail", ("ablation-cam",), perturbation.AblationCAM),
+    _m("scorecam", "ScoreCAM", "forwards", ("score-cam",), perturbation.ScoreCAM),
+    _m("eigencam", "EigenCAM", "", ("eigen-cam",), gradient.EigenCAM),
+    _m("eigengradcam", "EigenGradCAM", "gradients", ("eigen-grad-cam",), gradient.EigenGradCAM),
+    _m("layercam", "LayerCAM", "gradients", ("layer-cam",), gradient.LayerCAM),
     _m("fullgrad", "FullGrad", "gradients input_gradients bias_gradients", ("full-grad",)),
     _m("dff", "Deep Feature Factorization", "", ("deepfeaturefactorization",)),
-    _m("kpcacam", "KPCA-CAM", "", ("kpca-cam", "kpca")),
-    _m("fem", "FEM", ""),
+    _m("kpcacam", "KPCA-CAM", "", ("kpca-cam", "kpca"), gradient.KPCACAM),
+    _m("fem", "FEM", "", (), gradient.FEM),
     _m("shapleycam", "ShapleyCAM", "gradients", ("shapley-cam",)),
     _m("finercam", "FinerCAM", "gradients", ("finer-cam",)),
-    _m("randomcam", "RandomCAM", "gradients", ("random-cam", "random")),
+    _m("randomcam", "RandomCAM", "gradients", ("random-cam", "random"), gradient.RandomCAM),
     _m("guidedbackprop", "Guided Backprop", "guided input_gradients",
        ("guided-backprop", "guidedbp", "gbp")),
 ]}
@@ -65,3 +70,12 @@ def canonical_methods(names: str | list[str]) -> list[str]:
         if _LOOKUP[key] not in result:
             result.append(_LOOKUP[key])
     return result
+
+
+def method(name: str) -> Method:
+    """A ready instance of the method called ``name`` (aliases accepted)."""
+    (canonical,) = canonical_methods(name)
+    info = METHODS[canonical]
+    if info.implementation is None:
+        raise MethodError(f"{info.title} is not implemented yet in this camexport version")
+    return info.implementation()

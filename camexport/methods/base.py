@@ -1,0 +1,115 @@
+"""The shared CAM pipeline: layer layouts, per-layer post-processing and layer aggregation.
+
+Mirrors pytorch-grad-cam 1.5.7 (reference §2.3): for each layer l and image b,
+``Q_l = R(n(relu(M_l)))`` (min-max with eps 1e-7, then bilinear resize to the input size), then
+``CAM = n(mean_l relu(Q_l))``. ``n(X) = (X - min X) / (max(X - min X) + 1e-7)`` per map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+#: pytorch-grad-cam's epsilon in every min-max normalisation (reference §2.3, Q6).
+NORM_EPS = 1e-7
+
+def to_channel_first(tensor: np.ndarray, layout: dict) -> np.ndarray:
+    """A layer tensor as (B, C, *spatial), as pgc's reshape transforms make it (reference §5)."""
+    kind = layout.get("kind")
+    if kind in ("NCHW", "NCDHW", "vector"):
+        return tensor
+    if kind == "NHWC":
+        return np.ascontiguousarray(np.moveaxis(tensor, -1, 1))
+    if kind == "tokens":
+        grid, prefix = layout.get("grid"), layout.get("prefix_tokens")
+        if grid is None:
+            raise ValueError(f"token layer of shape {tensor.shape} has no square grid; "
+                             f"give the grid and prefix token count explicitly")
+        b, _, d = tensor.shape
+        spatial = tensor[:, prefix:, :].reshape(b, grid[0], grid[1], d)
+        return np.ascontiguousarray(np.moveaxis(spatial, -1, 1))
+    raise ValueError(f"unsupported layer layout {layout}")
+
+
+def spatial_axes(a: np.ndarray) -> tuple[int, ...]:
+    return tuple(range(2, a.ndim))
+
+
+def min_max(maps: np.ndarray) -> np.ndarray:
+    """n(X) per map over all but the first axis, eps added after subtracting the min."""
+    axes = tuple(range(1, maps.ndim))
+    shifted = maps - maps.min(axis=axes, keepdims=True)
+    return shifted / (shifted.max(axis=axes, keepdims=True) + maps.dtype.type(NORM_EPS))
+
+
+def resize(maps: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Each (h, w) map to ``size`` = (H, W): OpenCV INTER_LINEAR (half-pixel, no antialias)."""
+    height, width = size
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.shape[1:] == (height, width):
+        return maps.copy()
+    return np.stack([cv2.resize(m, (width, height), interpolation=cv2.INTER_LINEAR) for m in maps])
+
+
+def layer_map(raw: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Q_l = R(n(relu(M_l))) for one layer's raw maps (B, h, w)."""
+    return resize(min_max(np.maximum(raw, 0)), size)
+
+
+def aggregate(layer_maps: Sequence[np.ndarray]) -> np.ndarray:
+    """CAM = n(mean_l relu(Q_l)), float32 (B, H, W)."""
+    stacked = np.maximum(np.stack(layer_maps, axis=1), 0)
+    return min_max(stacked.mean(axis=1)).astype(np.float32)
+
+
+def weighted_sum(weights: np.ndarray, activations: np.ndarray) -> np.ndarray:
+    """M = sum_c w_bc A_bc, for w (B, C)."""
+    expanded = weights.reshape(weights.shape + (1,) * (activations.ndim - 2))
+    return (expanded * activations).sum(axis=1)
+
+
+def eigen_projection(tensor: np.ndarray) -> np.ndarray:
+    """P(X) per image: centred (positions x channels) matrix projected on its first right
+    singular vector, numpy's LAPACK sign kept (reference §2.7, Q9). float32 (B, *spatial)."""
+    tensor = np.nan_to_num(tensor, nan=0.0)
+    projections = []
+    for item in tensor:
+        rows = item.reshape(item.shape[0], -1).T
+        rows = rows - rows.mean(axis=0)
+        _, _, vt = np.linalg.svd(rows, full_matrices=False)
+        projections.append((rows @ vt[0]).reshape(item.shape[1:]))
+    return np.asarray(projections, dtype=np.float32)
+
+
+@dataclass
+class CamInputs:
+    """Everything a method may read, for one batch of B images.
+
+    ``activations``/``gradients`` are channel-first (B, C, *spatial), one entry per layer;
+    ``raw_activations`` are the same tensors in the graph's own layout. ``targets`` holds one
+    target per image (:mod:`camexport.targets`). ``forward(x)`` runs the plain model on a batch of
+    inputs and ``tail(layer, tensors)`` runs the model from a layer's tensors (raw layout); both
+    return model outputs. Methods never see a session.
+    """
+
+    x: np.ndarray
+    outputs: np.ndarray
+    targets: list
+    activations: list[np.ndarray]
+    gradients: list[np.ndarray | None]
+    raw_activations: list[np.ndarray] = field(default_factory=list)
+    layouts: list[dict] = field(default_factory=list)
+    forward: Callable[[np.ndarray], np.ndarray] | None = None
+    tail: Callable[[int, np.ndarray], np.ndarray] | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.x.shape[2:])
+
+    def scores(self, b: int, outputs: np.ndarray) -> np.ndarray:
+        """Target b's score on each row of ``outputs`` (float32)."""
+        return np.asarray(self.targets[b].values(outputs), dtype=np.float32)

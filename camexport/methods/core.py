@@ -1,0 +1,56 @@
+"""The method base: a raw map per layer, then the shared pipeline of :mod:`.base`.
+
+A *weight* method defines ``weights(A, G, inputs, layer) -> (B, C)`` and gets
+``M = sum_c w A`` (or ``P(w A)`` with eigen_smooth); an *element* method defines
+``elements(A, G) -> (B, C, *spatial)`` and gets ``M = sum_c E`` (or ``P(E)``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from camexport.methods.base import CamInputs, aggregate, eigen_projection, layer_map, weighted_sum
+
+
+class Method:
+    """One CAM method. Subclasses set ``name`` and override ``raw`` (or a hook below)."""
+
+    name = ""
+    #: what the graph must provide beyond activations (see registry.MethodInfo.needs)
+    needs: frozenset[str] = frozenset()
+
+    def raw(self, inputs: CamInputs, layer: int, eigen_smooth: bool) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, inputs: CamInputs, eigen_smooth: bool = False) -> np.ndarray:
+        maps = [layer_map(self.raw(inputs, layer, eigen_smooth), inputs.size)
+                for layer in range(len(inputs.activations))]
+        return aggregate(maps)
+
+    @staticmethod
+    def gradients(inputs: CamInputs, layer: int) -> np.ndarray:
+        grads = inputs.gradients[layer]
+        if grads is None:
+            raise ValueError("this method needs gradients; the artifact has none for this layer")
+        return grads
+
+
+class WeightMethod(Method):
+    def weights(self, inputs: CamInputs, layer: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def raw(self, inputs, layer, eigen_smooth):
+        acts = inputs.activations[layer]
+        weights = self.weights(inputs, layer)
+        if eigen_smooth:
+            return eigen_projection(weights.reshape(weights.shape + (1,) * (acts.ndim - 2)) * acts)
+        return weighted_sum(weights, acts)
+
+
+class ElementMethod(Method):
+    def elements(self, acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def raw(self, inputs, layer, eigen_smooth):
+        elements = self.elements(inputs.activations[layer], self.gradients(inputs, layer))
+        return eigen_projection(elements) if eigen_smooth else elements.sum(axis=1)

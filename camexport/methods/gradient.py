@@ -1,0 +1,151 @@
+"""Gradient-weighted methods: GradCAM and its relatives (reference §3.1-§3.4, §3.12)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from camexport.methods.base import eigen_projection, spatial_axes
+from camexport.methods.core import ElementMethod, Method, WeightMethod
+
+#: GradCAM++ denominator epsilon (pytorch-grad-cam, reference §3.2, Q10).
+GRADCAM_PP_EPS = 1e-6
+#: XGradCAM denominator epsilon, added to the signed activation sum (reference §3.3, Q11).
+XGRADCAM_EPS = 1e-7
+
+
+class GradCAM(WeightMethod):
+    """Selvaraju et al. 2017. w_bc = mean_s G_bc; M = sum_c w A. Parity with pgc: 1e-5."""
+
+    name = "gradcam"
+
+    def weights(self, inputs, layer):
+        return self.gradients(inputs, layer).mean(axis=spatial_axes(inputs.activations[layer]))
+
+
+class HiResCAM(ElementMethod):
+    """Draelos & Carin 2020. M = sum_c G * A."""
+
+    name = "hirescam"
+
+    def elements(self, acts, grads):
+        return grads * acts
+
+
+class GradCAMElementWise(ElementMethod):
+    """M = sum_c relu(G * A) (ReLU before the channel sum)."""
+
+    name = "gradcamelementwise"
+
+    def elements(self, acts, grads):
+        return np.maximum(grads * acts, 0)
+
+
+class GradCAMPlusPlus(WeightMethod):
+    """Chattopadhyay et al. 2018, as pgc computes it: alpha = G^2 / (2 G^2 + S G^3 + 1e-6)
+    (alpha = 0 where G = 0), S_bc = sum_s A; w_bc = sum_s relu(G) alpha."""
+
+    name = "gradcam++"
+
+    def weights(self, inputs, layer):
+        acts, grads = inputs.activations[layer], self.gradients(inputs, layer)
+        axes = spatial_axes(acts)
+        g2 = grads**2
+        g3 = g2 * grads
+        sums = acts.sum(axis=axes, keepdims=True)
+        alpha = g2 / (2 * g2 + sums * g3 + grads.dtype.type(GRADCAM_PP_EPS))
+        alpha = np.where(grads != 0, alpha, 0)
+        return (np.maximum(grads, 0) * alpha).sum(axis=axes)
+
+
+class XGradCAM(WeightMethod):
+    """Fu et al. 2020. w_bc = sum_s G A / (sum_s A + 1e-7)."""
+
+    name = "xgradcam"
+
+    def weights(self, inputs, layer):
+        acts, grads = inputs.activations[layer], self.gradients(inputs, layer)
+        axes = spatial_axes(acts)
+        sums = acts.sum(axis=axes, keepdims=True)
+        return (grads * acts / (sums + acts.dtype.type(XGRADCAM_EPS))).sum(axis=axes)
+
+
+class LayerCAM(ElementMethod):
+    """Jiang et al. 2021 (without the tanh scaling for shallow layers). M = sum_c relu(G) A."""
+
+    name = "layercam"
+
+    def elements(self, acts, grads):
+        return np.maximum(grads, 0) * acts
+
+
+class EigenCAM(Method):
+    """Muhammad & Yeasin 2020. M = P(A): the first principal component; not class
+    discriminative; sign as numpy's LAPACK returns it (reference Q9)."""
+
+    name = "eigencam"
+
+    def raw(self, inputs, layer, eigen_smooth):
+        return eigen_projection(inputs.activations[layer])
+
+
+class EigenGradCAM(Method):
+    """M = P(G * A)."""
+
+    name = "eigengradcam"
+
+    def raw(self, inputs, layer, eigen_smooth):
+        return eigen_projection(self.gradients(inputs, layer) * inputs.activations[layer])
+
+
+class RandomCAM(WeightMethod):
+    """A baseline: w_bc ~ U(-1, 1) in float64 from a seeded generator (``inputs.extras["seed"]``,
+    default 0), not numpy's global RNG (reference Q30 fix)."""
+
+    name = "randomcam"
+
+    def weights(self, inputs, layer):
+        acts = inputs.activations[layer]
+        rng = inputs.extras.get("rng") or np.random.default_rng(inputs.extras.get("seed", 0))
+        inputs.extras["rng"] = rng
+        return rng.uniform(-1, 1, size=acts.shape[:2])
+
+
+class FEM(WeightMethod):
+    """Fu et al., feature explanation method: mask = A > mean_s A + k std_s A (population std,
+    strict), w_bc = fraction of positions in the mask (float64), k = 2."""
+
+    name = "fem"
+    k = 2.0
+
+    def weights(self, inputs, layer):
+        acts = inputs.activations[layer]
+        axes = spatial_axes(acts)
+        mean = acts.mean(axis=axes, keepdims=True)
+        std = acts.std(axis=axes, keepdims=True)
+        return (acts > mean + self.k * std).mean(axis=axes, dtype=np.float64)
+
+    def raw(self, inputs, layer, eigen_smooth):  # eigen_smooth is ignored, as in pgc
+        return super().raw(inputs, layer, False)
+
+
+class KPCACAM(Method):
+    """Karmani et al. 2024. M = first kernel-PCA score of the centred (positions x channels)
+    matrix, scikit-learn KernelPCA(n_components=1, kernel='sigmoid', gamma=None); ARPACK starts
+    from a seeded vector (reference Q30 fix; dense solver, identical to pgc, when h w <= 200)."""
+
+    name = "kpcacam"
+    kernel = "sigmoid"
+    gamma = None
+
+    def raw(self, inputs, layer, eigen_smooth):
+        from sklearn.decomposition import KernelPCA
+
+        acts = np.nan_to_num(inputs.activations[layer], nan=0.0)
+        maps = []
+        for item in acts:
+            rows = item.reshape(item.shape[0], -1).T
+            rows = rows - rows.mean(axis=0)
+            kpca = KernelPCA(n_components=1, kernel=self.kernel, gamma=self.gamma,
+                             random_state=inputs.extras.get("seed", 0))
+            maps.append(kpca.fit_transform(rows).reshape(item.shape[1:]))
+        return np.asarray(maps, dtype=np.float32)

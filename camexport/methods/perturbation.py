@@ -1,0 +1,114 @@
+"""Methods that re-run the model: ScoreCAM (whole model) and AblationCAM (the tail only)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from camexport.methods.base import weighted_sum
+from camexport.methods.core import WeightMethod
+
+#: ScoreCAM's per-channel mask normalisation epsilon (pytorch-grad-cam, reference §3.7, Q13).
+SCORECAM_EPS = 1e-8
+#: AblationCAM's step below the image minimum per ablated row (reference §3.8, Q14).
+ABLATION_STEP = 1e7
+
+
+def upsample_align_corners(maps: np.ndarray, size) -> np.ndarray:
+    """Bilinear resize of (N, h, w) float32 maps with corner-aligned sampling,
+    u = i (n_in - 1) / (n_out - 1), as torch's UpsamplingBilinear2d."""
+    out = maps.astype(np.float32)
+    for axis, n_out in zip((1, 2), size):
+        n_in = out.shape[axis]
+        if n_in == n_out:
+            continue
+        scale = np.float32((n_in - 1) / (n_out - 1)) if n_out > 1 else np.float32(0)
+        coords = np.arange(n_out, dtype=np.float32) * scale
+        low = np.minimum(np.floor(coords).astype(np.int64), n_in - 1)
+        high = np.minimum(low + 1, n_in - 1)
+        frac = (coords - low).astype(np.float32)
+        shape = [1, 1, 1]
+        shape[axis] = n_out
+        frac = frac.reshape(shape)
+        out = np.take(out, low, axis=axis) * (1 - frac) + np.take(out, high, axis=axis) * frac
+    return out
+
+
+class ScoreCAM(WeightMethod):
+    """Wang et al. 2020, as pgc 1.5.7 computes it: each channel's map, corner-aligned upsampled
+    and min-max normalised (eps 1e-8), masks the input; w_b = softmax over channels of the target
+    scores of the masked inputs; M = sum_c w A with the low-resolution A. B*C forwards, in
+    batches of ``batch_size`` masked images."""
+
+    name = "scorecam"
+    batch_size = 64
+
+    def weights(self, inputs, layer):
+        if inputs.forward is None:
+            raise ValueError("ScoreCAM needs forward passes of the model")
+        acts = inputs.activations[layer]
+        if acts.ndim != 4:
+            raise ValueError("ScoreCAM works on 2-D feature maps")
+        weights = []
+        for b in range(acts.shape[0]):
+            up = upsample_align_corners(acts[b], inputs.size)
+            low = up.min(axis=(1, 2), keepdims=True)
+            high = up.max(axis=(1, 2), keepdims=True)
+            masks = (up - low) / (high - low + np.float32(SCORECAM_EPS))
+            scores = []
+            for start in range(0, len(masks), self.batch_size):
+                chunk = inputs.x[b][None] * masks[start:start + self.batch_size, None]
+                scores.append(inputs.scores(b, inputs.forward(chunk.astype(np.float32))))
+            scores = np.concatenate(scores).astype(np.float32)
+            shifted = np.exp(scores - scores.max())
+            weights.append(shifted / shifted.sum())
+        return np.asarray(weights, dtype=np.float32)
+
+
+def ablation_values(minimum: np.float32, rows: int) -> np.ndarray:
+    """The fill value of each row of a chunk: 0 when the image minimum is exactly 0, else
+    v_0 = m - 1e7, v_i = v_(i-1) - 1e7 in float32 (pgc re-reads the chunk minimum, Q14)."""
+    if minimum == 0:
+        return np.zeros(rows, np.float32)
+    values, current = [], np.float32(minimum)
+    for _ in range(rows):
+        current = np.float32(current - np.float32(ABLATION_STEP))
+        values.append(current)
+    return np.asarray(values, np.float32)
+
+
+class AblationCAM(WeightMethod):
+    """Desai & Ramaswamy 2020: w_bc = (o_b - s_bc) / o_b, s_bc = the target score with channel c
+    of the layer replaced by pgc's ablation value, o_b the unablated score; M = sum_c w A. Only
+    the tail (layer -> outputs) is re-run, on many channels per batch. Ablation values follow
+    pgc's chunks of ``chunk`` rows (32) whatever the run batch (``batch_size``)."""
+
+    name = "ablationcam"
+    chunk = 32
+    batch_size = 256
+
+    def weights(self, inputs, layer):
+        if inputs.tail is None:
+            raise ValueError("AblationCAM needs the tail of the model")
+        raw = inputs.raw_activations[layer]
+        layout = inputs.layouts[layer] if inputs.layouts else {"kind": "NCHW"}
+        axis = 1 if layout.get("kind") in ("NCHW", "NCDHW", "vector") else raw.ndim - 1
+        channels = raw.shape[axis]
+        base = inputs.scores
+        weights = []
+        for b in range(raw.shape[0]):
+            original = base(b, inputs.outputs[b:b + 1])[0]
+            minimum = np.float32(raw[b].min())
+            fills = np.concatenate([ablation_values(minimum, min(self.chunk, channels - s))
+                                    for s in range(0, channels, self.chunk)])
+            scores = []
+            for start in range(0, channels, self.batch_size):
+                stop = min(start + self.batch_size, channels)
+                batch = np.repeat(raw[b][None], stop - start, axis=0)
+                index = [slice(None)] * batch.ndim
+                for row, c in enumerate(range(start, stop)):
+                    index[0], index[axis] = row, c
+                    batch[tuple(index)] = fills[c]
+                scores.append(base(b, inputs.tail(layer, batch)))
+            scores = np.concatenate(scores)
+            weights.append((original - scores) / original)
+        return np.asarray(weights, dtype=np.float32)

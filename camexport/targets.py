@@ -1,0 +1,180 @@
+"""Model targets as in pytorch-grad-cam (reference §4), for classifier outputs (B, K).
+
+Each target is a scalar function t(z) of one sample's output row. ``values(z)`` evaluates it on a
+batch of rows; ``cotangent(z)`` is dt/dz for one row. Since every target is a function of the
+output alone, the augmented graph built with the ``logit`` score gives the exact gradient of any
+target when ``target_weights`` = dt/dz (the chain rule); one-hot targets need no output first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+#: FinerWeightedTarget's denominator epsilon (pytorch-grad-cam, reference §4).
+FINER_EPS = 1e-9
+
+
+class TargetError(ValueError):
+    """Targets that do not fit the batch or the model output."""
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    shifted = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class ClassifierOutputTarget:
+    """t(z) = z[c]."""
+
+    category: int
+    linear = True
+
+    def values(self, z):
+        return z[..., self.category]
+
+    def cotangent(self, z):
+        out = np.zeros(z.shape[-1], np.float64)
+        out[self.category] = 1
+        return out
+
+
+@dataclass(frozen=True)
+class ClassifierOutputSoftmaxTarget:
+    """t(z) = softmax(z)[c]; dt/dz = p_c (e_c - p)."""
+
+    category: int
+    linear = False
+
+    def values(self, z):
+        return _softmax(z)[..., self.category]
+
+    def cotangent(self, z):
+        p = _softmax(z.astype(np.float64))
+        out = -p[self.category] * p
+        out[self.category] += p[self.category]
+        return out
+
+
+@dataclass(frozen=True)
+class ClassifierOutputReST:
+    """t(z) = z[c] - CE(z, c) = 2 z_c - logsumexp(z); dt/dz = 2 e_c - softmax(z)."""
+
+    category: int
+    linear = False
+
+    def values(self, z):
+        zmax = z.max(axis=-1, keepdims=True)
+        lse = (zmax + np.log(np.exp(z - zmax).sum(axis=-1, keepdims=True)))[..., 0]
+        return 2 * z[..., self.category] - lse
+
+    def cotangent(self, z):
+        out = -_softmax(z.astype(np.float64))
+        out[self.category] += 2
+        return out
+
+
+@dataclass(frozen=True)
+class BinaryClassifierOutputTarget:
+    """t(z) = sum(z) * (+1 if c == 1 else -1) for a one-logit output."""
+
+    category: int
+    linear = False
+
+    def values(self, z):
+        sign = 1.0 if self.category == 1 else -1.0
+        return sign * z.reshape(z.shape[0], -1).sum(axis=-1) if z.ndim > 1 else sign * z.sum()
+
+    def cotangent(self, z):
+        return np.full(z.shape[-1], 1.0 if self.category == 1 else -1.0)
+
+
+@dataclass(frozen=True)
+class FinerWeightedTarget:
+    """t(z) = sum_j p_j (z_main - alpha z_j) / (sum_j p_j + 1e-9), p = softmax(z), p not
+    detached (reference §4)."""
+
+    main: int
+    comparisons: tuple[int, ...]
+    alpha: float = 1.0
+    linear = False
+
+    def values(self, z):
+        p = _softmax(z)
+        comps = list(self.comparisons)
+        num = (p[..., comps] * (z[..., [self.main]] - self.alpha * z[..., comps])).sum(axis=-1)
+        return num / (p[..., comps].sum(axis=-1) + FINER_EPS)
+
+    def cotangent(self, z):
+        z = z.astype(np.float64)
+        p = _softmax(z)
+        comps = list(self.comparisons)
+        diff = z[self.main] - self.alpha * z[comps]
+        num = (p[comps] * diff).sum()
+        den = p[comps].sum() + FINER_EPS
+        # d num: through p_j (softmax Jacobian) and through z_main, z_j
+        dnum_dp = np.zeros_like(z)
+        dnum_dp[comps] = diff
+        dden_dp = np.zeros_like(z)
+        dden_dp[comps] = 1.0
+        jac = np.diag(p) - np.outer(p, p)  # dp/dz
+        dnum = jac.T @ dnum_dp
+        dnum[self.main] += p[comps].sum()
+        np.add.at(dnum, comps, -self.alpha * p[comps])
+        dden = jac.T @ dden_dp
+        return (dnum * den - num * dden) / den**2
+
+
+def as_targets(targets, outputs: np.ndarray) -> list:
+    """One target object per sample: None -> argmax of the last axis (first index on ties);
+    ints -> ClassifierOutputTarget. Fewer targets than samples is an error (reference Q1 fix)."""
+    batch = outputs.shape[0]
+    if targets is None:
+        return [ClassifierOutputTarget(int(k)) for k in outputs.reshape(batch, -1).argmax(axis=-1)]
+    if isinstance(targets, (int, np.integer)):
+        targets = [targets] * batch
+    targets = list(targets)
+    if len(targets) != batch:
+        raise TargetError(f"{len(targets)} targets for {batch} images: give one target per image "
+                          f"(or None for each image's top class)")
+    classes = outputs.shape[-1]
+    result = []
+    for b, target in enumerate(targets):
+        if target is None:
+            target = ClassifierOutputTarget(int(outputs[b].reshape(-1).argmax()))
+        elif isinstance(target, (int, np.integer)):
+            target = ClassifierOutputTarget(int(target))
+        for category in _categories(target):
+            if not -classes <= category < classes:
+                raise TargetError(f"target class {category} of image {b} is out of range for an "
+                                  f"output with {classes} classes")
+        result.append(target)
+    return result
+
+
+def _categories(target) -> list[int]:
+    if isinstance(target, FinerWeightedTarget):
+        return [target.main, *target.comparisons]
+    return [getattr(target, "category", 0)]
+
+
+def target_weights(targets: Sequence, outputs: np.ndarray | None, classes: int) -> np.ndarray:
+    """The ``target_weights`` rows (B, K) for a logit-score graph: dt_b/dz_b."""
+    rows = []
+    for b, target in enumerate(targets):
+        if getattr(target, "linear", False):
+            rows.append(target.cotangent(np.zeros(classes)))
+        else:
+            if outputs is None:
+                raise TargetError("this target needs the model outputs first")
+            rows.append(target.cotangent(outputs[b]))
+    return np.asarray(rows, dtype=np.float32)
+
+
+def target_values(targets: Sequence, outputs_per_target: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """t_b evaluated on each row of its own batch of outputs."""
+    return [np.asarray(t.values(z), dtype=np.float32) for t, z in zip(targets, outputs_per_target)]
