@@ -26,7 +26,7 @@ from camexport.graph.builder import GraphFacts
 from camexport.graph.locate import resolve
 from camexport.layout import infer_layout
 from camexport.load import Loaded, load
-from camexport.methods import canonical_methods
+from camexport.methods import METHODS, canonical_methods
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,10 @@ def make_augmented(
     tensors = dict(resolved)
     if len(tensors) != len(layers):
         raise ValueError(f"--layer values {layers} name the same layer more than once")
-    augmented = augment(plain, tensors, score=score, output=output)
+    needs = set().union(*(METHODS[m].needs for m in methods)) if methods else set()
+    augmented = augment(plain, tensors, score=score, output=output,
+                        input_gradient="input_gradients" in needs,
+                        bias_gradients="bias_gradients" in needs, guided="guided" in needs)
     manifest = {
         "camexport_version": __version__,
         "source": {"path": loaded.source, "sha256": loaded.sha256, "kind": loaded.kind,

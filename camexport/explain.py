@@ -18,7 +18,14 @@ import numpy as np
 import onnx
 
 from camexport.build import PLAIN_FILE, read_artifact
-from camexport.graph.augment import TARGET_WEIGHTS, activation_name, gradient_name
+from camexport.graph.augment import (
+    GUIDED_GRADIENT,
+    INPUT_GRADIENT,
+    TARGET_WEIGHTS,
+    activation_name,
+    fullgrad_names,
+    gradient_name,
+)
 from camexport.methods import canonical_methods, method
 from camexport.methods.base import CamInputs, to_channel_first
 from camexport.runtime import session
@@ -105,8 +112,19 @@ class Explainer:
         resolved = as_targets(targets, outputs)
         raw = [results[activation_name(layer["name"])] for layer in self.layers]
         layouts = [layer["layout"] for layer in self.layers]
+        extras = {}
+        if INPUT_GRADIENT in results:
+            extras["input_gradient"] = results[INPUT_GRADIENT]
+        if GUIDED_GRADIENT in results:
+            extras["guided_gradient"] = results[GUIDED_GRADIENT]
+        bias_layers = []
+        while fullgrad_names(len(bias_layers))[0] in results:
+            bias, grad = fullgrad_names(len(bias_layers))
+            bias_layers.append((results[bias], results[grad]))
+        if INPUT_GRADIENT in results:  # FullGrad artifacts; a zero bias may be optimised away
+            extras["bias_layers"] = bias_layers
         return CamInputs(
-            x=x, outputs=outputs, targets=resolved,
+            x=x, outputs=outputs, targets=resolved, extras=extras,
             activations=[to_channel_first(a, lay) for a, lay in zip(raw, layouts)],
             gradients=[to_channel_first(results[gradient_name(layer["name"])], layer["layout"])
                        for layer in self.layers],

@@ -18,8 +18,11 @@ from collections.abc import Mapping
 import onnx
 from onnx import helper
 
+import numpy as np
+
 from camexport.graph.autodiff import differentiate
 from camexport.graph.builder import Builder, GraphFacts
+from camexport.graph.rules import GUIDED_RULES
 
 TARGET_WEIGHTS = "target_weights"
 SCORE = "score"
@@ -31,6 +34,15 @@ MANIFEST_KEY = "camexport.manifest"
 
 #: The opset camexport emits into when a model is older (rules use opset >= 13 forms).
 MIN_OPSET = 17
+
+
+INPUT_GRADIENT = "gradient/input"
+GUIDED_GRADIENT = "guided/input"
+
+
+def fullgrad_names(k: int) -> tuple[str, str]:
+    """(bias, gradient) output names of the k-th bias layer (FullGrad)."""
+    return f"fullgrad/bias/{k}", f"fullgrad/gradient/{k}"
 
 
 def activation_name(layer: str) -> str:
@@ -55,10 +67,18 @@ def augment(
     score: str = "logit",
     output: str | None = None,
     manifest: Mapping | None = None,
+    input_gradient: bool = False,
+    bias_gradients: bool = False,
+    guided: bool = False,
 ) -> onnx.ModelProto:
     """Return a copy of ``model`` with the score block, layer activations and their gradients.
 
     ``layers`` maps a layer label (what the user typed) to the tensor it names in the graph.
+    Optional, for the methods that need them: ``input_gradient`` adds ``gradient/input``;
+    ``bias_gradients`` adds, for every Conv with a bias and every BatchNormalization (FullGrad's
+    bias layers), ``fullgrad/bias/<k>`` (its effective bias) and ``fullgrad/gradient/<k>`` (the
+    gradient w.r.t. its output); ``guided`` adds ``guided/input``, the input gradient through
+    guided ReLUs (Guided Backprop).
     """
     if score not in SCORE_FUNCTIONS:
         raise ValueError(f"unknown score function {score!r}; choose one of {SCORE_FUNCTIONS}")
@@ -101,9 +121,24 @@ def augment(
     # differentiate through the score function too: facts must know its values
     facts = GraphFacts(result)
     builder = Builder(facts, taken)
-    tensors = list(dict.fromkeys(layers.values()))
+    image = graph.input[0].name
+    biases = _bias_layers(result, facts, builder) if bias_gradients else []
+    extra = ([image] if input_gradient else []) + [tensor for tensor, _, _ in biases]
+    tensors = list(dict.fromkeys([*layers.values(), *extra]))
     labels = {tensor: label for label, tensor in layers.items()}
     grads = differentiate(result, facts, builder, {scored: weights}, tensors, labels=labels)
+    def like(tensor):
+        return facts.dtype(tensor), _symbolic_shape(facts, tensor, out_info)
+
+    named = [(INPUT_GRADIENT, grads[image], *like(image))] if input_gradient else []
+    for k, (tensor, bias, channels) in enumerate(biases):
+        bias_name, grad_name = fullgrad_names(k)
+        named += [(bias_name, bias, facts.dtype(tensor), [channels]),
+                  (grad_name, grads[tensor], *like(tensor))]
+    if guided:
+        guided_grads = differentiate(result, facts, builder, {scored: weights}, [image],
+                                     overrides=GUIDED_RULES)
+        named.append((GUIDED_GRADIENT, guided_grads[image], *like(image)))
     graph.node.extend(builder.nodes)
     graph.initializer.extend(builder.initializers)
 
@@ -114,10 +149,33 @@ def augment(
             graph.node.append(helper.make_node("Identity", [source], [name], name=f"{name}/output"))
             graph.output.append(helper.make_tensor_value_info(
                 name, facts.dtype(tensor), _symbolic_shape(facts, tensor, out_info)))
+    for name, source, dtype, shape in named:
+        graph.node.append(helper.make_node("Identity", [source], [name], name=f"{name}/output"))
+        graph.output.append(helper.make_tensor_value_info(name, dtype, shape))
     if manifest is not None:
         set_manifest(result, manifest)
     onnx.checker.check_model(result)
     return result
+
+
+def _bias_layers(model: onnx.ModelProto, facts: GraphFacts, builder: Builder) -> list[tuple]:
+    """(output tensor, effective bias, channels) of every Conv with a bias and every BatchNormalization,
+    in graph order: FullGrad's bias layers once batch-norm is folded into convolutions (a
+    folded Conv's bias is exactly pgc's BatchNorm2d effective bias beta - mu gamma / sqrt(var + eps))."""
+    found = []
+    for node in model.graph.node:
+        if node.op_type == "Conv" and len(node.input) > 2 and node.input[2]:
+            if facts.constant(node.input[2]) is None:
+                continue
+            found.append((node.output[0], node.input[2], facts.shape(node.input[2])[0]))
+        elif node.op_type == "BatchNormalization":
+            scale, beta, mean, var = (facts.constant(n) for n in node.input[1:5])
+            if any(v is None for v in (scale, beta, mean, var)):
+                continue
+            eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+            effective = beta - mean * scale / np.sqrt(var + np.float32(eps))
+            found.append((node.output[0], builder.array(effective.astype(beta.dtype)), len(beta)))
+    return found
 
 
 def _argmax_when_zero(builder: Builder, output: str, rank: int) -> str:

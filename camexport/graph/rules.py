@@ -675,3 +675,17 @@ def _pad(b, node, dys):
         return _none_but(dys[0], node)
     grad = b.op("Slice", dys[0], b.ints(starts), b.ints(ends), b.ints(sliced))
     return _none_but(grad, node)
+
+
+# -- named exceptions: rule tables that replace the standard ones ---------------------------
+
+def _guided_relu(b, node, dys):
+    """Guided ReLU (Springenberg et al. 2015): dX = Where(X > 0 and dY > 0, dY, 0)."""
+    x, dy = node.input[0], dys[0]
+    zero = b.const(0, x)
+    passes = b.op("And", b.op("Greater", x, zero), b.op("Greater", dy, zero))
+    return [b.op("Where", passes, dy, zero)]
+
+
+#: Guided Backprop: every Relu node (functional ReLUs included, unlike pgc; reference Q25).
+GUIDED_RULES = {"Relu": _guided_relu}

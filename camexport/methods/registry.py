@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from camexport.methods import gradient, perturbation
+from camexport.methods import fullgrad, gradient, perturbation
 from camexport.methods.core import Method
 
 
@@ -42,7 +42,7 @@ METHODS: dict[str, MethodInfo] = {m.name: m for m in [
     _m("eigencam", "EigenCAM", "", ("eigen-cam",), gradient.EigenCAM),
     _m("eigengradcam", "EigenGradCAM", "gradients", ("eigen-grad-cam",), gradient.EigenGradCAM),
     _m("layercam", "LayerCAM", "gradients", ("layer-cam",), gradient.LayerCAM),
-    _m("fullgrad", "FullGrad", "gradients input_gradients bias_gradients", ("full-grad",)),
+    _m("fullgrad", "FullGrad", "gradients input_gradients bias_gradients", ("full-grad",), fullgrad.FullGrad),
     _m("dff", "Deep Feature Factorization", "", ("deepfeaturefactorization",)),
     _m("kpcacam", "KPCA-CAM", "", ("kpca-cam", "kpca"), gradient.KPCACAM),
     _m("fem", "FEM", "", (), gradient.FEM),
@@ -50,7 +50,7 @@ METHODS: dict[str, MethodInfo] = {m.name: m for m in [
     _m("finercam", "FinerCAM", "gradients", ("finer-cam",)),
     _m("randomcam", "RandomCAM", "gradients", ("random-cam", "random"), gradient.RandomCAM),
     _m("guidedbackprop", "Guided Backprop", "guided input_gradients",
-       ("guided-backprop", "guidedbp", "gbp")),
+       ("guided-backprop", "guidedbp", "gbp"), fullgrad.GuidedBackprop),
 ]}
 
 _LOOKUP = {alias: m.name for m in METHODS.values() for alias in (m.name, *m.aliases)}

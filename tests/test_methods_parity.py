@@ -1,0 +1,171 @@
+"""Every method against pytorch-grad-cam 1.5.7 (a test-only dependency), final CAMs compared.
+
+resnet18 and vgg11 at 64x64 (random weights with random batch-norm statistics and biases, so
+FullGrad's bias terms are not zero), deit_tiny and swin_tiny at 224 for the gradient and
+projection methods with their reshape. Batch 3, fixed seed, targets None / a fixed class /
+softmax. Tolerance: max |diff| <= 1e-4 on maps in [0, 1] (reference §11: A and G from another
+runtime differ at round-off level).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import pytorch_grad_cam as pgc
+import torch
+from pytorch_grad_cam.guided_backprop import GuidedBackpropReLUModel
+from pytorch_grad_cam.utils.model_targets import (
+    ClassifierOutputSoftmaxTarget,
+    ClassifierOutputTarget,
+)
+
+from camexport import targets as ours_targets
+from camexport.build import build
+from camexport.eager import resolve_module
+from camexport.explain import Explainer
+
+TOLERANCE = 1e-4
+BATCH = 3
+CLASSES = (5, 7, 9)
+
+GRADIENT_METHODS = {
+    "gradcam": pgc.GradCAM, "hirescam": pgc.HiResCAM, "gradcamelementwise": pgc.GradCAMElementWise,
+    "gradcam++": pgc.GradCAMPlusPlus, "xgradcam": pgc.XGradCAM, "layercam": pgc.LayerCAM,
+    "eigengradcam": pgc.EigenGradCAM,
+}
+PROJECTION_METHODS = {"eigencam": pgc.EigenCAM, "kpcacam": pgc.KPCA_CAM, "fem": pgc.FEM}
+FORWARD_METHODS = {"scorecam": pgc.ScoreCAM, "ablationcam": pgc.AblationCAM}
+ALL = {**GRADIENT_METHODS, **PROJECTION_METHODS, **FORWARD_METHODS, "fullgrad": pgc.FullGrad}
+
+SETUPS = {
+    # name: (arch, size, usual layer, second layer)
+    "resnet18": ("resnet18", 64, "layer4", "layer3"),
+    "vgg11": ("vgg11", 64, "features.19", "features.14"),
+    "deit_tiny": ("deit_tiny_patch16_224", 224, "blocks.11.norm1", "blocks.10.norm1"),
+    "swin_tiny": ("swin_tiny_patch4_window7_224", 224, "layers.3.blocks.1.norm1",
+                  "layers.3.blocks.0.norm1"),
+}
+
+
+def _randomise(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial batch-norm statistics and biases (torchvision initialises them to 0/1)."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2, generator=generator)
+                module.running_var.uniform_(0.5, 1.5, generator=generator)
+                module.weight.uniform_(0.5, 1.5, generator=generator)
+                module.bias.uniform_(-0.2, 0.2, generator=generator)
+            elif isinstance(module, torch.nn.Conv2d) and module.bias is not None:
+                module.bias.uniform_(-0.1, 0.1, generator=generator)
+    return model.eval()
+
+
+def _reshape(setup: str):
+    if setup == "deit_tiny":
+        return lambda t: t[:, 1:, :].reshape(t.size(0), 14, 14, t.size(2)).permute(0, 3, 1, 2)
+    if setup == "swin_tiny":
+        return lambda t: t.permute(0, 3, 1, 2)
+    return None
+
+
+@lru_cache(maxsize=None)
+def prepared(setup: str, tmp_root: str):
+    from camexport.load import build_architecture
+
+    arch, size, usual, second = SETUPS[setup]
+    torch.manual_seed(0)
+    model, _ = build_architecture(arch)
+    model = _randomise(model)
+    path = f"{tmp_root}/{setup}.pt"
+    torch.save(model.state_dict(), path)
+    methods = "gradcam,fullgrad,guidedbackprop" if setup in ("resnet18", "vgg11") else "gradcam"
+    one = build(path, [usual], arch=arch, methods=methods, out_dir=f"{tmp_root}/{setup}-1",
+                input_size=(size, size))
+    two = build(path, [usual, second], arch=arch, out_dir=f"{tmp_root}/{setup}-2",
+                input_size=(size, size))
+    x = np.random.default_rng(0).standard_normal((BATCH, 3, size, size)).astype(np.float32)
+    return model, Explainer(one.directory), Explainer(two.directory), x
+
+
+@pytest.fixture(scope="session")
+def tmp_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("parity"))
+
+
+def _targets(kind: str):
+    if kind == "none":
+        return None, None
+    if kind == "class":
+        return list(CLASSES), [ClassifierOutputTarget(c) for c in CLASSES]
+    return ([ours_targets.ClassifierOutputSoftmaxTarget(c) for c in CLASSES],
+            [ClassifierOutputSoftmaxTarget(c) for c in CLASSES])
+
+
+def _pgc(cls, model, layers, x, targets, setup, **kwargs):
+    with cls(model=model, target_layers=layers, reshape_transform=_reshape(setup)) as cam:
+        if cls is pgc.ScoreCAM:
+            cam.batch_size = 64
+        return cam(input_tensor=torch.tensor(x), targets=targets, **kwargs)
+
+
+def _compare(ours, theirs, what):
+    diff = np.abs(ours - theirs).max()
+    assert diff <= TOLERANCE, f"{what}: max |diff| {diff:.2e}"
+
+
+CASES = [(setup, method, kind)
+         for setup in ("resnet18", "vgg11") for method in ALL for kind in ("none", "class", "softmax")]
+CASES += [(setup, method, kind) for setup in ("deit_tiny", "swin_tiny")
+          for method in {**GRADIENT_METHODS, **PROJECTION_METHODS} for kind in ("none", "class")]
+
+
+@pytest.mark.parametrize("setup,method,kind", CASES, ids=[f"{s}-{m}-{k}" for s, m, k in CASES])
+def test_method_matches_pgc(setup, method, kind, tmp_root):
+    model, single, _, x = prepared(setup, tmp_root)
+    ours_t, theirs_t = _targets(kind)
+    ours = single(x, targets=ours_t, methods=[method]).cams[method]
+    layer = resolve_module(model, SETUPS[setup][2])
+    theirs = _pgc(ALL[method], model, [layer], x, theirs_t, setup)
+    assert ours.shape == theirs.shape == (BATCH, *x.shape[2:])
+    _compare(ours, theirs, f"{setup} {method} targets={kind}")
+
+
+SMOOTH_CASES = [(setup, method) for setup in ("resnet18", "deit_tiny")
+                for method in ("gradcam", "gradcam++", "layercam", "scorecam")
+                if not (setup == "deit_tiny" and method == "scorecam")]
+
+
+@pytest.mark.parametrize("setup,method", SMOOTH_CASES, ids=[f"{s}-{m}" for s, m in SMOOTH_CASES])
+@pytest.mark.parametrize("eigen,aug", [(True, False), (False, True)], ids=["eigen", "aug"])
+def test_smoothing_matches_pgc(setup, method, eigen, aug, tmp_root):
+    model, single, _, x = prepared(setup, tmp_root)
+    ours = single(x, targets=None, methods=[method], eigen_smooth=eigen, aug_smooth=aug).cams[method]
+    layer = resolve_module(model, SETUPS[setup][2])
+    theirs = _pgc(ALL[method], model, [layer], x, None, setup, eigen_smooth=eigen, aug_smooth=aug)
+    _compare(ours, theirs, f"{setup} {method} eigen={eigen} aug={aug}")
+
+
+@pytest.mark.parametrize("setup", ["resnet18", "vgg11", "deit_tiny"])
+@pytest.mark.parametrize("method", ["gradcam", "hirescam", "eigencam", "layercam"])
+def test_two_layer_aggregation_matches_pgc(setup, method, tmp_root):
+    model, _, double, x = prepared(setup, tmp_root)
+    ours = double(x, targets=list(CLASSES), methods=[method]).cams[method]
+    layers = [resolve_module(model, name) for name in SETUPS[setup][2:]]
+    theirs = _pgc(ALL[method], model, layers, x, [ClassifierOutputTarget(c) for c in CLASSES], setup)
+    _compare(ours, theirs, f"{setup} {method} two layers")
+
+
+@pytest.mark.parametrize("setup", ["resnet18", "vgg11"])
+def test_guided_backprop_matches_pgc_per_image(setup, tmp_root):
+    model, single, _, x = prepared(setup, tmp_root)
+    ours = single(x, targets=list(CLASSES), methods=["guidedbackprop"]).cams["guidedbackprop"]
+    guided = GuidedBackpropReLUModel(model, device="cpu")
+    for b, category in enumerate(CLASSES):  # pgc explains image 0 only (Q25): one call per image
+        theirs = guided(torch.tensor(x[b:b + 1]), target_category=category)
+        assert ours[b].shape == theirs.shape
+        rel = np.abs(ours[b] - theirs).max() / np.abs(theirs).max()
+        assert rel <= 1e-4, f"{setup} guided backprop image {b}: {rel:.2e} of max |g|"
