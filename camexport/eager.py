@@ -72,3 +72,31 @@ def activations_and_gradients(
     return (outputs.detach().numpy(),
             {layer: captured[layer].detach().numpy() for layer in layers},
             {layer: g.detach().numpy() for layer, g in zip(layers, grads)})
+
+
+def eager_inputs(module, x: np.ndarray, layers: Sequence[str], targets=None):
+    """:class:`~camexport.methods.base.CamInputs` from torch eager (float32 hooks and autograd),
+    so the same method code runs on the source model: the eager side of parity."""
+    import torch
+
+    from camexport.layout import infer_layout
+    from camexport.methods.base import CamInputs, to_channel_first
+    from camexport.targets import as_targets, target_weights
+
+    module = module.eval()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+
+    def forward(batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.as_tensor(batch)).numpy()
+
+    first = forward(x)
+    resolved = as_targets(targets, first)
+    weights = target_weights(resolved, first, first.shape[-1])
+    outputs, acts, grads = activations_and_gradients(module, x, layers, weights)
+    layouts = [infer_layout((None, *acts[layer].shape[1:])) for layer in layers]
+    return CamInputs(
+        x=x, outputs=outputs, targets=resolved,
+        activations=[to_channel_first(acts[layer], lay) for layer, lay in zip(layers, layouts)],
+        gradients=[to_channel_first(grads[layer], lay) for layer, lay in zip(layers, layouts)],
+        raw_activations=[acts[layer] for layer in layers], layouts=layouts, forward=forward)

@@ -27,6 +27,13 @@ from camexport.eager import resolve_module
 from camexport.explain import Explainer
 
 TOLERANCE = 1e-4
+#: Cases whose ONNX-path gap is legitimately larger (reference §11), with the reason. Their
+#: method code is still held to TOLERANCE on torch-eager inputs by test_eager_path_matches_pgc.
+LOOSER = {
+    # XGradCAM divides by the signed activation sum + 1e-7; Swin's LayerNorm outputs have
+    # channels whose spatial sum is near zero, so round-off in A moves those weights.
+    ("swin_tiny", "xgradcam"): 5e-3,
+}
 BATCH = 3
 CLASSES = (5, 7, 9)
 
@@ -112,9 +119,9 @@ def _pgc(cls, model, layers, x, targets, setup, **kwargs):
         return cam(input_tensor=torch.tensor(x), targets=targets, **kwargs)
 
 
-def _compare(ours, theirs, what):
+def _compare(ours, theirs, what, tolerance=TOLERANCE):
     diff = np.abs(ours - theirs).max()
-    assert diff <= TOLERANCE, f"{what}: max |diff| {diff:.2e}"
+    assert diff <= tolerance, f"{what}: max |diff| {diff:.2e}"
 
 
 CASES = [(setup, method, kind)
@@ -131,7 +138,7 @@ def test_method_matches_pgc(setup, method, kind, tmp_root):
     layer = resolve_module(model, SETUPS[setup][2])
     theirs = _pgc(ALL[method], model, [layer], x, theirs_t, setup)
     assert ours.shape == theirs.shape == (BATCH, *x.shape[2:])
-    _compare(ours, theirs, f"{setup} {method} targets={kind}")
+    _compare(ours, theirs, f"{setup} {method} targets={kind}", LOOSER.get((setup, method), TOLERANCE))
 
 
 SMOOTH_CASES = [(setup, method) for setup in ("resnet18", "deit_tiny")
@@ -169,3 +176,22 @@ def test_guided_backprop_matches_pgc_per_image(setup, tmp_root):
         assert ours[b].shape == theirs.shape
         rel = np.abs(ours[b] - theirs).max() / np.abs(theirs).max()
         assert rel <= 1e-4, f"{setup} guided backprop image {b}: {rel:.2e} of max |g|"
+
+
+EAGER_CASES = [(setup, method) for setup in ("resnet18", "swin_tiny")
+               for method in ("gradcam", "xgradcam", "gradcam++", "eigencam", "scorecam")
+               if not (setup == "swin_tiny" and method == "scorecam")]
+
+
+@pytest.mark.parametrize("setup,method", EAGER_CASES, ids=[f"{s}-{m}" for s, m in EAGER_CASES])
+def test_eager_path_matches_pgc(setup, method, tmp_root):
+    """The same method code fed by torch eager (hooks, autograd) reproduces pgc to 1e-5."""
+    from camexport.eager import eager_inputs
+    from camexport.methods import method as make
+
+    model, _, _, x = prepared(setup, tmp_root)
+    inputs = eager_inputs(model, x, [SETUPS[setup][2]], targets=list(CLASSES))
+    ours = make(method)(inputs)
+    layer = resolve_module(model, SETUPS[setup][2])
+    theirs = _pgc(ALL[method], model, [layer], x, [ClassifierOutputTarget(c) for c in CLASSES], setup)
+    _compare(ours, theirs, f"eager {setup} {method}", 1e-5)

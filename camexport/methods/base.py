@@ -17,12 +17,15 @@ import numpy as np
 NORM_EPS = 1e-7
 
 def to_channel_first(tensor: np.ndarray, layout: dict) -> np.ndarray:
-    """A layer tensor as (B, C, *spatial), as pgc's reshape transforms make it (reference §5)."""
+    """A layer tensor as (B, C, *spatial), as pgc's reshape transforms make it (reference §5).
+
+    Channel-last layouts come back as a strided view, like torch's permute: numpy's pairwise
+    sums follow memory order, and near-zero denominators (XGradCAM) notice the difference."""
     kind = layout.get("kind")
     if kind in ("NCHW", "NCDHW", "vector"):
         return tensor
     if kind == "NHWC":
-        return np.ascontiguousarray(np.moveaxis(tensor, -1, 1))
+        return np.moveaxis(tensor, -1, 1)
     if kind == "tokens":
         grid, prefix = layout.get("grid"), layout.get("prefix_tokens")
         if grid is None:
@@ -30,7 +33,7 @@ def to_channel_first(tensor: np.ndarray, layout: dict) -> np.ndarray:
                              f"give the grid and prefix token count explicitly")
         b, _, d = tensor.shape
         spatial = tensor[:, prefix:, :].reshape(b, grid[0], grid[1], d)
-        return np.ascontiguousarray(np.moveaxis(spatial, -1, 1))
+        return np.moveaxis(spatial, -1, 1)
     raise ValueError(f"unsupported layer layout {layout}")
 
 
