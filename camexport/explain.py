@@ -130,13 +130,22 @@ class Explainer:
                        for layer in self.layers],
             raw_activations=raw, layouts=layouts, forward=self.forward, tail=self.tail)
 
+    def _retargeted(self, impl, inputs: CamInputs, targets) -> CamInputs:
+        """The inputs for a method that picks its own targets from the outputs (FinerCAM)."""
+        retarget = getattr(impl, "retarget", None)
+        if retarget is None:
+            return inputs
+        chosen = retarget(inputs.outputs, targets)
+        return inputs if chosen is targets else self.inputs(inputs.x, chosen)
+
     def __call__(self, x: np.ndarray, targets=None, methods: str | Sequence[str] = ("gradcam",),
                  eigen_smooth: bool = False, aug_smooth: bool = False) -> Explanation:
         names = canonical_methods(list(methods) if not isinstance(methods, str) else methods)
         implementations = {name: method(name) for name in names}
         if not aug_smooth:
             inputs = self.inputs(x, targets)
-            cams = {name: impl(inputs, eigen_smooth) for name, impl in implementations.items()}
+            cams = {name: impl(self._retargeted(impl, inputs, targets), eigen_smooth)
+                    for name, impl in implementations.items()}
             return Explanation(cams, inputs.outputs, inputs.targets)
         total = {name: None for name in names}
         unvaried = None
@@ -148,7 +157,7 @@ class Explainer:
             if not flip and factor == 1.0:
                 unvaried = inputs
             for name, impl in implementations.items():
-                cam = impl(inputs, eigen_smooth)
+                cam = impl(self._retargeted(impl, inputs, targets), eigen_smooth)
                 cam = cam[..., ::-1] if flip else cam
                 total[name] = cam if total[name] is None else total[name] + cam
         cams = {name: (value / len(AUG_PASSES)).astype(np.float32) for name, value in total.items()}

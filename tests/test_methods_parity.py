@@ -44,7 +44,8 @@ GRADIENT_METHODS = {
 }
 PROJECTION_METHODS = {"eigencam": pgc.EigenCAM, "kpcacam": pgc.KPCA_CAM, "fem": pgc.FEM}
 FORWARD_METHODS = {"scorecam": pgc.ScoreCAM, "ablationcam": pgc.AblationCAM}
-ALL = {**GRADIENT_METHODS, **PROJECTION_METHODS, **FORWARD_METHODS, "fullgrad": pgc.FullGrad}
+ALL = {**GRADIENT_METHODS, **PROJECTION_METHODS, **FORWARD_METHODS, "fullgrad": pgc.FullGrad,
+       "finercam": pgc.FinerCAM}
 
 SETUPS = {
     # name: (arch, size, usual layer, second layer)

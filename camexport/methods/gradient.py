@@ -149,3 +149,30 @@ class KPCACAM(Method):
                              random_state=inputs.extras.get("seed", 0))
             maps.append(kpca.fit_transform(rows).reshape(item.shape[1:]))
         return np.asarray(maps, dtype=np.float32)
+
+
+class FinerCAM(Method):
+    """Zhang et al. 2025, as pgc 1.5.7 (reference §3.11): with targets given, the base method
+    (GradCAM) with those targets. With targets None, per image: order = argsort |z - max z|
+    (numpy's default sort), main = order[0], comparisons = order[j] for j in (1, 2, 3) (j <= K-1),
+    target = FinerWeightedTarget(main, comparisons, alpha) whose gradient flows through softmax."""
+
+    name = "finercam"
+    alpha = 1.0
+    positions = (1, 2, 3)
+    base = GradCAM
+
+    def retarget(self, outputs: np.ndarray, targets):
+        from camexport.targets import FinerWeightedTarget
+
+        if targets is not None:
+            return targets
+        result = []
+        for row in outputs.reshape(outputs.shape[0], -1):
+            order = np.argsort(np.abs(row - row.max()))
+            comparisons = tuple(int(order[j]) for j in self.positions if j <= len(row) - 1)
+            result.append(FinerWeightedTarget(int(order[0]), comparisons, self.alpha))
+        return result
+
+    def raw(self, inputs, layer, eigen_smooth):
+        return self.base().raw(inputs, layer, eigen_smooth)

@@ -47,7 +47,7 @@ METHODS: dict[str, MethodInfo] = {m.name: m for m in [
     _m("kpcacam", "KPCA-CAM", "", ("kpca-cam", "kpca"), gradient.KPCACAM),
     _m("fem", "FEM", "", (), gradient.FEM),
     _m("shapleycam", "ShapleyCAM", "gradients", ("shapley-cam",)),
-    _m("finercam", "FinerCAM", "gradients", ("finer-cam",)),
+    _m("finercam", "FinerCAM", "gradients", ("finer-cam",), gradient.FinerCAM),
     _m("randomcam", "RandomCAM", "gradients", ("random-cam", "random"), gradient.RandomCAM),
     _m("guidedbackprop", "Guided Backprop", "guided input_gradients",
        ("guided-backprop", "guidedbp", "gbp"), fullgrad.GuidedBackprop),
