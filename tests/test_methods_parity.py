@@ -196,3 +196,19 @@ def test_eager_path_matches_pgc(setup, method, tmp_root):
     layer = resolve_module(model, SETUPS[setup][2])
     theirs = _pgc(ALL[method], model, [layer], x, [ClassifierOutputTarget(c) for c in CLASSES], setup)
     _compare(ours, theirs, f"eager {setup} {method}", 1e-5)
+
+
+def test_deep_feature_factorization_matches_pgc(tmp_root):
+    from pytorch_grad_cam import DeepFeatureFactorization
+
+    from camexport.methods import method as make
+
+    model, single, _, x = prepared("resnet18", tmp_root)
+    dff = make("dff")
+    dff.n_components = 4
+    ours = dff.factorize(single.inputs(x))
+    theirs = DeepFeatureFactorization(model, target_layer=model.layer4, computation_on_concepts=model.fc)
+    concepts, explanations, concept_outputs = theirs(torch.tensor(x), n_components=4)
+    np.testing.assert_allclose(ours.concepts, concepts, rtol=1e-3, atol=1e-4)
+    _compare(ours.explanations, np.stack(explanations), "dff explanations")
+    np.testing.assert_allclose(ours.concept_outputs, concept_outputs, rtol=1e-3, atol=1e-4)

@@ -32,24 +32,25 @@ class GraphFacts:
     """
 
     def __init__(self, model: onnx.ModelProto):
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(_without_weights(model), data_prop=True)
         graph = inferred.graph
         self.opset = next(
             (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0
         )
-        self.constants: dict[str, np.ndarray] = {
-            t.name: numpy_helper.to_array(t) for t in graph.initializer
-        }
+        self._initializers = {t.name: t for t in model.graph.initializer}
+        self._constants: dict[str, np.ndarray] = {}
+        self._types: dict[str, int] = {}
+        self._shapes: dict[str, tuple[Dim, ...] | None] = {}
+        for tensor in model.graph.initializer:
+            self._types[tensor.name] = tensor.data_type
+            self._shapes[tensor.name] = tuple(tensor.dims)
         for node in graph.node:
             if node.op_type == "Constant" and node.output:
                 value = _constant_node_value(node)
                 if value is not None:
-                    self.constants[node.output[0]] = value
-        self._types: dict[str, int] = {}
-        self._shapes: dict[str, tuple[Dim, ...] | None] = {}
-        for name, array in self.constants.items():
-            self._types[name] = helper.np_dtype_to_tensor_dtype(array.dtype)
-            self._shapes[name] = tuple(array.shape)
+                    self._constants[node.output[0]] = value
+                    self._types[node.output[0]] = helper.np_dtype_to_tensor_dtype(value.dtype)
+                    self._shapes[node.output[0]] = tuple(value.shape)
         for value in [*graph.input, *graph.output, *graph.value_info]:
             tensor_type = value.type.tensor_type
             if value.name in self._types or not tensor_type.elem_type:
@@ -88,7 +89,35 @@ class GraphFacts:
 
     def constant(self, name: str) -> np.ndarray | None:
         """The value of an initializer or Constant node output, else None."""
-        return self.constants.get(name)
+        if name not in self._constants and name in self._initializers:
+            self._constants[name] = numpy_helper.to_array(self._initializers[name])
+        return self._constants.get(name)
+
+
+#: Initializers larger than this many bytes are declared, not copied, for shape inference.
+_INFERENCE_BYTES = 4096
+
+
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with large initializers turned into declared inputs: shape inference then
+    needs no copy of the weights (seconds saved on VGG-size models), and data propagation
+    still sees the small integer constants that shapes are made of."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    graph = light.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    for tensor in model.graph.initializer:
+        if len(tensor.raw_data) > _INFERENCE_BYTES:
+            graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                             list(tensor.dims)))
+        else:
+            graph.initializer.append(tensor)
+    return light
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from camexport.methods import fullgrad, gradient, perturbation
+from camexport.methods import factorization, fullgrad, gradient, perturbation
 from camexport.methods.core import Method
 
 
@@ -43,7 +43,8 @@ METHODS: dict[str, MethodInfo] = {m.name: m for m in [
     _m("eigengradcam", "EigenGradCAM", "gradients", ("eigen-grad-cam",), gradient.EigenGradCAM),
     _m("layercam", "LayerCAM", "gradients", ("layer-cam",), gradient.LayerCAM),
     _m("fullgrad", "FullGrad", "gradients input_gradients bias_gradients", ("full-grad",), fullgrad.FullGrad),
-    _m("dff", "Deep Feature Factorization", "", ("deepfeaturefactorization",)),
+    _m("dff", "Deep Feature Factorization", "tail", ("deepfeaturefactorization",),
+       factorization.DeepFeatureFactorization),
     _m("kpcacam", "KPCA-CAM", "", ("kpca-cam", "kpca"), gradient.KPCACAM),
     _m("fem", "FEM", "", (), gradient.FEM),
     _m("shapleycam", "ShapleyCAM", "gradients", ("shapley-cam",)),
