@@ -109,7 +109,8 @@ def make_augmented(
     needs = set().union(*(METHODS[m].needs for m in methods)) if methods else set()
     augmented = augment(plain, tensors, score=score, output=output,
                         input_gradient="input_gradients" in needs,
-                        bias_gradients="bias_gradients" in needs, guided="guided" in needs)
+                        bias_gradients="bias_gradients" in needs, guided="guided" in needs,
+                        tangents="tangents" in needs)
     manifest = {
         "camexport_version": __version__,
         "source": {"path": loaded.source, "sha256": loaded.sha256, "kind": loaded.kind,

@@ -12,6 +12,7 @@ import click
 from camexport import __version__
 from camexport.graph.augment import SCORE_FUNCTIONS
 
+
 #: Errors that carry a message meant for the user (raised by the library).
 def _user_errors():
     from camexport.export import ExportError

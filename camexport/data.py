@@ -35,7 +35,7 @@ def foolbox_photos() -> list[Photo]:
         return []
     from PIL import Image
 
-    folder = Path(list(spec.submodule_search_locations)[0]) / "data"
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
     photos = []
     for path in sorted(folder.glob("imagenet_*")):
         label = int(path.stem.rsplit("_", 1)[1])

@@ -25,6 +25,7 @@ from camexport.graph.augment import (
     activation_name,
     fullgrad_names,
     gradient_name,
+    tangent_name,
 )
 from camexport.methods import canonical_methods, method
 from camexport.methods.base import CamInputs, to_channel_first
@@ -123,12 +124,21 @@ class Explainer:
             bias_layers.append((results[bias], results[grad]))
         if INPUT_GRADIENT in results:  # FullGrad artifacts; a zero bias may be optimised away
             extras["bias_layers"] = bias_layers
+        if tangent_name(self.layers[0]["name"]) in results:
+            extras["tangents"] = [results[tangent_name(layer["name"])] for layer in self.layers]
+
+        def backward(layer: int, rows: np.ndarray) -> np.ndarray:
+            spec = self.layers[layer]
+            again = self.run_graph(x, np.asarray(rows, np.float32))
+            return to_channel_first(again[gradient_name(spec["name"])], spec["layout"])
+
         return CamInputs(
             x=x, outputs=outputs, targets=resolved, extras=extras,
             activations=[to_channel_first(a, lay) for a, lay in zip(raw, layouts)],
             gradients=[to_channel_first(results[gradient_name(layer["name"])], layer["layout"])
                        for layer in self.layers],
-            raw_activations=raw, layouts=layouts, forward=self.forward, tail=self.tail)
+            raw_activations=raw, layouts=layouts, forward=self.forward, tail=self.tail,
+            backward=backward)
 
     def _retargeted(self, impl, inputs: CamInputs, targets) -> CamInputs:
         """The inputs for a method that picks its own targets from the outputs (FinerCAM)."""

@@ -42,6 +42,9 @@ class ClassifierOutputTarget:
         out[self.category] = 1
         return out
 
+    def hessian_vector(self, z, v):
+        return np.zeros(z.shape[-1], np.float64)
+
 
 @dataclass(frozen=True)
 class ClassifierOutputSoftmaxTarget:
@@ -58,6 +61,13 @@ class ClassifierOutputSoftmaxTarget:
         out = -p[self.category] * p
         out[self.category] += p[self.category]
         return out
+
+    def hessian_vector(self, z, v):
+        """p_c [(e_c - p)((e_c - p) . v) - (p v - p (p . v))]."""
+        p = _softmax(z.astype(np.float64))
+        d = -p
+        d[self.category] += 1
+        return p[self.category] * (d * (d @ v) - (p * v - p * (p @ v)))
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,11 @@ class ClassifierOutputReST:
         out[self.category] += 2
         return out
 
+    def hessian_vector(self, z, v):
+        """-(diag(p) - p p^T) v."""
+        p = _softmax(z.astype(np.float64))
+        return -(p * v - p * (p @ v))
+
 
 @dataclass(frozen=True)
 class BinaryClassifierOutputTarget:
@@ -91,6 +106,9 @@ class BinaryClassifierOutputTarget:
 
     def cotangent(self, z):
         return np.full(z.shape[-1], 1.0 if self.category == 1 else -1.0)
+
+    def hessian_vector(self, z, v):
+        return np.zeros(z.shape[-1], np.float64)
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
 from onnx.reference.ops.op_conv_transpose import ConvTranspose as _RefConvTranspose
 from onnx.reference.ops.op_erf import Erf as _RefErf
-from onnx.reference.op_run import OpRun
 from scipy.special import erf
 
 from camexport.graph.autodiff import differentiate

@@ -15,12 +15,12 @@ from functools import lru_cache
 import numpy as np
 import pytest
 import torch
+from zoo import ZOO, exported, module
 
 from camexport.build import make_augmented
 from camexport.eager import activations_and_gradients
 from camexport.graph import activation_name, gradient_name
 from camexport.runtime import session
-from zoo import ZOO, exported, module
 
 OUTPUT_ATOL = 1e-5
 ACTIVATION_RTOL = 1e-4
@@ -28,7 +28,7 @@ GRADIENT_REL_L2 = 1e-5
 GRADIENT_MAX_REL = 1e-4
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=2)  # tests are grouped per model (xdist_group): keep few sessions alive
 def sessions(name: str, score: str):
     loaded, plain = exported(name)
     entry = next(m for m in ZOO if m.name == name)
@@ -47,14 +47,14 @@ def _weights(kind: str, batch: int, classes: int, rng) -> np.ndarray:
     return weights
 
 
-CASES = [(m.name, score, kind, batch)
+CASES = [pytest.param(m.name, score, kind, batch, id=f"{m.name}-{score}-{kind}-b{batch}",
+                      marks=pytest.mark.xdist_group(m.name))
          for m in ZOO
          for score, kind, batch in [("logit", "onehot", 1), ("logit", "onehot", 5),
                                     ("logit", "multi", 5), ("softmax", "onehot", 5)]]
 
 
-@pytest.mark.parametrize("name,score,kind,batch", CASES,
-                         ids=[f"{n}-{s}-{k}-b{b}" for n, s, k, b in CASES])
+@pytest.mark.parametrize("name,score,kind,batch", CASES)
 def test_augmented_graph_matches_torch(name, score, kind, batch):
     plain, augmented, manifest = sessions(name, score)
     size = next(m.size for m in ZOO if m.name == name)

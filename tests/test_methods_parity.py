@@ -17,6 +17,7 @@ import pytorch_grad_cam as pgc
 import torch
 from pytorch_grad_cam.guided_backprop import GuidedBackpropReLUModel
 from pytorch_grad_cam.utils.model_targets import (
+    ClassifierOutputReST,
     ClassifierOutputSoftmaxTarget,
     ClassifierOutputTarget,
 )
@@ -40,12 +41,12 @@ CLASSES = (5, 7, 9)
 GRADIENT_METHODS = {
     "gradcam": pgc.GradCAM, "hirescam": pgc.HiResCAM, "gradcamelementwise": pgc.GradCAMElementWise,
     "gradcam++": pgc.GradCAMPlusPlus, "xgradcam": pgc.XGradCAM, "layercam": pgc.LayerCAM,
-    "eigengradcam": pgc.EigenGradCAM,
+    "eigengradcam": pgc.EigenGradCAM, "segeigencam": pgc.SegEigenCAM,
 }
 PROJECTION_METHODS = {"eigencam": pgc.EigenCAM, "kpcacam": pgc.KPCA_CAM, "fem": pgc.FEM}
 FORWARD_METHODS = {"scorecam": pgc.ScoreCAM, "ablationcam": pgc.AblationCAM}
 ALL = {**GRADIENT_METHODS, **PROJECTION_METHODS, **FORWARD_METHODS, "fullgrad": pgc.FullGrad,
-       "finercam": pgc.FinerCAM}
+       "finercam": pgc.FinerCAM, "refinecam": pgc.RefineCAM, "shapleycam": pgc.ShapleyCAM}
 
 SETUPS = {
     # name: (arch, size, usual layer, second layer)
@@ -80,7 +81,7 @@ def _reshape(setup: str):
     return None
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=2)  # tests are grouped per setup (xdist_group)
 def prepared(setup: str, tmp_root: str):
     from camexport.load import build_architecture
 
@@ -90,7 +91,8 @@ def prepared(setup: str, tmp_root: str):
     model = _randomise(model)
     path = f"{tmp_root}/{setup}.pt"
     torch.save(model.state_dict(), path)
-    methods = "gradcam,fullgrad,guidedbackprop" if setup in ("resnet18", "vgg11") else "gradcam"
+    methods = ("gradcam,fullgrad,guidedbackprop,shapleycam" if setup in ("resnet18", "vgg11")
+               else "gradcam")
     one = build(path, [usual], arch=arch, methods=methods, out_dir=f"{tmp_root}/{setup}-1",
                 input_size=(size, size))
     two = build(path, [usual, second], arch=arch, out_dir=f"{tmp_root}/{setup}-2",
@@ -109,11 +111,16 @@ def _targets(kind: str):
         return None, None
     if kind == "class":
         return list(CLASSES), [ClassifierOutputTarget(c) for c in CLASSES]
+    if kind == "rest":
+        return ([ours_targets.ClassifierOutputReST(c) for c in CLASSES],
+                [ClassifierOutputReST(c) for c in CLASSES])
     return ([ours_targets.ClassifierOutputSoftmaxTarget(c) for c in CLASSES],
             [ClassifierOutputSoftmaxTarget(c) for c in CLASSES])
 
 
 def _pgc(cls, model, layers, x, targets, setup, **kwargs):
+    if cls is pgc.RefineCAM:  # not a context manager; one base CAM object per layer
+        return cls(model, layers, _reshape(setup))(torch.tensor(x), targets, **kwargs)
     with cls(model=model, target_layers=layers, reshape_transform=_reshape(setup)) as cam:
         if cls is pgc.ScoreCAM:
             cam.batch_size = 64
@@ -127,11 +134,19 @@ def _compare(ours, theirs, what, tolerance=TOLERANCE):
 
 CASES = [(setup, method, kind)
          for setup in ("resnet18", "vgg11") for method in ALL for kind in ("none", "class", "softmax")]
+# ShapleyCAM's Hessian-vector product is non-zero only for curved targets (ReST, softmax)
+CASES += [(setup, "shapleycam", "rest") for setup in ("resnet18", "vgg11")]
 CASES += [(setup, method, kind) for setup in ("deit_tiny", "swin_tiny")
           for method in {**GRADIENT_METHODS, **PROJECTION_METHODS} for kind in ("none", "class")]
 
 
-@pytest.mark.parametrize("setup,method,kind", CASES, ids=[f"{s}-{m}-{k}" for s, m, k in CASES])
+def _grouped(cases, ids):
+    return [pytest.param(*case, id=i, marks=pytest.mark.xdist_group(case[0]))
+            for case, i in zip(cases, ids)]
+
+
+@pytest.mark.parametrize("setup,method,kind",
+                         _grouped(CASES, [f"{s}-{m}-{k}" for s, m, k in CASES]))
 def test_method_matches_pgc(setup, method, kind, tmp_root):
     model, single, _, x = prepared(setup, tmp_root)
     ours_t, theirs_t = _targets(kind)
@@ -147,7 +162,8 @@ SMOOTH_CASES = [(setup, method) for setup in ("resnet18", "deit_tiny")
                 if not (setup == "deit_tiny" and method == "scorecam")]
 
 
-@pytest.mark.parametrize("setup,method", SMOOTH_CASES, ids=[f"{s}-{m}" for s, m in SMOOTH_CASES])
+@pytest.mark.parametrize("setup,method",
+                         _grouped(SMOOTH_CASES, [f"{s}-{m}" for s, m in SMOOTH_CASES]))
 @pytest.mark.parametrize("eigen,aug", [(True, False), (False, True)], ids=["eigen", "aug"])
 def test_smoothing_matches_pgc(setup, method, eigen, aug, tmp_root):
     model, single, _, x = prepared(setup, tmp_root)
@@ -157,8 +173,11 @@ def test_smoothing_matches_pgc(setup, method, eigen, aug, tmp_root):
     _compare(ours, theirs, f"{setup} {method} eigen={eigen} aug={aug}")
 
 
-@pytest.mark.parametrize("setup", ["resnet18", "vgg11", "deit_tiny"])
-@pytest.mark.parametrize("method", ["gradcam", "hirescam", "eigencam", "layercam"])
+TWO_LAYER = [(setup, method) for setup in ("resnet18", "vgg11", "deit_tiny")
+             for method in ("gradcam", "hirescam", "eigencam", "layercam", "refinecam")]
+
+
+@pytest.mark.parametrize("setup,method", _grouped(TWO_LAYER, [f"{s}-{m}" for s, m in TWO_LAYER]))
 def test_two_layer_aggregation_matches_pgc(setup, method, tmp_root):
     model, _, double, x = prepared(setup, tmp_root)
     ours = double(x, targets=list(CLASSES), methods=[method]).cams[method]
@@ -167,7 +186,8 @@ def test_two_layer_aggregation_matches_pgc(setup, method, tmp_root):
     _compare(ours, theirs, f"{setup} {method} two layers")
 
 
-@pytest.mark.parametrize("setup", ["resnet18", "vgg11"])
+@pytest.mark.parametrize("setup", [pytest.param(s, marks=pytest.mark.xdist_group(s))
+                                   for s in ("resnet18", "vgg11")])
 def test_guided_backprop_matches_pgc_per_image(setup, tmp_root):
     model, single, _, x = prepared(setup, tmp_root)
     ours = single(x, targets=list(CLASSES), methods=["guidedbackprop"]).cams["guidedbackprop"]
@@ -184,7 +204,8 @@ EAGER_CASES = [(setup, method) for setup in ("resnet18", "swin_tiny")
                if not (setup == "swin_tiny" and method == "scorecam")]
 
 
-@pytest.mark.parametrize("setup,method", EAGER_CASES, ids=[f"{s}-{m}" for s, m in EAGER_CASES])
+@pytest.mark.parametrize("setup,method",
+                         _grouped(EAGER_CASES, [f"{s}-{m}" for s, m in EAGER_CASES]))
 def test_eager_path_matches_pgc(setup, method, tmp_root):
     """The same method code fed by torch eager (hooks, autograd) reproduces pgc to 1e-5."""
     from camexport.eager import eager_inputs
@@ -198,6 +219,7 @@ def test_eager_path_matches_pgc(setup, method, tmp_root):
     _compare(ours, theirs, f"eager {setup} {method}", 1e-5)
 
 
+@pytest.mark.xdist_group("resnet18")
 def test_deep_feature_factorization_matches_pgc(tmp_root):
     from pytorch_grad_cam import DeepFeatureFactorization
 

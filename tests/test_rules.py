@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from rule_harness import Case, check
 
 from camexport.graph.rules import RULES
-from rule_harness import Case, check
 
 F = np.float64
 S = (2, 3, 4, 5)  # a small NCHW shape

@@ -37,7 +37,7 @@ ZOO = [
 BY_NAME = {m.name: m for m in ZOO}
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=3)
 def module(name: str):
     """The torch module for a zoo name (seeded random weights; the built-in is pretrained)."""
     import torch
@@ -51,7 +51,7 @@ def module(name: str):
     return model.eval()
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=2)
 def exported(name: str):
     """(Loaded, plain ONNX) for a zoo name, exported once per test process."""
     from camexport.export import to_onnx

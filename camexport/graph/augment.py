@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
+import numpy as np
 import onnx
 from onnx import helper
 
-import numpy as np
-
 from camexport.graph.autodiff import differentiate
 from camexport.graph.builder import Builder, GraphFacts
+from camexport.graph.forward import linearize
 from camexport.graph.rules import GUIDED_RULES
 
 TARGET_WEIGHTS = "target_weights"
@@ -37,6 +37,14 @@ MIN_OPSET = 17
 
 
 INPUT_GRADIENT = "gradient/input"
+
+
+def tangent_name(layer: str) -> str:
+    """The output holding J A: the model output's tangent along the layer's own activation."""
+    return f"tangent/{layer}"
+
+
+
 GUIDED_GRADIENT = "guided/input"
 
 
@@ -70,6 +78,7 @@ def augment(
     input_gradient: bool = False,
     bias_gradients: bool = False,
     guided: bool = False,
+    tangents: bool = False,
 ) -> onnx.ModelProto:
     """Return a copy of ``model`` with the score block, layer activations and their gradients.
 
@@ -78,7 +87,9 @@ def augment(
     ``bias_gradients`` adds, for every Conv with a bias and every BatchNormalization (FullGrad's
     bias layers), ``fullgrad/bias/<k>`` (its effective bias) and ``fullgrad/gradient/<k>`` (the
     gradient w.r.t. its output); ``guided`` adds ``guided/input``, the input gradient through
-    guided ReLUs (Guided Backprop).
+    guided ReLUs (Guided Backprop); ``tangents`` adds ``tangent/<layer>`` = J A, the output's
+    tangent along each layer's activation (ShapleyCAM's exact Hessian-vector product, for
+    piecewise-linear tails).
     """
     if score not in SCORE_FUNCTIONS:
         raise ValueError(f"unknown score function {score!r}; choose one of {SCORE_FUNCTIONS}")
@@ -139,6 +150,10 @@ def augment(
         guided_grads = differentiate(result, facts, builder, {scored: weights}, [image],
                                      overrides=GUIDED_RULES)
         named.append((GUIDED_GRADIENT, guided_grads[image], *like(image)))
+    if tangents:
+        for label, tensor in layers.items():
+            tangent = linearize(result, facts, builder, {tensor: tensor}, output)
+            named.append((tangent_name(label), tangent, *like(output)))
     graph.node.extend(builder.nodes)
     graph.initializer.extend(builder.initializers)
 

@@ -298,7 +298,7 @@ def _mul(b, node, dys):
 @rule("Div")
 def _div(b, node, dys):
     """Y = A / B: dA = dY / B, dB = -dY Y / B."""
-    a, d, y = node.input[0], node.input[1], node.output[0]
+    d, y = node.input[1], node.output[0]
     return _each_input(b, node, lambda i: b.op("Div", dys[0], d) if i == 0 else
                        b.op("Neg", b.op("Div", b.op("Mul", dys[0], y), d)))
 
@@ -336,7 +336,7 @@ def _swap_last(b, x: str) -> str:
 @rule("MatMul")
 def _matmul(b, node, dys):
     """Y = A @ B: dA = dY @ B^T, dB = A^T @ dY (batch axes summed to each shape)."""
-    a, m, y = node.input[0], node.input[1], node.output[0]
+    a, m = node.input[0], node.input[1]
     if b.facts.rank(a) < 2 or b.facts.rank(m) < 2:
         raise NotImplementedError("MatMul with a 1-D operand")
     return _each_input(b, node, lambda i: b.op("MatMul", dys[0], _swap_last(b, m)) if i == 0
@@ -414,7 +414,7 @@ def _conv(b, node, dys):
 @rule("AveragePool")
 def _average_pool(b, node, dys):
     """Y = mean over each window: dX = ConvTranspose(dY / count, ones), count per window."""
-    x, y = node.input[0], node.output[0]
+    x = node.input[0]
     if attr(node, "ceil_mode", 0):
         raise NotImplementedError("AveragePool with ceil_mode=1")
     kernel = list(attr(node, "kernel_shape"))
@@ -552,7 +552,7 @@ def _split(b, node, dys):
 def _slice(b, node, dys):
     """Y = X[start:end:step] per axis (step > 0): dX = dY with zeros interleaved and padded."""
     x = node.input[0]
-    shape, rank = b.facts.shape(x), b.facts.rank(x)
+    rank = b.facts.rank(x)
     starts = _const_input(b, node, 1, "starts").tolist()
     ends = _const_input(b, node, 2, "ends").tolist()
     axes = _const_input(b, node, 3, "axes")

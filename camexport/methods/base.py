@@ -74,16 +74,20 @@ def weighted_sum(weights: np.ndarray, activations: np.ndarray) -> np.ndarray:
     return (expanded * activations).sum(axis=1)
 
 
-def eigen_projection(tensor: np.ndarray) -> np.ndarray:
+def eigen_projection(tensor: np.ndarray, sign_correction: bool = False) -> np.ndarray:
     """P(X) per image: centred (positions x channels) matrix projected on its first right
-    singular vector, numpy's LAPACK sign kept (reference §2.7, Q9). float32 (B, *spatial)."""
+    singular vector, numpy's LAPACK sign kept (reference §2.7, Q9). float32 (B, *spatial).
+    ``sign_correction`` (SegEigenCAM's P+-): negate a map whose |min| exceeds its max."""
     tensor = np.nan_to_num(tensor, nan=0.0)
     projections = []
     for item in tensor:
         rows = item.reshape(item.shape[0], -1).T
         rows = rows - rows.mean(axis=0)
         _, _, vt = np.linalg.svd(rows, full_matrices=False)
-        projections.append((rows @ vt[0]).reshape(item.shape[1:]))
+        projection = (rows @ vt[0]).reshape(item.shape[1:])
+        if sign_correction and abs(projection.min()) > abs(projection.max()):
+            projection = -projection
+        projections.append(projection)
     return np.asarray(projections, dtype=np.float32)
 
 
@@ -95,7 +99,8 @@ class CamInputs:
     ``raw_activations`` are the same tensors in the graph's own layout. ``targets`` holds one
     target per image (:mod:`camexport.targets`). ``forward(x)`` runs the plain model on a batch of
     inputs and ``tail(layer, tensors)`` runs the model from a layer's tensors (raw layout); both
-    return model outputs. Methods never see a session.
+    return model outputs; ``backward(layer, weights)`` is the gradient at a layer (channel-first)
+    for other ``target_weights`` rows. Methods never see a session.
     """
 
     x: np.ndarray
@@ -107,6 +112,7 @@ class CamInputs:
     layouts: list[dict] = field(default_factory=list)
     forward: Callable[[np.ndarray], np.ndarray] | None = None
     tail: Callable[[int, np.ndarray], np.ndarray] | None = None
+    backward: Callable[[int, np.ndarray], np.ndarray] | None = None
     extras: dict = field(default_factory=dict)
 
     @property

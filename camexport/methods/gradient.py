@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from camexport.methods.base import eigen_projection, spatial_axes
+from camexport.methods.base import aggregate, eigen_projection, layer_map, min_max, spatial_axes
 from camexport.methods.core import ElementMethod, Method, WeightMethod
 
 #: GradCAM++ denominator epsilon (pytorch-grad-cam, reference §3.2, Q10).
@@ -176,3 +176,53 @@ class FinerCAM(Method):
 
     def raw(self, inputs, layer, eigen_smooth):
         return self.base().raw(inputs, layer, eigen_smooth)
+
+
+class SegEigenCAM(Method):
+    """Chung & Ying 2025. M = P+-(|G| * A): the first principal component of the
+    gradient-magnitude-weighted activations, negated when |min| > |max| (reference §3.4)."""
+
+    name = "segeigencam"
+
+    def raw(self, inputs, layer, eigen_smooth):
+        weighted = np.abs(self.gradients(inputs, layer)) * inputs.activations[layer]
+        return eigen_projection(weighted, sign_correction=True)
+
+
+class RefineCAM(Method):
+    """pgc 1.5.5+ (reference §3.13): the base method (GradCAM++) run on each layer alone, the
+    per-layer final maps multiplied pixel-wise, then min-max normalised (eps 1e-7).
+    ``eigen_smooth`` means eigen smoothing here (pgc runs aug_smooth instead, Q23)."""
+
+    name = "refinecam"
+    base = GradCAMPlusPlus
+
+    def __call__(self, inputs, eigen_smooth=False):
+        base = self.base()
+        product = None
+        for layer in range(len(inputs.activations)):
+            final = aggregate([layer_map(base.raw(inputs, layer, eigen_smooth), inputs.size)])
+            product = final if product is None else product * final
+        return min_max(product).astype(np.float32)
+
+
+class ShapleyCAM(WeightMethod):
+    """Cai et al. 2025, as pgc 1.5.7 (reference §3.10): w_bc = mean_s(G - H_A A / 2),
+    M = sum_c w A. The Hessian-vector product is exact by another route than second-order
+    autodiff: the graph gives J A (forward mode over the tail), then H_A A = J^T (d2t/dz2)(J A)
+    by one more backward pass; exact when the tail is piecewise linear (ReLU, max-pool, conv,
+    linear: d(J^T)/dA = 0 there), which the build checks. With a logit target the product is 0
+    and ShapleyCAM equals GradCAM (reference Q20)."""
+
+    name = "shapleycam"
+
+    def weights(self, inputs, layer):
+        grads = self.gradients(inputs, layer)
+        tangents = inputs.extras.get("tangents")
+        if tangents is None:
+            raise ValueError("ShapleyCAM needs an artifact built with --methods shapleycam")
+        rows = np.asarray([t.hessian_vector(z, v) for t, z, v in
+                           zip(inputs.targets, inputs.outputs.astype(np.float64),
+                               tangents[layer].astype(np.float64))], dtype=np.float32)
+        product = inputs.backward(layer, rows) if np.any(rows) else np.zeros_like(grads)
+        return (grads - np.float32(0.5) * product).mean(axis=spatial_axes(grads))

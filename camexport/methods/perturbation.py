@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from camexport.methods.base import weighted_sum
 from camexport.methods.core import WeightMethod
 
 #: ScoreCAM's per-channel mask normalisation epsilon (pytorch-grad-cam, reference §3.7, Q13).

@@ -2,7 +2,7 @@
 
 ``needs`` tells the build step what each method asks of the graph: ``gradients`` (the VJP
 subgraph), ``forwards`` (extra forward passes of the plain model), ``tail`` (the tail as its own
-graph), ``input_gradients`` and ``bias_gradients`` (FullGrad), ``guided`` (guided ReLU).
+graph), ``input_gradients`` and ``bias_gradients`` (FullGrad), ``guided`` (guided ReLU), ``tangents`` (ShapleyCAM's J A).
 """
 
 from __future__ import annotations
@@ -47,9 +47,11 @@ METHODS: dict[str, MethodInfo] = {m.name: m for m in [
        factorization.DeepFeatureFactorization),
     _m("kpcacam", "KPCA-CAM", "", ("kpca-cam", "kpca"), gradient.KPCACAM),
     _m("fem", "FEM", "", (), gradient.FEM),
-    _m("shapleycam", "ShapleyCAM", "gradients", ("shapley-cam",)),
+    _m("shapleycam", "ShapleyCAM", "gradients tangents", ("shapley-cam",), gradient.ShapleyCAM),
     _m("finercam", "FinerCAM", "gradients", ("finer-cam",), gradient.FinerCAM),
     _m("randomcam", "RandomCAM", "gradients", ("random-cam", "random"), gradient.RandomCAM),
+    _m("segeigencam", "SegEigenCAM", "gradients", ("seg-eigen-cam",), gradient.SegEigenCAM),
+    _m("refinecam", "RefineCAM", "gradients", ("refine-cam",), gradient.RefineCAM),
     _m("guidedbackprop", "Guided Backprop", "guided input_gradients",
        ("guided-backprop", "guidedbp", "gbp"), fullgrad.GuidedBackprop),
 ]}
