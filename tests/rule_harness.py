@@ -153,3 +153,33 @@ def check(case: Case) -> None:
     for k, (g32, g64) in enumerate(zip(got, grads)):
         err = np.linalg.norm(g32 - g64) / max(np.linalg.norm(g64), 1e-12)
         assert err <= case.ort_rtol, f"{case.id}: onnxruntime float32 grad{k} off by {err:.2e} (rel L2)"
+
+
+def check_jvp(case: Case) -> None:
+    """A forward-mode rule: its tangent J v against central finite differences in float64."""
+    from camexport.graph.forward import linearize
+
+    model, wrt, xs = _model(case, np.float64)
+    facts = GraphFacts(model)
+    builder = Builder(facts, {v for n in model.graph.node for v in (*n.input, *n.output)})
+    seeds = {w: f"tangent_{w}" for w in wrt}
+    output = model.graph.output[0].name
+    tangent = linearize(model, facts, builder, seeds, output)
+    graph = model.graph
+    graph.node.extend(builder.nodes)
+    graph.initializer.extend(builder.initializers)
+    for w in wrt:
+        graph.input.append(helper.make_tensor_value_info(seeds[w], facts.dtype(w), list(facts.shape(w))))
+    graph.node.append(helper.make_node("Identity", [tangent], ["jvp"]))
+    graph.output.append(helper.make_tensor_value_info("jvp", facts.dtype(output), None))
+    rng = np.random.default_rng(2)
+    vs = [rng.standard_normal(x.shape) for x in xs]
+    feeds = dict(zip(wrt, xs))
+    got = _reference(model).run(["jvp"], {**feeds, **{seeds[w]: v for w, v in zip(wrt, vs)}})[0]
+    forward = _reference(_model(case, np.float64)[0])
+    eps = 1e-6
+    plus = forward.run(None, {w: x + eps * v for w, x, v in zip(wrt, xs, vs)})[0]
+    minus = forward.run(None, {w: x - eps * v for w, x, v in zip(wrt, xs, vs)})[0]
+    expected = (plus - minus) / (2 * eps)
+    err = np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-12)
+    assert err <= case.rtol * 10, f"{case.id}: forward-mode tangent off by {err:.2e}"

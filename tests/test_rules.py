@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
-from rule_harness import Case, check
+from rule_harness import Case, check, check_jvp
 
+from camexport.graph.forward import JVP_RULES
 from camexport.graph.rules import RULES
 
 F = np.float64
@@ -102,3 +103,62 @@ def test_every_rule_has_a_case():
     covered = {case.op for case in CASES}
     missing = sorted(set(RULES) - covered)
     assert not missing, f"rules without a test case: {missing}"
+
+
+# -- forward mode (ShapleyCAM): the same table of cases, for ops with a JVP rule ---------------
+
+def _linear_in_tangents(case: Case) -> bool:
+    """Products of two differentiated inputs are curved: no forward-mode rule takes them."""
+    if case.op in ("Mul", "Div", "MatMul", "Gemm"):
+        return all(isinstance(spec, np.ndarray) or spec is None for spec in case.inputs[1:])
+    return case.op != "Where"
+
+
+JVP_CASES = [case for case in CASES if case.op in JVP_RULES and _linear_in_tangents(case)]
+JVP_CASES += [
+    Case("Mul", [S, np.linspace(0.5, 1.5, 5)], name="Mul-const"),
+    Case("Div", [S, np.linspace(0.5, 1.5, 5)], name="Div-const"),
+    Case("MatMul", [(2, 3, 4, 5), np.ones((5, 6))], name="MatMul-const"),
+    Case("Where", [np.random.default_rng(3).random(S) > 0.5, S, np.zeros(5)], name="Where-const"),
+    Case("Sub", [S, np.ones(5)], name="Sub-const"),
+    Case("Gemm", [(3, 4), np.linspace(-1, 1, 20).reshape(4, 5), np.ones(5)], {"alpha": 0.5},
+         name="Gemm-const"),
+]
+
+
+@pytest.mark.parametrize("case", JVP_CASES, ids=lambda c: c.id)
+def test_jvp_rule(case):
+    check_jvp(case)
+
+
+def test_every_jvp_rule_has_a_case():
+    missing = sorted(set(JVP_RULES) - {case.op for case in JVP_CASES})
+    assert not missing, f"forward-mode rules without a test case: {missing}"
+
+
+def test_guided_relu_rule():
+    """Guided ReLU passes dY only where both the input and dY are positive."""
+    import onnx
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    from camexport.graph.autodiff import differentiate
+    from camexport.graph.builder import Builder, GraphFacts
+    from camexport.graph.rules import GUIDED_RULES
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [4, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [4, 5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    facts = GraphFacts(model)
+    builder = Builder(facts, {"x", "y", "dy"})
+    grads = differentiate(model, facts, builder, {"y": "dy"}, ["x"], overrides=GUIDED_RULES)
+    model.graph.node.extend(builder.nodes)
+    model.graph.initializer.extend(builder.initializers)
+    model.graph.input.append(helper.make_tensor_value_info("dy", TensorProto.DOUBLE, [4, 5]))
+    model.graph.output.append(helper.make_tensor_value_info(grads["x"], TensorProto.DOUBLE, [4, 5]))
+    onnx.checker.check_model(model)
+    rng = np.random.default_rng(0)
+    x, dy = rng.standard_normal((4, 5)), rng.standard_normal((4, 5))
+    got = ReferenceEvaluator(model).run([grads["x"]], {"x": x, "dy": dy})[0]
+    np.testing.assert_array_equal(got, np.where((x > 0) & (dy > 0), dy, 0))
