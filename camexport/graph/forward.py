@@ -16,7 +16,7 @@ from onnx import helper
 
 from camexport.graph.autodiff import GradientError
 from camexport.graph.builder import Builder, GraphFacts
-from camexport.graph.rules import NO_GRADIENT, attr
+from camexport.graph.rules import NO_GRADIENT, attr, find_rule
 
 JVP_RULES: dict = {}
 
@@ -52,22 +52,9 @@ def _reduce(b, node, tangents):
     return _same_op(b, node, tangents)
 
 
-@jvp("Relu")
-def _relu(b, node, tangents):
-    """Y = Relu(X): dY = Where(X > 0, dX, 0)."""
-    x = node.input[0]
-    return [b.op("Where", b.op("Greater", x, b.const(0, x)), tangents[0], b.const(0, x))]
-
-
-@jvp("Clip")
-def _clip(b, node, tangents):
-    """Y = Clip(X, lo, hi): dY = Where(lo < X < hi, dX, 0)."""
-    x, inside = node.input[0], None
-    for i, op_type in ((1, "Greater"), (2, "Less")):
-        if len(node.input) > i and node.input[i]:
-            test = b.op(op_type, x, node.input[i])
-            inside = test if inside is None else b.op("And", inside, test)
-    return [tangents[0] if inside is None else b.op("Where", inside, tangents[0], b.const(0, x))]
+# Element-wise ops with a diagonal Jacobian are self-adjoint: their VJP rule is their JVP rule.
+for _op in ("Relu", "Clip", "BatchNormalization"):
+    jvp(_op)(find_rule(_op, 20))
 
 
 @jvp("MaxPool")
@@ -143,16 +130,6 @@ def _where(b, node, tangents):
     zero = b.const(0, node.output[0])
     a, c = (t if t is not None else zero for t in tangents[1:])
     return [b.op("Expand", b.op("Where", node.input[0], a, c), b.shape_of(node.output[0]))]
-
-
-@jvp("BatchNormalization")
-def _batch_norm(b, node, tangents):
-    """Inference batch-norm: dY = dX scale / sqrt(var + eps)."""
-    x, scale, var = node.input[0], node.input[1], node.input[4]
-    eps = attr(node, "epsilon", 1e-5)
-    factor = b.op("Div", scale, b.op("Sqrt", b.op("Add", var, b.const(eps, var))))
-    factor = b.unsqueeze(factor, list(range(1, b.facts.rank(x) - 1)))
-    return [b.op("Mul", tangents[0], factor)]
 
 
 @jvp("Concat")
