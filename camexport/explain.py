@@ -138,7 +138,7 @@ class Explainer:
             gradients=[to_channel_first(results[gradient_name(layer["name"])], layer["layout"])
                        for layer in self.layers],
             raw_activations=raw, layouts=layouts, forward=self.forward, tail=self.tail,
-            backward=backward)
+            backward=backward, rerun=self.inputs)
 
     def _retargeted(self, impl, inputs: CamInputs, targets) -> CamInputs:
         """The inputs for a method that picks its own targets from the outputs (FinerCAM)."""

@@ -234,3 +234,12 @@ def test_deep_feature_factorization_matches_pgc(tmp_root):
     np.testing.assert_allclose(ours.concepts, concepts, rtol=1e-3, atol=1e-4)
     _compare(ours.explanations, np.stack(explanations), "dff explanations")
     np.testing.assert_allclose(ours.concept_outputs, concept_outputs, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.xdist_group("resnet18")
+def test_sess_matches_pgc(tmp_root):
+    """SESS (12 scales of sliding windows, GradCAM per patch, weighted mean fusion, blur)."""
+    model, single, _, x = prepared("resnet18", tmp_root)
+    ours = single(x, targets=list(CLASSES), methods=["sess"]).cams["sess"]
+    theirs = pgc.SESS(model, [model.layer4])(torch.tensor(x), [ClassifierOutputTarget(c) for c in CLASSES])
+    _compare(ours, theirs, "sess")

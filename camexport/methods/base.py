@@ -100,7 +100,8 @@ class CamInputs:
     target per image (:mod:`camexport.targets`). ``forward(x)`` runs the plain model on a batch of
     inputs and ``tail(layer, tensors)`` runs the model from a layer's tensors (raw layout); both
     return model outputs; ``backward(layer, weights)`` is the gradient at a layer (channel-first)
-    for other ``target_weights`` rows. Methods never see a session.
+    for other ``target_weights`` rows; ``rerun(x, targets)`` gives the inputs of another batch
+    (SESS's patches). Methods never see a session.
     """
 
     x: np.ndarray
@@ -113,6 +114,7 @@ class CamInputs:
     forward: Callable[[np.ndarray], np.ndarray] | None = None
     tail: Callable[[int, np.ndarray], np.ndarray] | None = None
     backward: Callable[[int, np.ndarray], np.ndarray] | None = None
+    rerun: Callable[[np.ndarray, list], CamInputs] | None = None
     extras: dict = field(default_factory=dict)
 
     @property

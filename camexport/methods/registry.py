@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from camexport.methods import factorization, fullgrad, gradient, perturbation
+from camexport.methods import factorization, fullgrad, gradient, perturbation, sess
 from camexport.methods.core import Method
 
 
@@ -52,6 +52,7 @@ METHODS: dict[str, MethodInfo] = {m.name: m for m in [
     _m("randomcam", "RandomCAM", "gradients", ("random-cam", "random"), gradient.RandomCAM),
     _m("segeigencam", "SegEigenCAM", "gradients", ("seg-eigen-cam",), gradient.SegEigenCAM),
     _m("refinecam", "RefineCAM", "gradients", ("refine-cam",), gradient.RefineCAM),
+    _m("sess", "SESS", "gradients forwards", (), sess.SESS),
     _m("guidedbackprop", "Guided Backprop", "guided input_gradients",
        ("guided-backprop", "guidedbp", "gbp"), fullgrad.GuidedBackprop),
 ]}
