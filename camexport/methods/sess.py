@@ -48,7 +48,7 @@ class SESS(Method):
     def patches(self, image: np.ndarray, window: int):
         """The patches (n, C, w, w) and their (x, y, width, height) in the scaled image."""
         _, height, width = image.shape
-        step = int(round(window * self.scale_step_ratio))
+        step = round(window * self.scale_step_ratio)
         patches, places = [], []
         for scale in (window + step * i for i in range(self.num_scales)):
             short, long = min(height, width), max(height, width)
