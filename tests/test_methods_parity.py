@@ -34,6 +34,7 @@ LOOSER = {
     # XGradCAM divides by the signed activation sum + 1e-7; Swin's LayerNorm outputs have
     # channels whose spatial sum is near zero, so round-off in A moves those weights.
     ("swin_tiny", "xgradcam"): 5e-3,
+    ("deit_tiny", "xgradcam"): 5e-4,  # the same on ViT's norm1 (measured 9e-5)
 }
 BATCH = 3
 CLASSES = (5, 7, 9)
@@ -137,7 +138,8 @@ CASES = [(setup, method, kind)
 # ShapleyCAM's Hessian-vector product is non-zero only for curved targets (ReST, softmax)
 CASES += [(setup, "shapleycam", "rest") for setup in ("resnet18", "vgg11")]
 CASES += [(setup, method, kind) for setup in ("deit_tiny", "swin_tiny")
-          for method in {**GRADIENT_METHODS, **PROJECTION_METHODS} for kind in ("none", "class")]
+          for method in {**GRADIENT_METHODS, **PROJECTION_METHODS}
+          for kind in ("none", "class", "softmax")]
 
 
 def _grouped(cases, ids):
@@ -243,3 +245,21 @@ def test_sess_matches_pgc(tmp_root):
     ours = single(x, targets=list(CLASSES), methods=["sess"]).cams["sess"]
     theirs = pgc.SESS(model, [model.layer4])(torch.tensor(x), [ClassifierOutputTarget(c) for c in CLASSES])
     _compare(ours, theirs, "sess")
+
+
+@pytest.mark.xdist_group("resnet18")
+def test_random_cam_with_the_same_draws_matches_pgc(tmp_root):
+    """RandomCAM draws from a seeded generator (Q30 fix); handed pgc's global-RNG stream, the
+    maps match, so only the source of randomness differs."""
+    from camexport.methods import method as make
+
+    model, single, _, x = prepared("resnet18", tmp_root)
+    inputs = single.inputs(x, list(CLASSES))
+    inputs.extras["rng"] = np.random.RandomState(0)
+    ours = make("randomcam")(inputs)
+    np.random.seed(0)
+    theirs = _pgc(pgc.RandomCAM, model, [model.layer4], x,
+                  [ClassifierOutputTarget(c) for c in CLASSES], "resnet18")
+    _compare(ours, theirs, "randomcam")
+    again = make("randomcam")(single.inputs(x, list(CLASSES)))
+    np.testing.assert_array_equal(again, make("randomcam")(single.inputs(x, list(CLASSES))))
