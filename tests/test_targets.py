@@ -58,3 +58,16 @@ def test_bad_targets_raise(tmp_path):
         explainer(x, targets=[T.FinerWeightedTarget(1, (2, 5000)), 3])
     good = explainer(x, targets=[1, -1])  # negative indices count from the end, as in torch
     assert good.cams["gradcam"].shape == (2, 32, 32)
+
+
+def test_factorization_leaves_the_callers_activations_alone():
+    """pgc's DFF fills NaN in the caller's array in place (Q26); camexport does not."""
+    from camexport.methods.factorization import factorize
+
+    acts = np.abs(np.random.default_rng(0).standard_normal((2, 6, 3, 3))).astype(np.float32)
+    acts[0, 1, 1, 1] = np.nan
+    before = acts.copy()
+    concepts, parts = factorize(acts, 2)
+    np.testing.assert_array_equal(acts, before)  # NaN included, still there
+    assert concepts.shape == (6, 2) and parts.shape == (2, 2, 3, 3)
+    assert np.isfinite(parts).all()
