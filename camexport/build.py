@@ -21,7 +21,7 @@ import onnx
 
 from camexport import __version__
 from camexport.export import to_onnx
-from camexport.graph.augment import augment, set_manifest
+from camexport.graph.augment import augment, get_manifest, set_manifest
 from camexport.graph.builder import GraphFacts
 from camexport.graph.locate import resolve
 from camexport.layout import infer_layout
@@ -143,8 +143,6 @@ def read_artifact(path: str | Path) -> tuple[onnx.ModelProto, dict]:
     path = Path(path)
     graph_path = path / AUGMENTED_FILE if path.is_dir() else path
     model = onnx.load(str(graph_path))
-    from camexport.graph.augment import get_manifest
-
     manifest = get_manifest(model)
     if manifest is None:
         raise ValueError(f"{graph_path} carries no camexport manifest; build it with camexport build")

@@ -45,13 +45,11 @@ def describe_artifact(path: str) -> dict:
     p = Path(path)
     graph_path = p / AUGMENTED_FILE if p.is_dir() else p
     model = onnx.load(str(graph_path), load_external_data=False)
-    facts = GraphFacts(model)
 
     def values(infos):
         return [(v.name, _shape_text(
             [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]))
             for v in infos]
 
-    del facts
     return {"path": str(graph_path), "inputs": values(model.graph.input),
             "outputs": values(model.graph.output), "manifest": get_manifest(model)}
