@@ -23,7 +23,7 @@ def _user_errors():
     from camexport.runtime import ProviderError
 
     return (LoadError, ExportError, LayerError, GradientError, MethodError, ProviderError,
-            ValueError)
+            ValueError, OSError)
 
 
 class _Reporter:
@@ -115,6 +115,160 @@ def inspect(model, arch, trust_pickle, as_json):
     width = max((len(p) for p, _, _ in rows), default=10)
     for path, tensor, shape in rows:
         click.echo(f"{path:<{width}}  {shape:<22} {tensor}")
+
+
+class _Progress:
+    """One self-rewriting line on stderr: done/total, images/s and ETA."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int, seconds: float) -> None:
+        if self.quiet or (seconds - self.last < 0.5 and done < total):
+            return
+        self.last = seconds
+        rate = done / seconds if seconds > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else 0.0
+        end = "\n" if done >= total else ""
+        click.echo(f"\r[{done}/{total}] {rate:.1f} img/s, ETA {int(eta) // 60}:{int(eta) % 60:02d}  ",
+                   err=True, nl=False)
+        if end:
+            click.echo("", err=True)
+
+
+@main.command()
+@click.argument("images")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Input dataset to write (.h5).")
+@click.option("--size", default=224, show_default=True, help="Shorter side resized to SIZE, then a centre crop.")
+@click.option("--labels", help="CSV of 'file name,label' lines, or 'names' for labels ending file names (x_281.jpg).")
+@click.option("--skip-unreadable", is_flag=True, help="Skip files that are not images instead of stopping.")
+@click.option("-q", "--quiet", is_flag=True)
+def pack(images, out, size, labels, skip_unreadable, quiet):
+    """Pack IMAGES (a folder or a glob) into an HDF5 input dataset (/images uint8 RGB)."""
+    from camexport.data import pack as pack_images
+
+    try:
+        count, skipped = pack_images(images, out, size=size, labels=labels,
+                                     skip_unreadable=skip_unreadable)
+    except _user_errors() as err:
+        raise click.ClickException(str(err)) from err
+    for path in skipped:
+        click.echo(f"skipped unreadable {path}", err=True)
+    if not quiet:
+        click.echo(f"packed {count} images at {size}x{size} into {out}")
+
+
+@main.command()
+@click.argument("artifact")
+@click.option("--data", required=True, help="Input dataset (.h5 with /images).")
+@click.option("--out", required=True, help="Result file (.h5).")
+@click.option("--methods", default="gradcam", show_default=True, help="Comma-separated CAM methods.")
+@click.option("--metrics", default="", help="Comma-separated metrics (road-combined, drop-in-confidence, ...).")
+@click.option("--targets", default="pred", show_default=True, help="pred (top class), label, or a class index.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--limit", type=int, help="Only the first N samples.")
+@click.option("--eigen-smooth", is_flag=True)
+@click.option("--aug-smooth", is_flag=True)
+@click.option("--cam-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--compression", type=click.Choice(["gzip", "lzf"]), default="gzip", show_default=True)
+@click.option("--metric-score", type=click.Choice(["softmax", "logit"]), default="softmax", show_default=True,
+              help="What the metrics measure for the target class.")
+@click.option("--save-activations", is_flag=True, help="Keep layer activations (for camexport recompute).")
+@click.option("--save-gradients", is_flag=True, help="Keep layer gradients (for camexport recompute).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the metrics' noise.")
+@click.option("--overwrite", is_flag=True, help="Replace an output made by a different run.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress line.")
+def run(artifact, data, out, methods, metrics, targets, provider, batch_size, limit, eigen_smooth,
+        aug_smooth, cam_dtype, compression, metric_score, save_activations, save_gradients, seed,
+        overwrite, quiet):
+    """Explain every image of a dataset with ARTIFACT; CAMs, outputs and metrics into --out.
+
+    Killed or interrupted, the same command resumes where it stopped."""
+    from camexport.run import RunConfig
+    from camexport.run import run as run_job
+
+    config = RunConfig(artifact, data, out, methods=methods.split(","),
+                       metrics=[m for m in metrics.split(",") if m], targets=targets,
+                       provider=provider, batch_size=batch_size, limit=limit,
+                       eigen_smooth=eigen_smooth, aug_smooth=aug_smooth, cam_dtype=cam_dtype,
+                       compression=compression, metric_score=metric_score,
+                       save_activations=save_activations, save_gradients=save_gradients,
+                       overwrite=overwrite, seed=seed)
+    try:
+        summary = run_job(config, progress=_Progress(quiet))
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted; finished samples are kept: run the same command to resume") from None
+    except _user_errors() as err:
+        raise click.ClickException(str(err)) from err
+    if summary.computed == 0 and not quiet:
+        click.echo(f"{summary.out} is already complete ({summary.samples} samples); nothing to do")
+    elif not quiet:
+        rate = summary.computed / summary.seconds if summary.seconds else 0
+        click.echo(f"wrote {summary.out}: {summary.computed} samples in {summary.seconds:.1f}s "
+                   f"({rate:.1f} img/s) on {summary.provider}"
+                   + (f"; {summary.invalid} with NaN/Inf pixels flagged in /invalid" if summary.invalid else ""))
+
+
+@main.command()
+@click.argument("results")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def show(results, as_json):
+    """Summarise a result file: counts, methods, metric means per method, provenance."""
+    from camexport.store import summary
+
+    try:
+        info = summary(results)
+    except _user_errors() as err:
+        raise click.ClickException(str(err)) from err
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    state = "complete" if info["complete"] else "in progress"
+    click.echo(f"{info['path']}: {info['done']}/{info['samples']} samples done ({state}), "
+               f"{info['invalid']} invalid; provider {info['provider']}; camexport {info['camexport_version']}")
+    click.echo(f"methods: {', '.join(info['methods'])}")
+    for metric, per_method in info["metrics"].items():
+        click.echo(f"{metric}:")
+        for name, value in per_method.items():
+            click.echo(f"  {name:<20} {value: .4f}")
+
+
+@main.command()
+@click.argument("results")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for PNGs and index.html.")
+@click.option("--index", "indices", help="Comma-separated sample indices (default: all done).")
+@click.option("--data", help="Input dataset, if it moved since the run.")
+@click.option("--class-names", type=click.Path(exists=True, dir_okay=False), help="Text file, one class name per line.")
+@click.option("--image-weight", default=0.5, show_default=True, help="Weight of the photo in the overlay.")
+def render(results, out_dir, indices, data, class_names, image_weight):
+    """Overlays (like show_cam_on_image), a grid per image across methods, and index.html."""
+    from camexport.render import read_class_names, render_results
+
+    try:
+        chosen = [int(i) for i in indices.split(",")] if indices else None
+        names = read_class_names(class_names) if class_names else None
+        written = render_results(results, out_dir, chosen, data=data, class_names=names,
+                                 image_weight=image_weight)
+    except (IndexError, *_user_errors()) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"wrote {len(written)} images and {out_dir}/index.html")
+
+
+@main.command()
+@click.argument("results")
+@click.option("--methods", required=True, help="Comma-separated methods to compute from saved tensors.")
+@click.option("--eigen-smooth", is_flag=True)
+def recompute(results, methods, eigen_smooth):
+    """Add CAMs to a result file from its saved activations/gradients, without the model."""
+    from camexport.run import recompute as recompute_cams
+
+    try:
+        names = recompute_cams(results, methods.split(","), eigen_smooth=eigen_smooth)
+    except _user_errors() as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"added {', '.join(names)} to {results}")
 
 
 if __name__ == "__main__":

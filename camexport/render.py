@@ -33,3 +33,79 @@ def grid(tiles: list[np.ndarray], labels: list[str]) -> np.ndarray:
                     cv2.LINE_AA)
         framed.append(np.concatenate([band, tile[:height]], axis=0))
     return np.concatenate(framed, axis=1)
+
+
+def _display_image(raw: np.ndarray, preprocessing: dict) -> np.ndarray:
+    """An input sample as RGB float in [0, 1] at the model's input size."""
+    height, width = preprocessing["size"]
+    if raw.dtype == np.uint8:
+        return cv2.resize(raw, (width, height), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255
+    mean, std = (np.asarray(preprocessing[k], np.float32) for k in ("mean", "std"))
+    return np.clip(raw.transpose(1, 2, 0) * std + mean, 0, 1).astype(np.float32)
+
+
+def read_class_names(path) -> list[str]:
+    """One class name per line (ImageNet order for ImageNet models)."""
+    with open(path) as handle:
+        return [line.strip() for line in handle if line.strip()]
+
+
+def render_results(results, out_dir, indices=None, data=None, class_names=None,
+                   image_weight: float = 0.5) -> list:
+    """PNG grids (the image, then one overlay per method) and an index.html for a result file.
+
+    ``data`` overrides the input dataset recorded in the results; ``class_names`` is a list."""
+    import html
+    import json
+    from pathlib import Path
+
+    from camexport.store import InputData, open_results
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    with open_results(results) as h5:
+        manifest = json.loads(h5.attrs["manifest"])
+        source = InputData.open(data or h5.attrs["data"])
+        done = h5["done"][()]
+        invalid = h5["invalid"][()]
+        chosen = np.flatnonzero(done & ~invalid) if indices is None else np.asarray(indices)
+        methods = sorted(h5["cams"])
+        output = next(iter(h5["outputs"]))
+        metrics = sorted(h5.get("metrics", {}))
+        names = source.names
+        labels = source.labels
+
+        def label_of(k):
+            return class_names[k] if class_names and 0 <= k < len(class_names) else str(k)
+
+        rows = []
+        for i in chosen:
+            if not 0 <= i < len(done) or not done[i]:
+                raise IndexError(f"sample {i} is not in the results (0..{len(done) - 1}, done only)")
+            image = _display_image(source.images(i, i + 1)[0], manifest["preprocessing"])
+            tiles = [np.uint8(image * 255)] + [overlay(image, h5[f"cams/{m}"][i].astype(np.float32),
+                                                       image_weight) for m in methods]
+            predicted = int(np.argmax(h5[f"outputs/{output}"][i]))
+            picture = grid(tiles, [label_of(predicted)] + methods)
+            name = f"{i:06d}.png"
+            cv2.imwrite(str(out_dir / name), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+            written.append(out_dir / name)
+            table = "".join(
+                "<tr><td>" + html.escape(m) + "</td>" +
+                "".join(f"<td>{h5[f'metrics/{k}/{m}'][i]:.4f}</td>" for k in metrics) + "</tr>"
+                for m in methods) if metrics else ""
+            header = "<tr><th>method</th>" + "".join(f"<th>{html.escape(k)}</th>" for k in metrics) + "</tr>"
+            caption = (f"#{i} {html.escape(names[i]) if names else ''} — predicted "
+                       f"<b>{html.escape(label_of(predicted))}</b>, explained for "
+                       f"{html.escape(label_of(int(h5['targets'][i])))}")
+            if labels is not None and labels[i] >= 0:
+                caption += f", label {html.escape(label_of(int(labels[i])))}"
+            rows.append(f"<section><p>{caption}</p><img src='{name}'>"
+                        f"{'<table>' + header + table + '</table>' if table else ''}</section>")
+        source.close()
+    page = ("<!doctype html><meta charset='utf-8'><title>camexport results</title>"
+            "<style>body{font-family:sans-serif}img{max-width:100%}td,th{padding:0 8px}</style>"
+            f"<h1>{html.escape(str(results))}</h1>" + "".join(rows))
+    (out_dir / "index.html").write_text(page)
+    return written

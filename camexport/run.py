@@ -1,0 +1,372 @@
+"""Batch jobs: an input dataset through an artifact, CAMs and metrics into a result file.
+
+One onnxruntime session (the Explainer's) serves the CAM methods and the metrics. Samples are
+taken in contiguous batches of the ones not done yet, so a killed run resumes where it stopped
+(see :mod:`camexport.store` for why nothing finished is ever lost).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from camexport import __version__
+from camexport.build import AUGMENTED_FILE
+from camexport.data import preprocess
+from camexport.explain import Explainer
+from camexport.methods import METHODS, canonical_methods
+from camexport.store import InputData, ResultWriter, StoreError
+from camexport.targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
+
+#: The live OUT.h5 view is rewritten at most every this many seconds, and at most 10 % of the time.
+PUBLISH_EVERY = 1.0
+METRIC_SCORES = ("softmax", "logit")
+
+
+class RunError(ValueError):
+    """A run that cannot start as asked, with what to change."""
+
+
+@dataclass
+class RunConfig:
+    artifact: str | Path
+    data: str | Path
+    out: str | Path
+    methods: list[str] = field(default_factory=lambda: ["gradcam"])
+    metrics: list[str] = field(default_factory=list)
+    targets: str = "pred"  # "pred", "label" or a class index
+    provider: str = "cpu"
+    batch_size: int = 16
+    limit: int | None = None
+    eigen_smooth: bool = False
+    aug_smooth: bool = False
+    cam_dtype: str = "float32"
+    compression: str = "gzip"
+    metric_score: str = "softmax"
+    save_activations: bool = False
+    save_gradients: bool = False
+    overwrite: bool = False
+    seed: int = 0
+
+    def parameters(self) -> dict:
+        """What, beside the graph and the data, determines the stored numbers."""
+        return {"methods": self.methods, "metrics": self.metrics, "targets": self.targets,
+                "batch_size": self.batch_size, "eigen_smooth": self.eigen_smooth,
+                "aug_smooth": self.aug_smooth, "cam_dtype": self.cam_dtype,
+                "metric_score": self.metric_score, "save_activations": self.save_activations,
+                "save_gradients": self.save_gradients, "seed": self.seed}
+
+
+@dataclass
+class RunSummary:
+    out: Path
+    samples: int
+    computed: int
+    invalid: int
+    seconds: float
+    provider: str
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_methods(config: RunConfig, manifest: dict) -> list[str]:
+    methods = canonical_methods(config.methods)
+    built = canonical_methods(manifest.get("methods") or ["gradcam"])
+    available = set().union(*(METHODS[m].needs for m in built))
+    for name in methods:
+        missing = METHODS[name].needs - available - {"forwards", "tail"}
+        if missing:
+            raise RunError(f"the artifact was built for {', '.join(built)}; {name} also needs "
+                           f"{', '.join(sorted(missing))}: rebuild with `camexport build ... "
+                           f"--methods {','.join(sorted(set(built) | {name}))}`")
+    return methods
+
+
+def _targets_for(config: RunConfig, data: InputData, count: int, classes: int):
+    """A function (start, stop) -> list of targets (None = the top class)."""
+    mode = str(config.targets)
+    if mode == "pred":
+        return lambda start, stop: None
+    if mode == "label":
+        labels = data.labels
+        if labels is None:
+            raise RunError(f"--targets label, but {data.path} has no /labels; use --targets pred "
+                           f"or a class index, or pack with --labels")
+        labels = labels[:count]
+        bad = np.flatnonzero((labels < 0) | (labels >= classes))
+        if len(bad):
+            raise RunError(f"--targets label: {len(bad)} samples (first: {bad[0]}) have no valid "
+                           f"label in 0..{classes - 1}; use --targets pred")
+        return lambda start, stop: [int(v) for v in labels[start:stop]]
+    try:
+        category = int(mode)
+    except ValueError:
+        raise RunError(f"--targets must be pred, label or a class index, not {mode!r}") from None
+    if not 0 <= category < classes:
+        raise RunError(f"--targets {category} is out of range for a model with {classes} classes")
+    return lambda start, stop: [category] * (stop - start)
+
+
+def _batches(done: np.ndarray, size: int):
+    """Contiguous (start, stop) runs of samples not done, at most ``size`` long."""
+    start = 0
+    n = len(done)
+    while start < n:
+        if done[start]:
+            start += 1
+            continue
+        stop = start
+        while stop < n and not done[stop] and stop - start < size:
+            stop += 1
+        yield start, stop
+        start = stop
+
+
+class Job:
+    """A configured run: opened data, explainer and result writer, ready to ``run()``."""
+
+    def __init__(self, config: RunConfig):
+        if config.batch_size < 1:
+            raise RunError("--batch-size must be at least 1")
+        if config.cam_dtype not in ("float32", "float16"):
+            raise RunError("--cam-dtype must be float32 or float16")
+        if config.metric_score not in METRIC_SCORES:
+            raise RunError(f"--metric-score must be one of {METRIC_SCORES}")
+        self.config = config
+        artifact = Path(config.artifact)
+        graph = artifact / AUGMENTED_FILE if artifact.is_dir() else artifact
+        if not graph.is_file():
+            raise RunError(f"{artifact} is not an artifact (no {AUGMENTED_FILE}); make one with camexport build")
+        self.explainer = Explainer(artifact, provider=config.provider, batch_size=max(config.batch_size, 16))
+        manifest = self.explainer.manifest
+        config.methods = _check_methods(config, manifest)
+        if config.metrics:
+            from camexport.metrics import metric_names
+
+            config.metrics = metric_names(config.metrics)
+        self.data = InputData.open(config.data)
+        self.prep = manifest["preprocessing"]
+        height, width = self.prep["size"]
+        if self.data.preprocessed and self.data.image_shape[1:] != (height, width):
+            raise StoreError(f"{config.data}:/images is preprocessed at {self.data.image_shape[1:]}, "
+                             f"but the artifact takes {height}x{width}; store uint8 images to be "
+                             f"resized at run time, or preprocess at {height}x{width}")
+        self.count = len(self.data) if config.limit is None else min(config.limit, len(self.data))
+        if self.count == 0:
+            raise RunError(f"{config.data} holds no images")
+        self.classes = self.explainer.session.get_outputs()[0].shape[-1]
+        self.targets = _targets_for(config, self.data, self.count, self.classes)
+        self.provider = self.explainer.session.get_providers()[0]
+        fingerprint = {"graph_sha256": _sha256(graph), "data": self.data.identity(),
+                       "count": self.count, "parameters": config.parameters()}
+        attrs = {"camexport_version": __version__, "provider": self.provider,
+                 "manifest": manifest, "methods": config.methods, "metrics": config.metrics,
+                 "layers": [layer["name"] for layer in manifest["layers"]],
+                 "artifact": str(graph.resolve()), "data": str(Path(config.data).resolve()),
+                 "model_sha256": manifest["source"]["sha256"], "graph_sha256": fingerprint["graph_sha256"]}
+        self.writer = ResultWriter(config.out, self.count, fingerprint, attrs,
+                                   compression=config.compression, overwrite=config.overwrite)
+
+    def _inputs(self, raw: np.ndarray) -> np.ndarray:
+        if self.data.preprocessed:
+            return np.ascontiguousarray(raw, np.float32)
+        return np.stack([preprocess(image, self.prep["size"], self.prep["mean"], self.prep["std"])
+                         for image in raw])
+
+    def _metric_targets(self, classes: np.ndarray) -> list:
+        kind = ClassifierOutputSoftmaxTarget if self.config.metric_score == "softmax" else ClassifierOutputTarget
+        return [kind(int(c)) for c in classes]
+
+    def batch(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Every array of samples start..stop, invalid ones (NaN/Inf pixels) filled, not explained."""
+        config = self.config
+        x = self._inputs(self.data.images(start, stop))
+        valid = np.isfinite(x).reshape(len(x), -1).all(axis=1)
+        n = stop - start
+        height, width = self.prep["size"]
+        arrays: dict[str, np.ndarray] = {"invalid": ~valid}
+        targets = self.targets(start, stop)
+        rows = np.flatnonzero(valid)
+        chosen = None if targets is None else [targets[i] for i in rows]
+        result = None
+        if len(rows):
+            result = self.explainer(x[rows], targets=chosen, methods=config.methods,
+                                    eigen_smooth=config.eigen_smooth, aug_smooth=config.aug_smooth)
+        outputs = np.full((n, self.classes), np.nan, np.float32)
+        classes = np.full(n, -1, np.int64)
+        if result is not None:
+            outputs[rows] = result.outputs
+            classes[rows] = [t.category for t in result.targets]
+        arrays[f"outputs/{self.explainer.output_name}"] = outputs
+        arrays["targets"] = classes
+        for name in config.methods:
+            cams = np.zeros((n, height, width), config.cam_dtype)
+            if result is not None:
+                cams[rows] = result.cams[name]
+            arrays[f"cams/{name}"] = cams
+            for metric in config.metrics:
+                from camexport.metrics import evaluate
+
+                scores = np.full(n, np.nan, np.float32)
+                if result is not None:
+                    scores[rows] = evaluate(metric, x[rows], result.cams[name],
+                                            self._metric_targets(classes[rows]),
+                                            self.explainer.forward, seed=config.seed + start)
+                arrays[f"metrics/{metric}/{name}"] = scores
+        if config.save_activations or config.save_gradients:
+            arrays.update(self._raw_tensors(x, rows, result, n))
+        return arrays
+
+    def _raw_tensors(self, x, rows, result, n) -> dict[str, np.ndarray]:
+        """Layer activations and gradients in the graph's layout, for `camexport recompute`
+        (one more graph run, with the targets the CAMs were made for)."""
+        from camexport.graph.augment import activation_name, gradient_name
+        from camexport.targets import target_weights
+
+        ran = {}
+        if result is not None:
+            weights = target_weights(result.targets, result.outputs, self.classes)
+            ran = self.explainer.run_graph(x[rows], weights)
+        found = {}
+        for layer in self.explainer.layers:
+            for group, wanted, name in [("activations", self.config.save_activations, activation_name),
+                                        ("gradients", self.config.save_gradients, gradient_name)]:
+                if wanted:
+                    whole = np.zeros((n, *layer["shape"][1:]), np.float32)
+                    if ran:
+                        whole[rows] = ran[name(layer["name"])]
+                    found[f"{group}/{layer['name']}"] = whole
+        return found
+
+    def run(self, progress: Callable[[int, int, float], None] | None = None) -> RunSummary:
+        """Every sample not done yet; returns what was computed. Re-entrant after a crash."""
+        begin = time.perf_counter()
+        done = self.writer.done()[: self.count]
+        if done.all() and self.writer.complete:
+            return RunSummary(Path(self.config.out), self.count, 0, 0, 0.0, self.provider)
+        todo = int((~done).sum())
+        computed = invalid = 0
+        published, cost = time.perf_counter(), self._publish()
+        for start, stop in _batches(done, self.config.batch_size):
+            arrays = self.batch(start, stop)
+            self.writer.write(start, arrays)
+            computed += stop - start
+            invalid += int(arrays["invalid"].sum())
+            if time.perf_counter() - published > max(PUBLISH_EVERY, 10 * cost):
+                published, cost = time.perf_counter(), self._publish()
+            if progress:
+                progress(computed, todo, time.perf_counter() - begin)
+        self.writer.finish(self._whole_datasets())
+        self.data.close()
+        return RunSummary(Path(self.config.out), self.count, computed, invalid,
+                          time.perf_counter() - begin, self.provider)
+
+    def _publish(self) -> float:
+        begin = time.perf_counter()
+        self.writer.publish()
+        return time.perf_counter() - begin
+
+    def _whole_datasets(self) -> dict[str, np.ndarray]:
+        import h5py
+
+        extra = {}
+        labels = self.data.labels
+        if labels is not None:
+            extra["labels"] = labels[: self.count]
+        names = self.data.names
+        if names is not None:
+            extra["names"] = np.array(names[: self.count], dtype=h5py.string_dtype())
+        return extra
+
+
+def run(config: RunConfig, progress=None) -> RunSummary:
+    return Job(config).run(progress)
+
+
+#: Methods computable from stored activations, gradients and outputs alone (no model run).
+RECOMPUTABLE = ("gradcam", "hirescam", "gradcamelementwise", "gradcam++", "xgradcam", "eigencam",
+                "eigengradcam", "layercam", "kpcacam", "fem", "segeigencam", "randomcam")
+
+
+def recompute(results: str | Path, methods, eigen_smooth: bool = False, batch_size: int = 64) -> list[str]:
+    """Add (or replace) /cams/<method> in a finished result file from its saved tensors.
+
+    Works on a copy that replaces the file at the end, so an interruption loses nothing."""
+    import json
+    import os
+    import shutil
+
+    import h5py
+
+    from camexport.methods import method
+    from camexport.methods.base import CamInputs, to_channel_first
+    from camexport.store import open_results
+
+    results = Path(results)
+    names = canonical_methods(methods)
+    refused = [m for m in names if m not in RECOMPUTABLE]
+    if refused:
+        raise RunError(f"{', '.join(refused)} need the model; recompute handles {', '.join(RECOMPUTABLE)}; "
+                       f"use `camexport run` for the others")
+    with open_results(results) as h5:
+        if not h5.attrs.get("complete", False):
+            raise RunError(f"{results} is not finished; run the same `camexport run` command again first")
+        manifest = json.loads(h5.attrs["manifest"])
+        wants_gradients = any(METHODS[m].needs for m in names)
+        for layer in manifest["layers"]:
+            for group, needed in (("activations", True), ("gradients", wants_gradients)):
+                if needed and f"{group}/{layer['name']}" not in h5:
+                    raise RunError(f"{results} has no /{group}/{layer['name']}; run with "
+                                   f"--save-activations --save-gradients to recompute later")
+    temporary = results.with_name(f".{results.name}.partial")
+    shutil.copyfile(results, temporary)
+    try:
+        with h5py.File(temporary, "r+") as h5:
+            height, width = manifest["preprocessing"]["size"]
+            count = len(h5["done"])
+            usable = h5["done"][()] & ~h5["invalid"][()]
+            output = next(iter(h5["outputs"]))
+            layers = manifest["layers"]
+            for name in names:
+                if f"cams/{name}" in h5:
+                    del h5[f"cams/{name}"]
+                cams = h5.create_dataset(f"cams/{name}", (count, height, width), np.float32,
+                                         chunks=(1, height, width), compression="gzip")
+                implementation = method(name)
+                for start in range(0, count, batch_size):
+                    rows = np.flatnonzero(usable[start:start + batch_size]) + start
+                    if not len(rows):
+                        continue
+                    raw = [h5[f"activations/{layer['name']}"][rows] for layer in layers]
+                    grads = [h5[f"gradients/{layer['name']}"][rows] if f"gradients/{layer['name']}" in h5
+                             else None for layer in layers]
+                    layouts = [layer["layout"] for layer in layers]
+                    inputs = CamInputs(
+                        x=np.broadcast_to(np.zeros((), np.float32), (len(rows), 3, height, width)),
+                        outputs=h5[f"outputs/{output}"][rows],
+                        targets=[ClassifierOutputTarget(int(t)) for t in h5["targets"][rows]],
+                        activations=[to_channel_first(a, lay) for a, lay in zip(raw, layouts)],
+                        gradients=[None if g is None else to_channel_first(g, lay)
+                                   for g, lay in zip(grads, layouts)],
+                        raw_activations=raw, layouts=layouts)
+                    cams[rows] = implementation(inputs, eigen_smooth)
+            done_before = json.loads(h5.attrs.get("recomputed", "[]"))
+            h5.attrs["recomputed"] = json.dumps(sorted(set(done_before) | set(names)))
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, results)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return names

@@ -1,0 +1,271 @@
+"""End to end on real photos and the pretrained EfficientNet-Lite0: pack -> build -> run -> show ->
+render -> recompute through the CLI, resuming after SIGKILL, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from camexport.cli import main
+from camexport.data import foolbox_files, preprocess, skimage_photos
+from camexport.explain import Explainer
+
+pytestmark = pytest.mark.xdist_group("lite0-run")
+
+METHODS = "gradcam,gradcam++,eigencam,ablationcam,fullgrad"
+CAM_TOLERANCE = 1e-6  # the CLI and the Python API run the same graph on the same float32 inputs
+
+
+def cli(*args: str, ok: bool = True):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Path:
+    """A folder of real photos (scikit-image's as PNG, foolbox's JPEGs), an artifact built by the
+    CLI and the packed dataset."""
+    root = tmp_path_factory.mktemp("run")
+    photos = root / "photos"
+    photos.mkdir()
+    for photo in skimage_photos()[:2]:
+        label = photo.label
+        cv2.imwrite(str(photos / f"{photo.name}_{label}.png"), cv2.cvtColor(photo.image, cv2.COLOR_RGB2BGR))
+    for path in foolbox_files()[:4]:
+        shutil.copy(path, photos)
+    cli("build", "efficientnet-lite0", "--layer", "bn2", "--methods", METHODS, "--out", root / "lite0", "-q")
+    cli("pack", photos, "--out", root / "photos.h5", "--labels", "names")
+    return root
+
+
+@pytest.fixture(scope="session")
+def finished(workspace) -> Path:
+    out = workspace / "out.h5"
+    cli("run", workspace / "lite0", "--data", workspace / "photos.h5", "--out", out,
+        "--methods", METHODS, "--batch-size", "4", "--save-activations", "--save-gradients", "-q")
+    return out
+
+
+def test_pack_layout(workspace):
+    with h5py.File(workspace / "photos.h5") as h5:
+        assert h5["images"].shape == (6, 224, 224, 3) and h5["images"].dtype == np.uint8
+        names = [n.decode() for n in h5["names"][()]]
+        assert names[:2] == ["chelsea_281.png", "coffee_967.png"]
+        assert list(h5["labels"][:2]) == [281, 967]
+        assert h5["images"].chunks == (1, 224, 224, 3)
+
+
+def test_run_layout_and_api_parity(workspace, finished):
+    with h5py.File(finished) as h5:
+        assert h5.attrs["complete"]
+        assert h5["done"][()].all() and not h5["invalid"][()].any()
+        assert set(h5["cams"]) == set(METHODS.split(","))
+        outputs = h5["outputs/linear"][()]
+        assert outputs.shape == (6, 1000)
+        targets = h5["targets"][()]
+        np.testing.assert_array_equal(targets, outputs.argmax(axis=1))
+        assert 281 <= targets[0] <= 285  # Chelsea is a cat
+        assert targets[1] == 967  # espresso
+        assert h5["cams/gradcam"].chunks == (1, 224, 224) and h5["cams/gradcam"].compression == "gzip"
+        assert not h5["cams/gradcam"].is_virtual
+        fingerprint = json.loads(h5.attrs["fingerprint"])
+        assert fingerprint["parameters"]["methods"] == METHODS.split(",")
+        assert h5.attrs["provider"] == "CPUExecutionProvider"
+        assert h5["activations/bn2"].shape == (6, 1280, 7, 7)
+        stored = {m: h5[f"cams/{m}"][()] for m in h5["cams"]}
+        images = h5["labels"][()]
+    assert list(images[:2]) == [281, 967]
+    explainer = Explainer(workspace / "lite0")
+    prep = explainer.manifest["preprocessing"]
+    with h5py.File(workspace / "photos.h5") as h5:
+        x = np.stack([preprocess(i, prep["size"], prep["mean"], prep["std"]) for i in h5["images"][()]])
+    api = explainer(x, methods=METHODS.split(","))
+    for name, cams in api.cams.items():
+        assert np.abs(cams - stored[name]).max() <= CAM_TOLERANCE, name
+    assert not (workspace / "out.h5.parts").exists()
+
+
+def test_show_render_recompute(workspace, finished, tmp_path):
+    shown = cli("show", finished)
+    assert "6/6 samples done (complete)" in shown.output and "gradcam++" in shown.output
+    info = json.loads(cli("show", finished, "--json").output)
+    assert info["done"] == 6 and info["methods"] == sorted(METHODS.split(","))
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(f"class {i}" for i in range(1000)))
+    cli("render", finished, "--out", tmp_path / "pics", "--class-names", names)
+    pngs = sorted((tmp_path / "pics").glob("*.png"))
+    assert len(pngs) == 6
+    picture = cv2.imread(str(pngs[0]))
+    assert picture.shape[1] == 224 * 6  # the photo and five methods
+    page = (tmp_path / "pics" / "index.html").read_text()
+    assert page.count("<img") == 6 and "class 967" in page
+    copy = tmp_path / "copy.h5"
+    shutil.copy(finished, copy)
+    cli("recompute", copy, "--methods", "gradcam,layercam")
+    with h5py.File(copy) as h5, h5py.File(finished) as original:
+        np.testing.assert_array_equal(h5["cams/gradcam"][()], original["cams/gradcam"][()])
+        assert h5["cams/layercam"].shape == (6, 224, 224) and h5["cams/layercam"][()].max() > 0.99
+    refused = cli("recompute", copy, "--methods", "scorecam", ok=False)
+    assert refused.exit_code != 0 and "need the model" in refused.output
+
+
+def _run_command(workspace: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "camexport.cli", "run", str(workspace / "lite0"), "--data",
+            str(workspace / "photos.h5"), "--out", str(out), "--methods", "gradcam,eigencam,ablationcam",
+            "--batch-size", "1", "-q"]
+
+
+def _shards(out: Path) -> int:
+    return len(list(out.with_name(out.name + ".parts").glob("shard-*.h5")))
+
+
+def test_resume_after_sigkill(workspace, finished, tmp_path):
+    """Killed between batches, just after a shard appears, and a moment into a batch: each time the
+    file stays readable and the next run finishes with the same numbers as an unbroken run."""
+    out = tmp_path / "killed.h5"
+    command = _run_command(workspace, out)
+    kills = [(1, 0.0), (2, 0.15), (3, 0.4), (4, 0.05)]
+    for shards, delay in kills:
+        process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + 300
+        while _shards(out) < shards and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait() == -signal.SIGKILL  # killed while working, not after
+        with h5py.File(out) as h5:  # readable after every kill
+            assert not h5.attrs["complete"]
+            done = h5["done"][()] if "done" in h5 else np.zeros(6, bool)
+            assert done.sum() >= shards - 1
+        assert _shards(out) >= shards
+    assert subprocess.run(command, check=False).returncode == 0
+    with h5py.File(out) as h5, h5py.File(finished) as reference:
+        assert h5.attrs["complete"] and h5["done"][()].all()
+        np.testing.assert_array_equal(h5["outputs/linear"][()], reference["outputs/linear"][()])
+        for name in ("gradcam", "eigencam", "ablationcam"):
+            np.testing.assert_array_equal(h5[f"cams/{name}"][()], reference[f"cams/{name}"][()])
+    again = subprocess.run(command[:-1], capture_output=True, text=True, check=False)
+    assert again.returncode == 0 and "already complete" in again.stdout
+
+
+def test_other_parameters_refused_unless_overwrite(workspace, finished, tmp_path):
+    out = tmp_path / "other.h5"
+    shutil.copy(finished, out)
+    args = ["run", workspace / "lite0", "--data", workspace / "photos.h5", "--out", out,
+            "--methods", "gradcam", "--limit", "2", "-q"]
+    refused = cli(*args, ok=False)
+    assert refused.exit_code != 0 and "--overwrite" in refused.output
+    with h5py.File(out) as h5:  # untouched
+        assert set(h5["cams"]) == set(METHODS.split(","))
+    cli(*args, "--overwrite")
+    with h5py.File(out) as h5:
+        assert set(h5["cams"]) == {"gradcam"} and len(h5["done"]) == 2
+
+
+def test_nan_pixels_flagged_and_run_goes_on(workspace, tmp_path):
+    explainer = Explainer(workspace / "lite0")
+    prep = explainer.manifest["preprocessing"]
+    with h5py.File(workspace / "photos.h5") as h5:
+        x = np.stack([preprocess(i, prep["size"], prep["mean"], prep["std"]) for i in h5["images"][:3]])
+    x[1, 0, 5, 5] = np.nan
+    x[2, 2, 0, 0] = np.inf
+    data = tmp_path / "float.h5"
+    with h5py.File(data, "w") as h5:
+        h5["images"] = x
+    out = tmp_path / "nan.h5"
+    result = cli("run", workspace / "lite0", "--data", data, "--out", out, "--methods", "gradcam")
+    assert "2 with NaN/Inf pixels" in result.output
+    with h5py.File(out) as h5:
+        np.testing.assert_array_equal(h5["invalid"][()], [False, True, True])
+        assert h5["done"][()].all()
+        assert np.isnan(h5["outputs/linear"][1]).all() and np.isfinite(h5["outputs/linear"][0]).all()
+        assert h5["targets"][1] == -1
+        expected = explainer(x[:1], methods=["gradcam"]).cams["gradcam"][0]
+        assert np.abs(h5["cams/gradcam"][0] - expected).max() <= CAM_TOLERANCE
+
+
+@pytest.mark.parametrize("images, message", [
+    (None, "no /images"),
+    (np.zeros((2, 224, 224, 3), np.float32), "expected (N, H, W, 3) uint8"),
+    (np.zeros((2, 3, 100, 100), np.float32), "preprocessed at (100, 100)"),
+])
+def test_bad_input_datasets(workspace, tmp_path, images, message):
+    data = tmp_path / "bad.h5"
+    with h5py.File(data, "w") as h5:
+        if images is None:
+            h5["pictures"] = np.zeros(3)
+        else:
+            h5["images"] = images
+    result = cli("run", workspace / "lite0", "--data", data, "--out", tmp_path / "o.h5", ok=False)
+    assert result.exit_code != 0 and message in result.output
+
+
+def test_bad_targets_and_provider(workspace, tmp_path):
+    base = ["run", workspace / "lite0", "--data", workspace / "photos.h5", "--out", tmp_path / "o.h5"]
+    assert "out of range" in cli(*base, "--targets", "1000", ok=False).output
+    assert "pred, label or a class index" in cli(*base, "--targets", "cat", ok=False).output
+    assert "not available" in cli(*base, "--provider", "cuda", ok=False).output
+    assert "rebuild with" in cli(*base, "--methods", "guidedbackprop", ok=False).output
+
+
+def test_pack_unreadable_image_keeps_existing_output(workspace, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(next((workspace / "photos").glob("*.jpg")), folder / "a.jpg")
+    (folder / "b.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "packed.h5"
+    out.write_bytes(b"precious")
+    result = cli("pack", folder, "--out", out, ok=False)
+    assert result.exit_code != 0 and "b.jpg" in result.output and "--skip-unreadable" in result.output
+    assert out.read_bytes() == b"precious"
+    assert not list(tmp_path.glob(".*partial"))
+    cli("pack", folder, "--out", out, "--skip-unreadable")
+    with h5py.File(out) as h5:
+        assert h5["images"].shape[0] == 1
+
+
+def test_unwritable_output_location(workspace):
+    result = cli("run", workspace / "lite0", "--data", workspace / "photos.h5",
+                 "--out", "/proc/camexport-test/o.h5", "--limit", "1", ok=False)
+    assert result.exit_code != 0 and "choose another --out" in result.output
+
+
+def test_disk_full_keeps_finished_samples(workspace, finished, tmp_path, monkeypatch):
+    """ENOSPC on the third batch: a clear error, the first two batches kept, the rerun finishes."""
+    from camexport import store
+
+    real = store._replace
+    calls = []
+
+    def full(temporary, path):
+        if path.name.startswith("shard-"):
+            calls.append(path)
+            if len(calls) == 3:
+                raise OSError(28, "No space left on device")
+        real(temporary, path)
+
+    monkeypatch.setattr(store, "_replace", full)
+    out = tmp_path / "full.h5"
+    args = ["run", workspace / "lite0", "--data", workspace / "photos.h5", "--out", out,
+            "--methods", "gradcam,eigencam", "--batch-size", "2", "-q"]
+    result = cli(*args, ok=False)
+    assert result.exit_code != 0 and "free space" in result.output
+    assert _shards(out) == 2
+    monkeypatch.setattr(store, "_replace", real)
+    cli(*args)
+    with h5py.File(out) as h5, h5py.File(finished) as reference:
+        np.testing.assert_array_equal(h5["cams/gradcam"][()], reference["cams/gradcam"][()])
