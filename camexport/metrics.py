@@ -1,0 +1,513 @@
+"""CAM evaluation metrics of pytorch-grad-cam (reference §7) without torch, plus a few additions.
+
+Every metric scores one CAM per image from model runs on perturbed copies of the image::
+
+    evaluate(name, x, cams, targets, model, seed=0) -> (B,) float32
+
+``x`` is the preprocessed (normalised) batch (B, C, H, W), ``cams`` the maps (B, H, W) in [0, 1] at
+the input size, ``targets`` one target object per image (camexport.targets: ``t.values(z)``) and
+``model(batch) -> outputs (n, K)`` any callable (an onnxruntime session in production). Perturbed
+images of all thresholds and images of a call go to ``model`` in chunks of at most ``MAX_BATCH``.
+
+A metric name may carry its parameter after a colon: ``road-morf:70``, ``road-morf:auto``,
+``road-combined:20,40,60,80``, ``deletion-auc:50``. ``metric_names`` gives the canonical spelling
+(the parameter is dropped when it is the default), which is also what ``evaluate`` accepts.
+
+Deliberate differences from pytorch-grad-cam 1.5.7 (reference §10):
+
+- Q28: ``'auto'`` (Otsu) removes the pixels *above* the Otsu threshold of uint8(255·cam) for MoRF
+  (of uint8(255·(1 − cam)) for LeRF); the library removes the ones below, i.e. the opposite end.
+- Q30: the imputer noise comes from ``numpy.random.default_rng(seed)``, drawn in the library's
+  order (threshold by threshold, image by image; LeRF before MoRF in road-combined), not from
+  torch's global generator. Inject the same draws and the scores agree (tests/test_metrics.py).
+- CAMs are cast to float32 first, so percentiles are float32 as for the usual float32 CAMs.
+
+Additions (not in the library): ``remove-morf`` / ``remove-lerf`` remove the same pixels as ROAD
+but set them to the image's per-channel mean (no imputer: the classic removal, whose mask shape
+leaks, which ROAD was made to avoid). ``deletion-auc`` / ``insertion-auc`` are RISE's curves
+(Petsiuk et al. 2018): S = 20 steps by default, after step k the round(k/S·H·W) pixels of highest
+CAM (ties in row-major order) are set to 0 in normalised space (deletion; the dataset mean colour
+under mean/std normalisation) or copied from x onto a Gaussian blur of x (insertion); the score is
+the trapezoidal mean of the target's value over the S + 1 points (use ClassifierOutputSoftmaxTarget
+for RISE's probability). ARCC is not here: it needs a CAM method inside the metric.
+
+Parity (tests/test_metrics.py, random resnet18, 64×64, batch 3): every library metric within 3e-7
+of pytorch-grad-cam 1.5.7, imputed pixels within 2e-8 (noise 0).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import cached_property, partial
+from itertools import islice
+
+import cv2
+import numpy as np
+import scipy.sparse
+from scipy.sparse.linalg import splu
+
+from camexport.targets import ClassifierOutputTarget
+
+#: NoisyLinearImputer's noise: absolute standard deviation in normalised units (reference §7.3).
+NOISE = 0.01
+#: The imputer's neighbour weights (reference §7.3, Q29), in the library's order, so that the
+#: right-hand sides and diagonals add up in the same order.
+NEIGHBOURS = (((1, 1), 1 / 12), ((0, 1), 1 / 6), ((-1, 1), 1 / 12), ((1, -1), 1 / 12),
+              ((0, -1), 1 / 6), ((-1, -1), 1 / 12), ((1, 0), 1 / 6), ((-1, 0), 1 / 6))
+#: ROADMostRelevantFirst / ROADLeastRelevantFirst defaults and the averagers' thresholds.
+MORF_PERCENTILE = 80
+LERF_PERCENTILE = 20
+ROAD_PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
+#: Deletion / insertion curves: points at 0, 1/S, ..., 1 of the pixels.
+AUC_STEPS = 20
+#: Insertion starts from a Gaussian blur of the image, RISE's (Petsiuk et al. 2018) klen=11, sigma=5.
+BLUR_SIZE = 11
+BLUR_SIGMA = 5.0
+#: Most images per model call.
+MAX_BATCH = 64
+
+Plan = Callable[[], np.ndarray]
+"""Computes one perturbed image (C, H, W); may run in a worker thread."""
+Perturbation = Callable[[int, np.random.Generator], Plan]
+"""(image index, generator) -> plan; called in order in the caller's thread, so random draws are
+made in a fixed order."""
+
+
+class MetricError(ValueError):
+    """An unknown metric, a bad parameter, or inputs that do not fit together."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixel removal: masks and imputers (reference §7.2, §7.3)
+
+
+def removal_mask(cam: np.ndarray, percentile: float | str, most_relevant_first: bool) -> np.ndarray:
+    """The pixels to remove (H, W) bool.
+
+    Ranking r = cam (MoRF) or 1 − cam (LeRF), float32. A number p removes r ≥ P_p(r) (numpy's
+    linear percentile, compared in float32 as the library's torch comparison does): the top
+    (100 − p) % of r. ``'auto'`` removes uint8(255·r) > Otsu threshold (Q28 fix: the library keeps
+    those and removes the rest).
+    """
+    rank = cam.astype(np.float32)
+    if not most_relevant_first:
+        rank = np.float32(1) - rank
+    if percentile == "auto":
+        levels = (rank * np.float32(255)).astype(np.uint8)
+        threshold, _ = cv2.threshold(levels, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        return levels > threshold
+    return ~(rank < np.float32(np.percentile(rank, percentile)))
+
+
+def _harmonic_fill(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """Values (C, N) of the N removed pixels (row-major) that make each one the weighted mean of
+    its in-image neighbours: −s_p x_p + Σ_{removed q} w_q x_q = −Σ_{kept q} w_q v_q with
+    s_p = 1 − Σ_{outside} w. float64 sparse LU (one factorisation for every channel), float32 out.
+    """
+    channels, height, width = image.shape
+    flat = image.reshape(channels, -1)
+    pixels = np.flatnonzero(removed.ravel())
+    n = pixels.size
+    if n == height * width:  # nothing known: the library's (singular) solve gives zeros
+        return np.zeros((channels, n), np.float32)
+    unknown = np.full(height * width, -1)
+    unknown[pixels] = np.arange(n)
+    rows, cols = np.divmod(pixels, width)
+    rhs = np.zeros((n, channels))
+    diagonal = np.ones(n)
+    entries = []
+    for (dy, dx), weight in NEIGHBOURS:
+        r, c = rows + dy, cols + dx
+        inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
+        equations = np.flatnonzero(inside)
+        neighbours = (r * width + c)[inside]
+        variables = unknown[neighbours]
+        known = variables < 0
+        # float32 products as the library's (weight · float32 image) under numpy's promotion rules
+        rhs[equations[known]] -= (np.float32(weight) * flat[:, neighbours[known]]).T
+        entries.append((equations[~known], variables[~known], np.full((~known).sum(), weight)))
+        diagonal[~inside] -= weight
+    entries.append((np.arange(n), np.arange(n), -diagonal))
+    i, j, v = (np.concatenate(e) for e in zip(*entries))
+    matrix = scipy.sparse.csc_matrix((v, (i, j)), shape=(n, n))
+    # symmetric and negative definite (every removed region borders a kept pixel): no pivoting,
+    # a symmetric ordering; 1.5-2x faster than spsolve's COLAMD, equal to ~1e-15
+    lu = splu(matrix, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0, options={"SymmetricMode": True})
+    return lu.solve(rhs).T.astype(np.float32)
+
+
+def _fill(image: np.ndarray, removed: np.ndarray, values: np.ndarray) -> np.ndarray:
+    out = image.copy()
+    out[:, removed] = values
+    return out
+
+
+def _impute(image: np.ndarray, removed: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    return _fill(image, removed, _harmonic_fill(image, removed) + noise)
+
+
+def _draw_noise(rng: np.random.Generator, noise: float, channels: int, count: int) -> np.ndarray:
+    """noise · N(0, 1), float32, shape (C, count): the library's randn_like of the solution."""
+    return np.float32(noise) * rng.standard_normal((channels, count), dtype=np.float32)
+
+
+def noisy_linear_impute(image: np.ndarray, removed: np.ndarray, noise: float = NOISE,
+                        rng: np.random.Generator | None = None) -> np.ndarray:
+    """NoisyLinearImputer (ROAD, Rong et al. 2022; reference §7.3): the removed pixels of ``image``
+    (C, H, W) get the harmonic fill of their kept neighbours (weights 1/6 edge, 1/12 diagonal)
+    plus ``noise``·N(0, 1) from ``rng``; kept pixels are unchanged. Equal to the library with
+    noise 0 (float32 round-off at most) and with the same draws."""
+    image = np.asarray(image, np.float32)
+    removed = np.asarray(removed, bool)
+    rng = np.random.default_rng() if rng is None else rng
+    return _impute(image, removed, _draw_noise(rng, noise, image.shape[0], int(removed.sum())))
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver: perturbed images through the model, target values out
+
+
+@dataclass
+class _Run:
+    """One evaluate call: the batch, the model, the generator and the worker pool."""
+
+    x: np.ndarray
+    cams: np.ndarray
+    targets: list
+    model: Callable[[np.ndarray], np.ndarray]
+    rng: np.random.Generator
+    noise: float
+    pool: ThreadPoolExecutor | None
+
+    def _outputs(self, images: np.ndarray) -> np.ndarray:
+        outputs = np.asarray(self.model(images), np.float32)
+        if outputs.ndim < 2 or outputs.shape[0] != len(images):
+            raise MetricError(f"the model returned shape {outputs.shape} for {len(images)} images; "
+                              f"it must return one output row per image, (n, K)")
+        return outputs
+
+    def _values(self, outputs: np.ndarray) -> np.ndarray:
+        """(P, B, ...) outputs -> (P, B) float32 target values."""
+        columns = []
+        for b, target in enumerate(self.targets):
+            values = np.asarray(target.values(outputs[:, b]), np.float32)
+            if values.shape != outputs.shape[:1]:
+                raise MetricError(f"target {target!r} gives shape {values.shape[1:]} per output; "
+                                  f"metrics need one number per image (a class target)")
+            columns.append(values)
+        return np.stack(columns, axis=1)
+
+    def scores(self, perturbations: Sequence[Perturbation]) -> np.ndarray:
+        """Target values (P, B) on perturbation p of image b, in model calls of MAX_BATCH images."""
+        batch = len(self.x)
+        plans = (perturb(b, self.rng) for perturb in perturbations for b in range(batch))
+        outputs = []
+        for chunk in _chunks(plans, MAX_BATCH):
+            images = self.pool.map(_call, chunk) if self.pool else map(_call, chunk)
+            outputs.append(self._outputs(np.stack(list(images))))
+        outputs = np.concatenate(outputs)
+        return self._values(outputs.reshape(len(perturbations), batch, *outputs.shape[1:]))
+
+    @cached_property
+    def before(self) -> np.ndarray:
+        """Target values (B,) on the unperturbed images."""
+        chunks = [self._outputs(self.x[i:i + MAX_BATCH]) for i in range(0, len(self.x), MAX_BATCH)]
+        return self._values(np.concatenate(chunks)[None])[0]
+
+    def change(self, perturbations: Sequence[Perturbation]) -> np.ndarray:
+        """after − before (P, B), float32 (PerturbationConfidenceMetric, reference §7.1)."""
+        return self.scores(perturbations) - self.before
+
+    # perturbations
+
+    def multiply(self, b: int, rng: np.random.Generator) -> Plan:
+        """x_b ⊙ cam_b, the CAM broadcast over channels (normalised space)."""
+        return partial(np.multiply, self.x[b], self.cams[b])
+
+    def road(self, percentile: float | str, most_relevant_first: bool) -> Perturbation:
+        """RemoveMost/LeastRelevantFirst(percentile, NoisyLinearImputer(noise))."""
+        def plan(b: int, rng: np.random.Generator) -> Plan:
+            removed = removal_mask(self.cams[b], percentile, most_relevant_first)
+            noise = _draw_noise(rng, self.noise, self.x.shape[1], int(removed.sum()))
+            return partial(_impute, self.x[b], removed, noise)
+        return plan
+
+    def remove(self, percentile: float | str, most_relevant_first: bool) -> Perturbation:
+        """The same pixels as ROAD, set to the image's per-channel mean instead of imputed."""
+        def plan(b: int, rng: np.random.Generator) -> Plan:
+            removed = removal_mask(self.cams[b], percentile, most_relevant_first)
+            image = self.x[b]
+            return partial(_fill, image, removed, image.mean(axis=(1, 2))[:, None])
+        return plan
+
+    @cached_property
+    def order(self) -> np.ndarray:
+        """Pixels (B, H·W) by decreasing CAM, ties in row-major order."""
+        return np.argsort(-self.cams.reshape(len(self.cams), -1), axis=1, kind="stable")
+
+    def reveal(self, step: int, steps: int, deletion: bool) -> Perturbation:
+        """Deletion: x with its first n = round(step/steps·H·W) pixels in CAM order set to 0.
+        Insertion: blur(x) with those pixels taken from x."""
+        def plan(b: int, rng: np.random.Generator) -> Plan:
+            image = self.x[b]
+            start, end = (image, np.zeros_like(image)) if deletion else (_blur(image), image)
+            pixels = self.order[b, :round(step * self.order.shape[1] / steps)]
+            return partial(_swap, start, end, pixels)
+        return plan
+
+
+def _call(plan: Plan) -> np.ndarray:
+    return plan()
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def _blur(image: np.ndarray) -> np.ndarray:
+    return np.stack([cv2.GaussianBlur(channel, (BLUR_SIZE, BLUR_SIZE), BLUR_SIGMA) for channel in image])
+
+
+def _swap(start: np.ndarray, end: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    out = start.reshape(len(start), -1).copy()
+    out[:, pixels] = end.reshape(len(end), -1)[:, pixels]
+    return out.reshape(start.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# The metrics: (run, parameter) -> (B,) float32
+
+
+def _cam_mult(run: _Run, _=None) -> np.ndarray:
+    """CamMultImageConfidenceChange: t(f(x ⊙ cam)) − t(f(x)). Higher is better."""
+    return run.change([run.multiply])[0]
+
+
+def _drop_in_confidence(run: _Run, _=None) -> np.ndarray:
+    """DropInConfidence: max(t(f(x)) − t(f(x ⊙ cam)), 0). Lower is better."""
+    return np.maximum(-_cam_mult(run), 0)
+
+
+def _increase_in_confidence(run: _Run, _=None) -> np.ndarray:
+    """IncreaseInConfidence: 1 if t(f(x ⊙ cam)) > t(f(x)) else 0. Higher is better."""
+    return np.float32(_cam_mult(run) > 0)
+
+
+def _road(most_relevant_first: bool) -> Callable[[_Run, float | str], np.ndarray]:
+    def metric(run: _Run, percentile: float | str) -> np.ndarray:
+        return run.change([run.road(percentile, most_relevant_first)])[0]
+    return metric
+
+
+def _road_average(most_relevant_first: bool) -> Callable[[_Run, tuple], np.ndarray]:
+    def metric(run: _Run, percentiles: tuple) -> np.ndarray:
+        return run.change([run.road(p, most_relevant_first) for p in percentiles]).mean(axis=0)
+    return metric
+
+
+def _road_combined(run: _Run, percentiles: tuple) -> np.ndarray:
+    """ROADCombined: (LeRF average − MoRF average) / 2, LeRF drawn first. Higher is better."""
+    changes = run.change([run.road(p, False) for p in percentiles]
+                         + [run.road(p, True) for p in percentiles])
+    lerf, morf = changes[:len(percentiles)].mean(axis=0), changes[len(percentiles):].mean(axis=0)
+    return (lerf - morf) / 2
+
+
+def _remove(most_relevant_first: bool) -> Callable[[_Run, float | str], np.ndarray]:
+    def metric(run: _Run, percentile: float | str) -> np.ndarray:
+        return run.change([run.remove(percentile, most_relevant_first)])[0]
+    return metric
+
+
+def _auc(deletion: bool) -> Callable[[_Run, int], np.ndarray]:
+    def metric(run: _Run, steps: int) -> np.ndarray:
+        curve = run.scores([run.reveal(k, steps, deletion) for k in range(steps + 1)]).astype(np.float64)
+        return np.float32((curve.sum(axis=0) - (curve[0] + curve[-1]) / 2) / steps)
+    return metric
+
+
+# ---------------------------------------------------------------------------------------------
+# The one table
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric as users name it. ``param`` is '' (none), 'percentile' (a number in [0, 100] or
+    'auto'), 'percentiles' (a list of those) or 'steps' (an integer ≥ 1)."""
+
+    name: str
+    summary: str
+    compute: Callable[[_Run, object], np.ndarray]
+    higher_is_better: bool
+    param: str = ""
+    default: object = None
+    aliases: tuple[str, ...] = ()
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in [
+    Metric("cam-mult-image-confidence-change", "t(f(x ⊙ cam)) − t(f(x))", _cam_mult, True,
+           aliases=("CamMultImageConfidenceChange", "cam-mult-image")),
+    Metric("drop-in-confidence", "max(t(f(x)) − t(f(x ⊙ cam)), 0)", _drop_in_confidence, False,
+           aliases=("DropInConfidence",)),
+    Metric("increase-in-confidence", "1 if t(f(x ⊙ cam)) > t(f(x)) else 0", _increase_in_confidence,
+           True, aliases=("IncreaseInConfidence",)),
+    Metric("road-morf", "ROAD: change after imputing the top (100 − p) % of the CAM", _road(True),
+           False, "percentile", MORF_PERCENTILE, ("ROADMostRelevantFirst",)),
+    Metric("road-lerf", "ROAD: change after imputing the bottom (100 − p) % of the CAM", _road(False),
+           True, "percentile", LERF_PERCENTILE, ("ROADLeastRelevantFirst",)),
+    Metric("road-morf-average", "road-morf averaged over percentiles", _road_average(True), False,
+           "percentiles", ROAD_PERCENTILES, ("ROADMostRelevantFirstAverage",)),
+    Metric("road-lerf-average", "road-lerf averaged over percentiles", _road_average(False), True,
+           "percentiles", ROAD_PERCENTILES, ("ROADLeastRelevantFirstAverage",)),
+    Metric("road-combined", "(road-lerf-average − road-morf-average) / 2", _road_combined, True,
+           "percentiles", ROAD_PERCENTILES, ("ROADCombined", "road")),
+    Metric("remove-morf", "road-morf with the image's channel means instead of the imputer",
+           _remove(True), False, "percentile", MORF_PERCENTILE),
+    Metric("remove-lerf", "road-lerf with the image's channel means instead of the imputer",
+           _remove(False), True, "percentile", LERF_PERCENTILE),
+    Metric("deletion-auc", "mean target value as pixels go to 0 in CAM order (RISE deletion)",
+           _auc(True), False, "steps", AUC_STEPS, ("deletion",)),
+    Metric("insertion-auc", "mean target value as pixels return onto a blurred image in CAM order "
+           "(RISE insertion)", _auc(False), True, "steps", AUC_STEPS, ("insertion",)),
+]}
+
+
+def _key(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch not in "-_ ")
+
+
+_LOOKUP = {_key(alias): m.name for m in METRICS.values() for alias in (m.name, *m.aliases)}
+
+
+def _parse_value(metric: Metric, text: str) -> float | str:
+    text = text.strip().lower()
+    if metric.param == "steps":
+        if not text.isdigit() or int(text) < 1:
+            raise MetricError(f"{metric.name} takes a number of steps ≥ 1, not {text!r}")
+        return int(text)
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 100:
+        raise MetricError(f"{metric.name} takes percentiles in [0, 100] or 'auto', not {text!r}")
+    return int(value) if value.is_integer() else value
+
+
+def _parse(token: str) -> tuple[Metric, object]:
+    """'name' or 'name:param[,param...]' -> (metric, parameter value, default if not given)."""
+    name, _, param = token.partition(":")
+    key = _key(name)
+    if key not in _LOOKUP:
+        raise MetricError(f"unknown metric {name.strip()!r}; choose from {', '.join(METRICS)}")
+    metric = METRICS[_LOOKUP[key]]
+    if not param.strip():
+        return metric, metric.default
+    if not metric.param:
+        raise MetricError(f"{metric.name} takes no parameter (got {token.strip()!r})")
+    values = [_parse_value(metric, v) for v in param.split(",")]
+    if metric.param == "percentiles":
+        return metric, tuple(values)
+    if len(values) != 1:
+        hint = f"; use {metric.name}-average for a list" if metric.name.startswith("road-") else ""
+        raise MetricError(f"{metric.name} takes one {metric.param}, got {param!r}{hint}")
+    return metric, values[0]
+
+
+def _format(metric: Metric, value: object) -> str:
+    if value == metric.default:
+        return metric.name
+    values = value if isinstance(value, tuple) else (value,)
+    return f"{metric.name}:" + ",".join(v if isinstance(v, str) else f"{v:g}" for v in values)
+
+
+def _tokens(spec: str | Sequence[str]) -> list[str]:
+    """Comma-separated tokens; a number (or 'auto') continues the parameter list before it, so
+    'road-combined:20,40,drop-in-confidence' is two metrics."""
+    pieces = [p.strip() for item in ([spec] if isinstance(spec, str) else spec)
+              for p in str(item).split(",")]
+    tokens: list[str] = []
+    for piece in filter(None, pieces):
+        if tokens and ":" in tokens[-1] and _is_value(piece):
+            tokens[-1] += "," + piece
+        else:
+            tokens.append(piece)
+    return tokens
+
+
+def _is_value(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return text.lower() == "auto"
+    return True
+
+
+def metric_names(spec: str | Sequence[str]) -> list[str]:
+    """Canonical metric names from 'road-combined,drop-in-confidence' or a list. Aliases: the
+    library's class names, any case, with or without '-' / '_'. Duplicates are dropped."""
+    result = []
+    for token in _tokens(spec):
+        name = _format(*_parse(token))
+        if name not in result:
+            result.append(name)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point
+
+
+def evaluate(name: str, x: np.ndarray, cams: np.ndarray, targets: Sequence,
+             model: Callable[[np.ndarray], np.ndarray], seed: int | None = 0, *,
+             noise: float = NOISE, workers: int | None = None) -> np.ndarray:
+    """Scores (B,) float32 of metric ``name`` (with an optional ':param', see metric_names) for
+    the CAMs (B, H, W) of the preprocessed images x (B, C, H, W), one target object per image.
+
+    ``seed`` seeds the ROAD imputer's noise (None: fresh entropy); ``noise`` is its standard
+    deviation (0 for a noise-free imputer). ``workers`` threads compute perturbed images
+    (default: the CPU count, at most 8); the result does not depend on it.
+    """
+    metric, param = _parse(name)
+    x = np.asarray(x, np.float32)
+    if x.ndim != 4:
+        raise MetricError(f"x must be a preprocessed batch (B, C, H, W), got shape {x.shape}")
+    cams = np.asarray(cams, np.float32)
+    batch, _, height, width = x.shape
+    if cams.shape != (batch, height, width):
+        raise MetricError(f"cams must be (B, H, W) = {(batch, height, width)} to match x {x.shape}, "
+                          f"got {cams.shape}: one map per image, resized to the input size")
+    if not np.isfinite(cams).all():
+        raise MetricError("cams contain NaN or Inf; metrics need finite maps in [0, 1]")
+    targets = _as_targets(targets, batch)
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    with ThreadPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
+        run = _Run(x, cams, targets, model, np.random.default_rng(seed), noise, pool)
+        return np.asarray(metric.compute(run, param), np.float32)
+
+
+def _as_targets(targets: Sequence, batch: int) -> list:
+    if targets is None or isinstance(targets, (int, np.integer)):
+        raise MetricError("metrics need one explicit target per image, e.g. "
+                          "[ClassifierOutputTarget(c) for c in explained_classes]")
+    targets = list(targets)
+    if len(targets) != batch:
+        raise MetricError(f"{len(targets)} targets for {batch} images: give one target per image")
+    result = []
+    for b, target in enumerate(targets):
+        if isinstance(target, (int, np.integer)):
+            target = ClassifierOutputTarget(int(target))
+        if not callable(getattr(target, "values", None)):
+            raise MetricError(f"target {b} ({target!r}) is not a target object; use "
+                              f"camexport.targets, e.g. ClassifierOutputTarget(c)")
+        result.append(target)
+    return result
+
