@@ -138,6 +138,17 @@ class _Progress:
 
 
 @main.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+def samples(folder):
+    """Write the photos shipped in scikit-image and foolbox into FOLDER (labels in the names),
+    and the ImageNet class names beside it."""
+    from camexport.data import write_samples
+
+    written = write_samples(folder)
+    click.echo(f"wrote {len(written)} photos into {folder}")
+
+
+@main.command()
 @click.argument("images")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Input dataset to write (.h5).")
 @click.option("--size", default=224, show_default=True, help="Shorter side resized to SIZE, then a centre crop.")
@@ -164,7 +175,8 @@ def pack(images, out, size, labels, skip_unreadable, quiet):
 @click.option("--data", required=True, help="Input dataset (.h5 with /images).")
 @click.option("--out", required=True, help="Result file (.h5).")
 @click.option("--methods", default="gradcam", show_default=True, help="Comma-separated CAM methods.")
-@click.option("--metrics", default="", help="Comma-separated metrics (road-combined, drop-in-confidence, ...).")
+@click.option("--metrics", default="", help="Comma-separated metrics, parameters after a colon: road-combined:20,40,60,80, "
+              "road-morf:70, drop-in-confidence, deletion-auc, ... (camexport.metrics.METRICS).")
 @click.option("--targets", default="pred", show_default=True, help="pred (top class), label, or a class index.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
 @click.option("--batch-size", default=16, show_default=True)

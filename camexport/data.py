@@ -170,3 +170,32 @@ def pack(spec: str | Path, out: str | Path, size: int = 224, labels: str | Path 
         Path(out).unlink(missing_ok=True)
         raise ImageError(f"none of the {len(paths)} files in {spec} could be read as an image")
     return count, skipped
+
+
+def write_samples(folder: str | Path) -> list[Path]:
+    """The packaged photos as files ``<name>_<label>.png`` (``pack --labels names`` reads the
+    label back; unlabelled photos get no suffix), and ``imagenet_classes.txt`` beside them."""
+    import cv2
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for photo in sample_photos():
+        name = photo.name.rsplit("_", 1)[0] if photo.name.startswith("imagenet_") else photo.name
+        stem = name if photo.label is None else f"{name}_{photo.label}"
+        path = folder / f"{stem}.png"
+        cv2.imwrite(str(path), cv2.cvtColor(photo.image, cv2.COLOR_RGB2BGR))
+        written.append(path)
+    classes = imagenet_classes()
+    if classes:
+        (folder.parent / "imagenet_classes.txt").write_text("\n".join(classes) + "\n")
+    return written
+
+
+def imagenet_classes() -> list[str]:
+    """ImageNet class names in index order, from torchvision's weight metadata (no download)."""
+    try:
+        from torchvision.models import ResNet50_Weights
+    except ImportError:
+        return []
+    return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])

@@ -269,3 +269,29 @@ def test_disk_full_keeps_finished_samples(workspace, finished, tmp_path, monkeyp
     cli(*args)
     with h5py.File(out) as h5, h5py.File(finished) as reference:
         np.testing.assert_array_equal(h5["cams/gradcam"][()], reference["cams/gradcam"][()])
+
+
+def test_metrics_match_the_library_on_the_same_session(workspace, tmp_path):
+    """Stored metric scores = camexport.metrics.evaluate on the API's CAMs with the run's seed."""
+    from camexport.metrics import evaluate
+    from camexport.targets import ClassifierOutputSoftmaxTarget
+
+    out = tmp_path / "metrics.h5"
+    cli("run", workspace / "lite0", "--data", workspace / "photos.h5", "--out", out, "--methods",
+        "gradcam,eigencam", "--metrics", "road-morf,drop-in-confidence,road-combined:30,70",
+        "--limit", "2", "--seed", "5", "-q")
+    explainer = Explainer(workspace / "lite0")
+    prep = explainer.manifest["preprocessing"]
+    with h5py.File(workspace / "photos.h5") as h5:
+        x = np.stack([preprocess(i, prep["size"], prep["mean"], prep["std"]) for i in h5["images"][:2]])
+    api = explainer(x, methods=["gradcam", "eigencam"])
+    targets = [ClassifierOutputSoftmaxTarget(int(c)) for c in api.outputs.argmax(axis=1)]
+    with h5py.File(out) as h5:
+        assert set(h5["metrics"]) == {"road-morf", "drop-in-confidence", "road-combined:30,70"}
+        for metric in h5["metrics"]:
+            for method in ("gradcam", "eigencam"):
+                expected = evaluate(metric, x, api.cams[method], targets, explainer.forward, seed=5)
+                stored = h5[f"metrics/{metric}/{method}"][()]
+                assert np.abs(stored - expected).max() <= 1e-5, (metric, method)
+    shown = cli("show", out).output
+    assert "road-combined:30,70" in shown and "drop-in-confidence" in shown

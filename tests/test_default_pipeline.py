@@ -1,34 +1,48 @@
-"""The README's main job, on the first photos: real pretrained EfficientNet-Lite0, real photos."""
+"""The README's main job (pipelines/efficientnet_lite0.sh) on the first photos: the real
+pretrained EfficientNet-Lite0, real photos, every default method and ROAD, through the CLI."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.xdist_group("default-pipeline")
 def test_default_pipeline_explains_the_cat(tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "pipelines" / "default.py"), "--artifact", str(tmp_path / "art"),
-         "--out", str(tmp_path / "results"), "--limit", "3"],
-        capture_output=True, text=True, timeout=900, cwd=ROOT, check=False)
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "OUT": str(tmp_path / "results"), "ARTIFACT": str(tmp_path / "art"),
+           "CAMEXPORT": str(bin_dir / "camexport")}
+    done = subprocess.run(["bash", str(ROOT / "pipelines" / "efficientnet_lite0.sh"), "--limit", "3"],
+                          capture_output=True, text=True, timeout=1500, cwd=ROOT, env=env, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
+    methods = [m for line in (ROOT / "pipelines" / "efficientnet_lite0.sh").read_text().splitlines()
+               if line.startswith("METHODS=") for m in line.split(":-")[1].rstrip("}").split(",")]
+    assert len(methods) >= 15
     with h5py.File(tmp_path / "results" / "default.h5") as h5:
+        assert h5.attrs["complete"] and h5["done"][()].all() and len(h5["done"]) == 3
         names = [n.decode() for n in h5["names"][:]]
-        assert names == ["chelsea", "coffee", "astronaut"]
+        assert names == ["astronaut.png", "chelsea_281.png", "coffee_967.png"]
         targets = h5["targets"][:]
-        assert 281 <= targets[0] <= 285  # a domestic cat class for Chelsea
-        assert targets[1] == 967  # espresso
-        for method in ("gradcam", "gradcam++", "hirescam", "layercam", "eigencam", "ablationcam",
-                       "fullgrad"):
+        assert 281 <= targets[1] <= 285  # a domestic cat class for Chelsea
+        assert targets[2] == 967  # espresso
+        assert set(h5["cams"]) == set(methods)
+        for method in methods:
             cams = h5[f"cams/{method}"][:]
-            assert cams.shape == (3, 224, 224) and cams.dtype == np.float32
-            assert cams.min() >= 0 and 0.99 <= cams.max() <= 1
-        # the cat's CAM is on the cat: its face fills the photo's centre
-        gradcam = h5["cams/gradcam"][0]
+            assert cams.shape == (3, 224, 224) and cams.dtype == np.float32, method
+            assert cams.min() >= 0 and 0.99 <= cams.max() <= 1, method
+            road = h5[f"metrics/road-combined:20,40,60,80/{method}"][:]
+            assert road.shape == (3,) and np.isfinite(road).all(), method
+        # the cat's CAM is on the cat: her face fills the photo's centre
+        gradcam = h5["cams/gradcam"][1]
         assert gradcam[56:168, 56:168].mean() > 2 * gradcam[:, :28].mean()
     pictures = sorted((tmp_path / "results" / "default").glob("*.png"))
-    assert [p.name for p in pictures] == ["00_chelsea.png", "01_coffee.png", "02_astronaut.png"]
+    assert len(pictures) == 3
+    page = (tmp_path / "results" / "default" / "index.html").read_text()
+    assert "espresso" in page and "road-combined" in page
+    assert "3/3 samples done (complete)" in done.stdout
