@@ -95,10 +95,12 @@ class ClassifierOutputReST:
 
 @dataclass(frozen=True)
 class BinaryClassifierOutputTarget:
-    """t(z) = sum(z) * (+1 if c == 1 else -1) for a one-logit output."""
+    """t(z) = z * (+1 if c == 1 else -1) for a one-logit output (category 1: the positive
+    logit, 0: its negation). On an output of more than one value pgc's loss is not a scalar and
+    fails; camexport raises a TargetError."""
 
     category: int
-    linear = False
+    linear = True
 
     def values(self, z):
         sign = 1.0 if self.category == 1 else -1.0
@@ -147,37 +149,66 @@ class FinerWeightedTarget:
         return (dnum * den - num * dden) / den**2
 
 
+def as_target(target):
+    """One raw target as a target object: ints are class targets, objects pass through."""
+    if isinstance(target, (bool, np.bool_)):
+        raise TargetError(f"target {target!r} is a bool; give a class index or a target object")
+    if isinstance(target, (int, np.integer)):
+        return ClassifierOutputTarget(int(target))
+    if not (callable(getattr(target, "values", None)) and callable(getattr(target, "cotangent", None))):
+        raise TargetError(f"unsupported target {target!r}: give None, a class index or a target "
+                          f"from camexport.targets")
+    return target
+
+
+def target_list(targets, batch: int) -> list:
+    """The raw targets as one entry per image: an int or a single target object applies to every
+    image; a sequence must hold exactly one target per image (reference Q1 fix)."""
+    if targets is None:
+        return [None] * batch
+    if isinstance(targets, (int, np.integer)) or not isinstance(targets, (list, tuple, np.ndarray)):
+        return [targets] * batch
+    targets = list(targets)
+    if len(targets) != batch:
+        raise TargetError(f"{len(targets)} targets for {batch} images: give one target per image "
+                          f"(or None for each image's top class)")
+    return targets
+
+
 def as_targets(targets, outputs: np.ndarray) -> list:
     """One target object per sample: None -> argmax of the last axis (first index on ties);
     ints -> ClassifierOutputTarget. Fewer targets than samples is an error (reference Q1 fix)."""
     batch = outputs.shape[0]
     if targets is None:
         return [ClassifierOutputTarget(int(k)) for k in outputs.reshape(batch, -1).argmax(axis=-1)]
-    if isinstance(targets, (int, np.integer)):
-        targets = [targets] * batch
-    targets = list(targets)
-    if len(targets) != batch:
-        raise TargetError(f"{len(targets)} targets for {batch} images: give one target per image "
-                          f"(or None for each image's top class)")
     classes = outputs.shape[-1]
     result = []
-    for b, target in enumerate(targets):
+    for b, target in enumerate(target_list(targets, batch)):
         if target is None:
             target = ClassifierOutputTarget(int(outputs[b].reshape(-1).argmax()))
-        elif isinstance(target, (int, np.integer)):
-            target = ClassifierOutputTarget(int(target))
-        for category in _categories(target):
-            if not -classes <= category < classes:
-                raise TargetError(f"target class {category} of image {b} is out of range for an "
-                                  f"output with {classes} classes")
+        target = as_target(target)
+        _check(target, b, classes)
         result.append(target)
     return result
 
 
-def _categories(target) -> list[int]:
-    if isinstance(target, FinerWeightedTarget):
-        return [target.main, *target.comparisons]
-    return [getattr(target, "category", 0)]
+def _check(target, b: int, classes: int) -> None:
+    """A clear error for a target that does not fit an output of ``classes`` values."""
+    if isinstance(target, BinaryClassifierOutputTarget):
+        if target.category not in (0, 1):
+            raise TargetError(f"BinaryClassifierOutputTarget of image {b} has category "
+                              f"{target.category!r}; use 1 (positive) or 0 (negative)")
+        if classes != 1:
+            raise TargetError(f"BinaryClassifierOutputTarget of image {b} needs a one-logit output, "
+                              f"and this model has {classes} outputs (pytorch-grad-cam fails there "
+                              f"too); use ClassifierOutputTarget(c)")
+        return
+    categories = [target.main, *target.comparisons] if isinstance(target, FinerWeightedTarget) \
+        else [getattr(target, "category", 0)]
+    for category in categories:
+        if not -classes <= category < classes:
+            raise TargetError(f"target class {category} of image {b} is out of range for an "
+                              f"output with {classes} classes")
 
 
 def target_weights(targets: Sequence, outputs: np.ndarray | None, classes: int) -> np.ndarray:
@@ -185,12 +216,19 @@ def target_weights(targets: Sequence, outputs: np.ndarray | None, classes: int) 
     rows = []
     for b, target in enumerate(targets):
         if getattr(target, "linear", False):
-            rows.append(target.cotangent(np.zeros(classes)))
+            row = target.cotangent(np.zeros(classes))
         else:
             if outputs is None:
                 raise TargetError("this target needs the model outputs first")
-            rows.append(target.cotangent(outputs[b]))
-    return np.asarray(rows, dtype=np.float32)
+            row = target.cotangent(outputs[b])
+        row = np.asarray(row, np.float64)
+        if row.shape != (classes,):
+            raise TargetError(f"the target of image {b} gives weights of shape {row.shape} for an "
+                              f"output of {classes} values: expected ({classes},)")
+        if not np.isfinite(row).all():
+            raise TargetError(f"the target of image {b} gives non-finite weights {row}")
+        rows.append(row)
+    return np.asarray(rows, dtype=np.float32).reshape(len(rows), classes)
 
 
 def target_values(targets: Sequence, outputs_per_target: Sequence[np.ndarray]) -> list[np.ndarray]:

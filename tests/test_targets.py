@@ -39,25 +39,99 @@ def test_value_and_cotangent_match_torch(target):
     np.testing.assert_allclose(target.cotangent(row), z.grad.numpy(), rtol=1e-10, atol=1e-12)
 
 
-def test_bad_targets_raise(tmp_path):
-    from camexport.build import build
-
-    torch.manual_seed(0)
+@pytest.fixture(scope="module")
+def explainer(tmp_path_factory):
+    """resnet18 (1000 classes, random weights) at 64x64 (layer4 is 2x2)."""
     import torchvision
 
-    path = tmp_path / "r18.pt"
+    from camexport.build import build
+
+    folder = tmp_path_factory.mktemp("targets")
+    torch.manual_seed(0)
+    path = folder / "r18.pt"
     torch.save(torchvision.models.resnet18().state_dict(), path)
-    build(str(path), ["layer4"], arch="resnet18", out_dir=tmp_path / "a", input_size=(32, 32))
-    explainer = Explainer(tmp_path / "a")
-    x = np.zeros((2, 3, 32, 32), np.float32)
+    build(str(path), ["layer4"], arch="resnet18", out_dir=folder / "a", input_size=(64, 64))
+    return Explainer(folder / "a")
+
+
+def test_bad_targets_raise(explainer):
+    """Out-of-range classes, fewer targets than images (Q1 fix: pgc pairs up to the shorter list
+    and leaves the rest at zero), and targets that are not targets give a TargetError."""
+    x = np.zeros((2, 3, 64, 64), np.float32)
     with pytest.raises(T.TargetError, match="out of range"):
         explainer(x, targets=[1, 1000])
-    with pytest.raises(T.TargetError, match="1 targets for 2 images"):
-        explainer(x, targets=[1])
+    for methods in (["gradcam"], ["scorecam"], ["ablationcam"]):
+        with pytest.raises(T.TargetError, match="1 targets for 2 images"):
+            explainer(x, targets=[1], methods=methods)
     with pytest.raises(T.TargetError, match="out of range"):
         explainer(x, targets=[T.FinerWeightedTarget(1, (2, 5000)), 3])
+    with pytest.raises(T.TargetError, match="unsupported target 'cat'"):
+        explainer(x, targets=["cat", 3])
     good = explainer(x, targets=[1, -1])  # negative indices count from the end, as in torch
-    assert good.cams["gradcam"].shape == (2, 32, 32)
+    assert good.cams["gradcam"].shape == (2, 64, 64)
+    assert explainer(x, targets=7).targets == [T.ClassifierOutputTarget(7)] * 2
+
+
+def test_binary_target_needs_a_one_logit_output(explainer):
+    """pgc's loss is not a scalar for a binary target on several outputs (it fails); so does ours,
+    with a TargetError, and a category other than 0 or 1 is refused rather than read as 0."""
+    x = np.zeros((2, 3, 64, 64), np.float32)
+    with pytest.raises(T.TargetError, match="needs a one-logit output"):
+        explainer(x, targets=[T.BinaryClassifierOutputTarget(1)] * 2)
+    with pytest.raises(T.TargetError, match="use 1 .positive. or 0"):
+        explainer(x, targets=[T.BinaryClassifierOutputTarget(3), 1])
+
+
+class _WrongShape:
+    """A custom target whose weights do not fit the output."""
+
+    linear = True
+
+    def values(self, z):
+        return z[..., 0]
+
+    def cotangent(self, z):
+        return np.ones(3)
+
+
+class _Flat:
+    """A constant target: its gradient is exactly zero."""
+
+    linear = False
+
+    def values(self, z):
+        return np.zeros(z.shape[:-1])
+
+    def cotangent(self, z):
+        return np.zeros(z.shape[-1])
+
+
+def test_wrong_weight_shapes_raise(explainer):
+    x = np.zeros((2, 3, 64, 64), np.float32)
+    with pytest.raises(T.TargetError, match=r"weights of shape \(3,\) for an output of 1000"):
+        explainer(x, targets=[_WrongShape(), 1])
+    with pytest.raises(T.TargetError, match=r"expected \(2, 1000\)"):
+        explainer.run_graph(x, np.zeros((2, 10), np.float32))
+    with pytest.raises(T.TargetError, match=r"expected \(2, 1000\)"):
+        explainer.run_graph(x, np.zeros((1, 1000), np.float32))
+
+
+def test_a_zero_gradient_target_is_not_the_top_class(explainer):
+    """The graph reads an all-zero target_weights row as "top class"; a target whose gradient is
+    zero (a constant, a saturated softmax) must give zero gradients, not the top class's."""
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    inputs = explainer.inputs(x, [_Flat(), 4])
+    assert not inputs.gradients[0][0].any()
+    assert inputs.gradients[0][1].any()
+    cams = explainer(x, targets=[_Flat(), 4], methods=["gradcam", "layercam"]).cams
+    assert not cams["gradcam"][0].any() and not cams["layercam"][0].any()
+    assert cams["layercam"][1].max() > 0.9
+    several = explainer.explain_targets(x, [[_Flat(), 4], [4, _Flat()]], methods=["layercam"])
+    assert not several.cams["layercam"][0, 0].any() and not several.cams["layercam"][1, 1].any()
+    fours = explainer(x, targets=[4, 4], methods=["layercam"]).cams["layercam"]
+    np.testing.assert_allclose(several.cams["layercam"][0, 1], fours[0], atol=1e-5)
+    np.testing.assert_allclose(several.cams["layercam"][1, 0], fours[1], atol=1e-5)
+    assert fours.min() < 0.1 and fours.max() > 0.9
 
 
 def test_factorization_leaves_the_callers_activations_alone():

@@ -91,6 +91,12 @@ def eigen_projection(tensor: np.ndarray, sign_correction: bool = False) -> np.nd
     return np.asarray(projections, dtype=np.float32)
 
 
+def _at_least_float32(tensor: np.ndarray | None) -> np.ndarray | None:
+    if tensor is None or tensor.dtype in (np.float32, np.float64):
+        return tensor
+    return tensor.astype(np.float32)
+
+
 @dataclass
 class CamInputs:
     """Everything a method may read, for one batch of B images.
@@ -116,6 +122,11 @@ class CamInputs:
     backward: Callable[[int, np.ndarray], np.ndarray] | None = None
     rerun: Callable[[np.ndarray, list], CamInputs] | None = None
     extras: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        # reference Q31 fix: float16 (and narrower) tensors are post-processed in float32
+        self.activations = [_at_least_float32(a) for a in self.activations]
+        self.gradients = [_at_least_float32(g) for g in self.gradients]
 
     @property
     def size(self) -> tuple[int, int]:

@@ -18,6 +18,18 @@ class Method:
     name = ""
     #: what the graph must provide beyond activations (see registry.MethodInfo.needs)
     needs: frozenset[str] = frozenset()
+    #: False for methods whose map does not depend on the target (EigenCAM, FEM, ...)
+    uses_targets = True
+
+    def __init__(self, **options):
+        """Options override the method's class-level settings, e.g.
+        ``AblationCAM(ratio_channels_to_ablate=0.5)``; an unknown option is an error."""
+        for key, value in options.items():
+            if key.startswith("_") or not hasattr(type(self), key) or callable(getattr(type(self), key)):
+                settable = sorted(k for k, v in vars(type(self)).items()
+                                  if not k.startswith("_") and not callable(v) and k != "name")
+                raise TypeError(f"{type(self).__name__} has no option {key!r}; options: {settable}")
+            setattr(self, key, value)
 
     def raw(self, inputs: CamInputs, layer: int, eigen_smooth: bool) -> np.ndarray:
         raise NotImplementedError

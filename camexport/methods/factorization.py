@@ -40,6 +40,7 @@ class DeepFeatureFactorization(Method):
     starts with global pooling (ResNet, EfficientNet, ...), as pgc's ``computation_on_concepts``."""
 
     name = "dff"
+    uses_targets = False
     n_components = 16
 
     def factorize(self, inputs, layer: int = 0) -> Factorization:

@@ -83,6 +83,7 @@ class EigenCAM(Method):
     discriminative; sign as numpy's LAPACK returns it (reference Q9)."""
 
     name = "eigencam"
+    uses_targets = False
 
     def raw(self, inputs, layer, eigen_smooth):
         return eigen_projection(inputs.activations[layer])
@@ -115,6 +116,7 @@ class FEM(WeightMethod):
     strict), w_bc = fraction of positions in the mask (float64), k = 2."""
 
     name = "fem"
+    uses_targets = False
     k = 2.0
 
     def weights(self, inputs, layer):
@@ -134,6 +136,7 @@ class KPCACAM(Method):
     from a seeded vector (reference Q30 fix; dense solver, identical to pgc, when h w <= 200)."""
 
     name = "kpcacam"
+    uses_targets = False
     kernel = "sigmoid"
     gamma = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from camexport.methods.base import eigen_projection
 from camexport.methods.core import WeightMethod
 
 #: ScoreCAM's per-channel mask normalisation epsilon (pytorch-grad-cam, reference §3.7, Q13).
@@ -75,20 +76,56 @@ def ablation_values(minimum: np.float32, rows: int) -> np.ndarray:
     return np.asarray(values, np.float32)
 
 
+#: Threshold of the objectiveness mask of AblationCAM's channel selection (pgc, reference §3.8).
+OBJECTIVENESS_THRESHOLD = 0.01
+
+
+def ablation_order(acts: np.ndarray, ratio: float) -> np.ndarray:
+    """The channels of one image's activations (C, *spatial) that AblationCAM ablates, in order.
+
+    ratio 1.0: every channel. Otherwise pgc's experimental selection (reference §3.8): mask =
+    |P(A)| min-max normalised without eps, > 0.01; each channel's |A| min-max normalised without
+    eps (a constant channel scores NaN, which sorts last, Q17); score = sum(mask a') / sum(a');
+    the floor(C r) highest-scoring channels, highest first, then the floor(C r) lowest. pgc
+    ablates a channel listed twice (r > 0.5) twice and then mis-assembles every later channel's
+    score (Q16); here each channel is ablated once, at its first place in the list, which is the
+    same list whenever r <= 0.5."""
+    channels = acts.shape[0]
+    if ratio == 1.0:
+        return np.arange(channels)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        projection = np.abs(eigen_projection(acts[None])[0])
+        projection = projection - projection.min()
+        mask = projection / projection.max() > OBJECTIVENESS_THRESHOLD
+        flat = np.abs(acts.reshape(channels, -1))
+        flat = flat - flat.min(axis=1, keepdims=True)
+        normalised = flat / flat.max(axis=1, keepdims=True)
+        scores = ((mask.reshape(-1) * normalised).sum(axis=1) / normalised.sum(axis=1))
+    order = np.argsort(scores.astype(np.float32))
+    count = int(channels * ratio)
+    listed = [*order[::-1][:count], *order[:count]]
+    return np.asarray(list(dict.fromkeys(int(c) for c in listed)), dtype=np.int64)
+
+
 class AblationCAM(WeightMethod):
     """Desai & Ramaswamy 2020: w_bc = (o_b - s_bc) / o_b, s_bc = the target score with channel c
     of the layer replaced by pgc's ablation value, o_b the unablated score; M = sum_c w A. Only
     the tail (layer -> outputs) is re-run, on many channels per batch. Ablation values follow
-    pgc's chunks of ``chunk`` rows (32) whatever the run batch (``batch_size``)."""
+    pgc's chunks of ``chunk`` rows (32) whatever the run batch (``batch_size``), over the list
+    of ablated channels. ``ratio_channels_to_ablate`` < 1 ablates only the channels that
+    :func:`ablation_order` picks (the others get weight 0), as pgc's experimental option, with
+    the Q16 fix for ratios above 0.5."""
 
     name = "ablationcam"
     chunk = 32
     batch_size = 256
+    ratio_channels_to_ablate = 1.0
 
     def weights(self, inputs, layer):
         if inputs.tail is None:
             raise ValueError("AblationCAM needs the tail of the model")
         raw = inputs.raw_activations[layer]
+        acts = inputs.activations[layer]
         layout = inputs.layouts[layer] if inputs.layouts else {"kind": "NCHW"}
         axis = 1 if layout.get("kind") in ("NCHW", "NCDHW", "vector") else raw.ndim - 1
         channels = raw.shape[axis]
@@ -96,18 +133,18 @@ class AblationCAM(WeightMethod):
         weights = []
         for b in range(raw.shape[0]):
             original = base(b, inputs.outputs[b:b + 1])[0]
+            order = ablation_order(acts[b], self.ratio_channels_to_ablate)
             minimum = np.float32(raw[b].min())
-            fills = np.concatenate([ablation_values(minimum, min(self.chunk, channels - s))
-                                    for s in range(0, channels, self.chunk)])
-            scores = []
-            for start in range(0, channels, self.batch_size):
-                stop = min(start + self.batch_size, channels)
-                batch = np.repeat(raw[b][None], stop - start, axis=0)
+            fills = np.concatenate([ablation_values(minimum, min(self.chunk, len(order) - s))
+                                    for s in range(0, len(order), self.chunk)] or [[]])
+            scores = np.full(channels, original, np.float32)
+            for start in range(0, len(order), self.batch_size):
+                chosen = order[start:start + self.batch_size]
+                batch = np.repeat(raw[b][None], len(chosen), axis=0)
                 index = [slice(None)] * batch.ndim
-                for row, c in enumerate(range(start, stop)):
+                for row, c in enumerate(chosen):
                     index[0], index[axis] = row, c
-                    batch[tuple(index)] = fills[c]
-                scores.append(base(b, inputs.tail(layer, batch)))
-            scores = np.concatenate(scores)
+                    batch[tuple(index)] = fills[start + row]
+                scores[chosen] = base(b, inputs.tail(layer, batch))
             weights.append((original - scores) / original)
         return np.asarray(weights, dtype=np.float32)

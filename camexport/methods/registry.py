@@ -76,10 +76,11 @@ def canonical_methods(names: str | list[str]) -> list[str]:
     return result
 
 
-def method(name: str) -> Method:
-    """A ready instance of the method called ``name`` (aliases accepted)."""
+def method(name: str, **options) -> Method:
+    """A ready instance of the method called ``name`` (aliases accepted), with ``options``
+    overriding its settings (``method("ablationcam", ratio_channels_to_ablate=0.5)``)."""
     (canonical,) = canonical_methods(name)
     info = METHODS[canonical]
     if info.implementation is None:
         raise MethodError(f"{info.title} is not implemented yet in this camexport version")
-    return info.implementation()
+    return info.implementation(**options)
