@@ -131,6 +131,7 @@ def _pgc(cls, model, layers, x, targets, setup, **kwargs):
 
 def _compare(ours, theirs, what, tolerance=TOLERANCE):
     diff = np.abs(ours - theirs).max()
+    print(f"{what}: max |diff| {diff:.2e}")  # shown with -s / -rP
     assert diff <= tolerance, f"{what}: max |diff| {diff:.2e}"
 
 
@@ -438,7 +439,7 @@ def test_in_place_relu_after_the_layer_keeps_the_true_activation(tmp_root):
     recorder.release()
     assert ours_a.min() < 0
     np.testing.assert_allclose(theirs_a, np.maximum(ours_a, 0), atol=1e-5)
-    for name in ("gradcam", "hirescam"):
+    for name in ("gradcam", "gradcam++", "eigencam"):  # (HiResCAM, LayerCAM: G = 0 where A < 0)
         ours = explainer(x, targets=list(CLASSES), methods=[name]).cams[name]
         true = _pgc(ALL[name], functional, [functional.features[18]], x, targets, "vgg11")
         _compare(ours, true, f"{name} at an in-place layer vs pgc without in-place ReLU")
