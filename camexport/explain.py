@@ -235,6 +235,16 @@ class Explainer:
             tensor = self.layers[layer]["tensor"]
             plain = onnx.shape_inference.infer_shapes(self._plain_model())
             tail = onnx.utils.Extractor(plain).extract_model([tensor], [self.output_name])
+            known = {tensor} | {t.name for t in tail.graph.initializer}
+            known |= {out for node in tail.graph.node for out in node.output}
+            missing = sorted({name for node in tail.graph.node for name in node.input
+                              if name and name not in known})
+            if missing:
+                raise ValueError(
+                    f"the model after layer {self.layers[layer]['name']!r} also reads values "
+                    f"computed before it ({', '.join(missing[:3])}...), e.g. a residual stream: "
+                    f"methods that re-run the tail (AblationCAM, DFF's concept outputs) need a "
+                    f"layer that every path to the output goes through")
             self._tails[layer] = session(tail, self.provider)
         run = self._tails[layer]
         name = run.get_inputs()[0].name
