@@ -171,9 +171,13 @@ def test_other_parameters_refused_unless_overwrite(workspace, finished, tmp_path
     assert refused.exit_code != 0 and "--overwrite" in refused.output
     with h5py.File(out) as h5:  # untouched
         assert set(h5["cams"]) == set(METHODS.split(","))
-    cli(*args, "--overwrite")
-    with h5py.File(out) as h5:
+    cli(*args, "--overwrite", "--cam-dtype", "float16", "--compression", "lzf")
+    with h5py.File(out) as h5, h5py.File(finished) as reference:
         assert set(h5["cams"]) == {"gradcam"} and len(h5["done"]) == 2
+        cams = h5["cams/gradcam"]
+        assert cams.dtype == np.float16 and cams.compression == "lzf"
+        # float16 keeps 11 significant bits: at most half a unit in the last place of values <= 1
+        assert np.abs(cams[()].astype(np.float32) - reference["cams/gradcam"][:2]).max() <= 2 ** -12
 
 
 def test_nan_pixels_flagged_and_run_goes_on(workspace, tmp_path):
