@@ -34,7 +34,7 @@ from camexport.graph.augment import (
     tangent_name,
 )
 from camexport.graph.builder import _without_weights
-from camexport.methods import canonical_methods, method
+from camexport.methods import METHODS, canonical_methods, method
 from camexport.methods.base import CamInputs, to_channel_first
 from camexport.methods.core import Method
 from camexport.runtime import session
@@ -97,9 +97,37 @@ class TargetSplit:
         return [o.name for o in self.tail.graph.output]
 
 
-def split_by_targets(model: onnx.ModelProto) -> TargetSplit | None:
-    """The :class:`TargetSplit` of an augmented graph, or None when the tail would need the
-    image itself (a static batch axis, a graph with subgraphs): then the cut saves nothing."""
+def _ancestors(graph: onnx.GraphProto, names) -> list[int]:
+    """Indices (in graph order) of the nodes that the values ``names`` are computed from."""
+    producer = {out: k for k, node in enumerate(graph.node) for out in node.output}
+    found, pending, seen = set(), list(names), set()
+    while pending:
+        name = pending.pop()
+        if name in seen or name not in producer:
+            continue
+        seen.add(name)
+        found.add(producer[name])
+        pending.extend(graph.node[producer[name]].input)
+    return sorted(found)
+
+
+def prune(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
+    """The model computing only ``outputs`` (onnxruntime runs every node of a graph, whatever
+    is fetched): e.g. GradCAM alone from an artifact also built for FullGrad and Guided Backprop."""
+    graph = model.graph
+    nodes = _ancestors(graph, outputs)
+    used = {name for k in nodes for name in graph.node[k].input} | set(outputs)
+    declared = {o.name: o for o in graph.output}
+    return _submodel(model, nodes, [i for i in graph.input if i.name in used],
+                     [declared[name] for name in outputs], "pruned")
+
+
+def split_by_targets(model: onnx.ModelProto, outputs: Sequence[str] | None = None) -> TargetSplit | None:
+    """The :class:`TargetSplit` of an augmented graph (for its ``outputs`` only, default all),
+    or None when the tail would need the image itself (a static batch axis, a graph with
+    subgraphs): then the cut saves nothing."""
+    if outputs is not None:
+        model = prune(model, outputs)
     graph = model.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
            for node in graph.node for a in node.attribute):
@@ -140,16 +168,8 @@ def split_by_targets(model: onnx.ModelProto) -> TargetSplit | None:
     if frontier == [image] or not frontier:
         return None
     head_outputs = list(dict.fromkeys([n for n in outputs if n not in dependent] + frontier))
-    head_nodes, pending, seen = set(), list(head_outputs), set()
-    while pending:
-        name = pending.pop()
-        if name in seen or name not in producer:
-            continue
-        seen.add(name)
-        head_nodes.add(producer[name])
-        pending.extend(graph.node[producer[name]].input)
     declared = {o.name: o for o in graph.output}
-    head = _submodel(model, sorted(head_nodes), [info[image]],
+    head = _submodel(model, _ancestors(graph, head_outputs), [info[image]],
                      [declared.get(n) or info[n] for n in head_outputs], "head")
     inputs = [info[TARGET_WEIGHTS]] + [info[n] for n in frontier]
     tail = _submodel(model, sorted(tail_nodes), inputs, [declared[n] for n in tail_outputs], "tail")
@@ -196,7 +216,11 @@ def _columns(targets_per_image, batch: int) -> list[list]:
 
 
 class Explainer:
-    """Runs an artifact's augmented graph and computes CAM methods from its outputs."""
+    """Runs an artifact's augmented graph and computes CAM methods from its outputs.
+
+    Each call runs only the part of the graph its methods read (:func:`prune`): GradCAM on an
+    artifact also built for FullGrad and Guided Backprop does not compute their input gradients.
+    """
 
     def __init__(self, artifact: str | Path, provider: str = "cpu", batch_size: int = 64):
         self.path = Path(artifact)
@@ -209,12 +233,14 @@ class Explainer:
         self.score_function = self.manifest["score"]["function"]
         self.layers = self.manifest["layers"]
         self.classes = next(o.shape[-1] for o in self.session.get_outputs() if o.name == self.output_name)
+        self.graph_outputs = tuple(o.name for o in model.graph.output)
         dependent = target_dependent(model)
         #: graph outputs that depend on the target (gradients, score)
-        self.target_outputs = [o.name for o in model.graph.output if o.name in dependent]
+        self.target_outputs = [name for name in self.graph_outputs if name in dependent]
         self._plain = None
         self._tails: dict[int, object] = {}
-        self._split = None
+        self._pruned: dict[tuple[str, ...], object] = {self.graph_outputs: self.session}
+        self._splits: dict[tuple[str, ...], tuple] = {}
 
     # -- model runs --------------------------------------------------------------------
     def _plain_model(self) -> onnx.ModelProto:
@@ -251,6 +277,31 @@ class Explainer:
         return np.concatenate([run.run([self.output_name], {name: tensors[i:i + self.batch_size]})[0]
                                for i in range(0, len(tensors), self.batch_size)])
 
+    def outputs_for(self, needs=None) -> tuple[str, ...]:
+        """The graph outputs that methods with these ``needs`` (registry.MethodInfo.needs) read;
+        None: every output."""
+        if needs is None:
+            return self.graph_outputs
+        labels = [layer["name"] for layer in self.layers]
+        wanted = {self.output_name, *(activation_name(label) for label in labels)}
+        if "gradients" in needs:
+            wanted |= {gradient_name(label) for label in labels}
+        if "tangents" in needs:
+            wanted |= {tangent_name(label) for label in labels}
+        if "input_gradients" in needs:
+            wanted.add(INPUT_GRADIENT)
+        if "guided" in needs:
+            wanted.add(GUIDED_GRADIENT)
+        prefix = fullgrad_names(0)[0].split("/")[0] + "/"
+        return tuple(name for name in self.graph_outputs if name in wanted
+                     or ("bias_gradients" in needs and name.startswith(prefix)))
+
+    def _graph(self, outputs: tuple[str, ...]):
+        if outputs not in self._pruned:
+            model, _ = read_artifact(self.path)
+            self._pruned[outputs] = session(prune(model, outputs), self.provider)
+        return self._pruned[outputs]
+
     def _check_weights(self, x: np.ndarray, weights: np.ndarray) -> np.ndarray:
         weights = np.asarray(weights, np.float32)
         if weights.shape != (len(x), self.classes):
@@ -258,33 +309,35 @@ class Explainer:
                               f"{self.classes} outputs: expected ({len(x)}, {self.classes})")
         return weights
 
+    def _run(self, x: np.ndarray, weights: np.ndarray, outputs: tuple[str, ...] | None = None):
+        """The graph's ``outputs`` (default all) for inputs ``x`` and ``target_weights`` rows."""
+        outputs = outputs or self.graph_outputs
+        run = self._graph(outputs)
+        feed = {self.input_name: x, TARGET_WEIGHTS: self._check_weights(x, weights)}
+        feed = {i.name: feed[i.name] for i in run.get_inputs()}
+        return dict(zip(outputs, run.run(list(outputs), feed)))
+
     def run_graph(self, x: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
         """Every output of the augmented graph for inputs ``x`` and ``target_weights`` rows (B, K);
         an all-zero row means that image's top class."""
-        weights = self._check_weights(x, weights)
-        names = [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self.session.run(None, {self.input_name: x, TARGET_WEIGHTS: weights})))
+        return self._run(x, weights)
 
-    def _run_explicit(self, x: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
-        """run_graph for rows that come from explicit targets: a row that is all zero (a
-        saturated softmax target) is a zero gradient, not the graph's top-class default."""
-        results = self.run_graph(x, weights)
-        _zero_rows(results, ~np.asarray(weights).any(axis=1), self.target_outputs)
-        return results
-
-    def _split_graph(self):
-        """(split, head session, tail session), built on first use; split None: no cut."""
-        if self._split is None:
+    def _split_graph(self, outputs: tuple[str, ...] | None = None):
+        """(split, head session, tail session) for ``outputs``, built on first use; split None:
+        no cut."""
+        outputs = outputs or self.graph_outputs
+        if outputs not in self._splits:
             model, _ = read_artifact(self.path)
-            split = split_by_targets(model)
-            self._split = (None, None, None) if split is None else (
+            split = split_by_targets(model, outputs)
+            self._splits[outputs] = (None, None, None) if split is None else (
                 split, session(split.head, self.provider), session(split.tail, self.provider))
-        return self._split
+        return self._splits[outputs]
 
-    def _tail_gradients(self, head: dict[str, np.ndarray], weights: np.ndarray) -> dict[str, np.ndarray]:
+    def _tail_gradients(self, cut: tuple, head: dict[str, np.ndarray],
+                        weights: np.ndarray) -> dict[str, np.ndarray]:
         """The tail's outputs for target rows ``weights`` (K, B, classes) on one head run:
         each output as (K, B, ...). Explicit rows only (an all-zero row gives zero gradients)."""
-        split, _, tail = self._split_graph()
+        split, _, tail = cut
         slots, batch = weights.shape[:2]
         per_run = max(1, self.batch_size // max(batch, 1))
         parts: dict[str, list] = {name: [] for name in split.tail_outputs}
@@ -299,41 +352,47 @@ class Explainer:
         return {name: np.concatenate(values) for name, values in parts.items()}
 
     # -- explanation ---------------------------------------------------------------------
-    def inputs(self, x: np.ndarray, targets=None) -> CamInputs:
+    def inputs(self, x: np.ndarray, targets=None, needs=None) -> CamInputs:
         """Run the graph once (twice for targets that need the outputs first) and gather what
-        methods read."""
+        methods read; ``needs`` (registry.MethodInfo.needs) restricts the run to what methods
+        with those needs read (default: every output)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self.score_function != "logit":
             raise ValueError("explain needs an artifact built with --score logit")
+        outputs = self.outputs_for(needs)
+        dependent = [name for name in outputs if name in self.target_outputs]
         zeros = np.zeros((len(x), self.classes), np.float32)
         if targets is None:
-            results = self.run_graph(x, zeros)  # all-zero rows: each image's top class
+            results = self._run(x, zeros, outputs)  # all-zero rows: each image's top class
         else:
             as_targets(targets, zeros)  # count and range checks before any run
             raw = target_list(targets, len(x))
             known = [None if t is None else as_target(t) for t in raw]
-            outputs = None
-            if any(t is not None and not getattr(t, "linear", False) for t in known):
-                outputs = self.forward(x)
+            model_outputs = None
+            if dependent and any(t is not None and not getattr(t, "linear", False) for t in known):
+                model_outputs = self.forward(x)
             explicit = np.array([t is not None for t in known])
             weights = zeros.copy()
-            if explicit.any():
-                weights[explicit] = target_weights([t for t in known if t is not None],
-                                                   None if outputs is None else outputs[explicit],
-                                                   self.classes)
-            results = self.run_graph(x, weights)
-            _zero_rows(results, explicit & ~weights.any(axis=1), self.target_outputs)
+            if explicit.any() and dependent:
+                weights[explicit] = target_weights(
+                    [t for t in known if t is not None],
+                    None if model_outputs is None else model_outputs[explicit], self.classes)
+            results = self._run(x, weights, outputs)
+            _zero_rows(results, explicit & ~weights.any(axis=1), dependent)
         resolved = as_targets(targets, results[self.output_name])
+        gradients = tuple(gradient_name(layer["name"]) for layer in self.layers)
 
         def backward(layer: int, rows: np.ndarray) -> np.ndarray:
             spec = self.layers[layer]
-            again = self._run_explicit(x, np.asarray(rows, np.float32))
+            rows = np.asarray(rows, np.float32)
+            again = self._run(x, rows, gradients)
+            _zero_rows(again, ~rows.any(axis=1), gradients)
             return to_channel_first(again[gradient_name(spec["name"])], spec["layout"])
 
-        return self._cam_inputs(x, results, resolved, backward)
+        return self._cam_inputs(x, results, resolved, backward, needs=needs)
 
     def _cam_inputs(self, x, results: dict[str, np.ndarray], resolved: list, backward,
-                    forward=None, tail=None) -> CamInputs:
+                    forward=None, tail=None, needs=None) -> CamInputs:
         raw = [results[activation_name(layer["name"])] for layer in self.layers]
         layouts = [layer["layout"] for layer in self.layers]
         extras = {}
@@ -349,13 +408,15 @@ class Explainer:
             extras["bias_layers"] = bias_layers
         if tangent_name(self.layers[0]["name"]) in results:
             extras["tangents"] = [results[tangent_name(layer["name"])] for layer in self.layers]
+        gradients = [results.get(gradient_name(layer["name"])) for layer in self.layers]
         return CamInputs(
             x=x, outputs=results[self.output_name], targets=resolved, extras=extras,
             activations=[to_channel_first(a, lay) for a, lay in zip(raw, layouts)],
-            gradients=[to_channel_first(results[gradient_name(layer["name"])], layer["layout"])
-                       for layer in self.layers],
+            gradients=[None if g is None else to_channel_first(g, lay)
+                       for g, lay in zip(gradients, layouts)],
             raw_activations=raw, layouts=layouts, forward=forward or self.forward,
-            tail=tail or self.tail, backward=backward, rerun=self.inputs)
+            tail=tail or self.tail, backward=backward,
+            rerun=lambda batch, targets: self.inputs(batch, targets, needs))
 
     def _retargeted(self, impl, inputs: CamInputs, targets, rerun=None) -> CamInputs:
         """The inputs for a method that picks its own targets from the outputs (FinerCAM)."""
@@ -363,24 +424,24 @@ class Explainer:
         if retarget is None:
             return inputs
         chosen = retarget(inputs.outputs, targets)
-        return inputs if chosen is targets else (rerun or self.inputs)(inputs.x, chosen)
+        return inputs if chosen is targets else (rerun or inputs.rerun)(inputs.x, chosen)
 
     def __call__(self, x: np.ndarray, targets=None, methods: str | Sequence = ("gradcam",),
                  eigen_smooth: bool = False, aug_smooth: bool = False) -> Explanation:
         implementations = _method_objects(methods)
-        names = list(implementations)
+        needs = _needs(implementations)
         if not aug_smooth:
-            inputs = self.inputs(x, targets)
+            inputs = self.inputs(x, targets, needs)
             cams = {name: impl(self._retargeted(impl, inputs, targets), eigen_smooth)
                     for name, impl in implementations.items()}
             return Explanation(cams, inputs.outputs, inputs.targets)
-        total = {name: None for name in names}
+        total = {name: None for name in implementations}
         unvaried = None
         for flip, factor in AUG_PASSES:
             varied = np.asarray(x, np.float32)
             varied = varied[..., ::-1] if flip else varied
             varied = varied * np.float32(factor) if factor != 1.0 else varied
-            inputs = self.inputs(np.ascontiguousarray(varied), targets)
+            inputs = self.inputs(np.ascontiguousarray(varied), targets, needs)
             if not flip and factor == 1.0:
                 unvaried = inputs
             for name, impl in implementations.items():
@@ -401,46 +462,59 @@ class Explainer:
         (:func:`split_by_targets`): the head (forward, activations) runs once on the B images,
         the tail (score block and reverse pass) on the frontier values repeated for the K·B
         (target, image) rows. Methods that ignore targets (EigenCAM, KPCA-CAM, FEM, DFF) run
-        once; methods that re-run the model per target (ScoreCAM, AblationCAM, SESS) still do.
-        Fallback: when the tail depends on the image itself (a graph whose batch axis is static,
-        or with control flow), the whole graph runs once per slot, forward included.
+        once; ScoreCAM, AblationCAM and SESS share their model runs across slots (memoised for
+        the call). Fallback: when the tail depends on the image itself (a graph whose batch
+        axis is static, or with control flow), the whole graph runs once per slot, forward
+        included.
         """
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self.score_function != "logit":
             raise ValueError("explain_targets needs an artifact built with --score logit")
         columns = _columns(targets_per_image, len(x))
         implementations = _method_objects(methods)
-        split, head_session, _ = self._split_graph()
+        needs = _needs(implementations)
+        outputs = self.outputs_for(needs)
         # ScoreCAM's masked images and AblationCAM's ablated maps are the same for every slot
         forward, tail = _Memo(self.forward), _Memo(self.tail)
-        if split is None:
-            per_slot = []
-            for column in columns:
-                inputs = self.inputs(x, column)
-                inputs.forward, inputs.tail = forward, tail
-                per_slot.append(inputs)
-            rerun = None
-        else:
+        rerun = None
+        cut = (None,)
+        if any(name in self.target_outputs for name in outputs):
+            cut = self._split_graph(outputs)
+        if cut[0] is not None:
+            split, head_session, _ = cut
             head = dict(zip(split.head_outputs, head_session.run(split.head_outputs,
                                                                  {self.input_name: x})))
-            outputs = head[self.output_name]
-            resolved = [as_targets(column, outputs) for column in columns]
-            weights = np.stack([target_weights(column, outputs, self.classes) for column in resolved])
-            ran = self._tail_gradients(head, weights)
+            model_outputs = head[self.output_name]
+            resolved = [as_targets(column, model_outputs) for column in columns]
+            weights = np.stack([target_weights(column, model_outputs, self.classes)
+                                for column in resolved])
+            ran = self._tail_gradients(cut, head, weights)
+            backward = self._head_backward(cut, head)
             per_slot = [self._cam_inputs(x, {**head, **{n: v[k] for n, v in ran.items()}},
-                                         resolved[k], self._head_backward(head), forward, tail)
+                                         resolved[k], backward, forward, tail, needs)
                         for k in range(len(columns))]
 
             def rerun(_x, chosen):
-                targets = as_targets(chosen, outputs)
-                again = self._tail_gradients(head, target_weights(targets, outputs, self.classes)[None])
+                targets = as_targets(chosen, model_outputs)
+                rows = target_weights(targets, model_outputs, self.classes)[None]
+                again = self._tail_gradients(cut, head, rows)
                 return self._cam_inputs(x, {**head, **{n: v[0] for n, v in again.items()}},
-                                        targets, self._head_backward(head))
+                                        targets, backward, forward, tail, needs)
+        elif not any(name in self.target_outputs for name in outputs):  # one run serves all
+            once = self._run(x, np.zeros((len(x), self.classes), np.float32), outputs)
+            per_slot = [self._cam_inputs(x, once, as_targets(column, once[self.output_name]),
+                                         None, forward, tail, needs) for column in columns]
+        else:
+            per_slot = []
+            for column in columns:
+                inputs = self.inputs(x, column, needs)
+                inputs.forward, inputs.tail = forward, tail
+                per_slot.append(inputs)
         cams = {}
         for name, impl in implementations.items():
             if not getattr(impl, "uses_targets", True):
-                once = impl(per_slot[0], eigen_smooth)
-                cams[name] = np.repeat(once[:, None], len(columns), axis=1)
+                single = impl(per_slot[0], eigen_smooth)
+                cams[name] = np.repeat(single[:, None], len(columns), axis=1)
                 continue
             maps = [impl(self._retargeted(impl, inputs, column, rerun), eigen_smooth)
                     for inputs, column in zip(per_slot, columns)]
@@ -448,12 +522,24 @@ class Explainer:
         targets = [[per_slot[k].targets[b] for k in range(len(columns))] for b in range(len(x))]
         return TargetsExplanation(cams, per_slot[0].outputs, targets)
 
-    def _head_backward(self, head: dict[str, np.ndarray]):
+    def _head_backward(self, cut: tuple, head: dict[str, np.ndarray]):
         def backward(layer: int, rows: np.ndarray) -> np.ndarray:
             spec = self.layers[layer]
-            again = self._tail_gradients(head, np.asarray(rows, np.float32)[None])
+            again = self._tail_gradients(cut, head, np.asarray(rows, np.float32)[None])
             return to_channel_first(again[gradient_name(spec["name"])][0], spec["layout"])
         return backward
+
+
+def _needs(implementations: dict[str, Method]) -> frozenset[str] | None:
+    """What the graph must provide for these methods; None (everything) for a method the
+    registry does not describe."""
+    needs: set[str] = set()
+    for impl in implementations.values():
+        info = METHODS.get(impl.name)
+        if info is None or type(impl) is not info.implementation:
+            return None
+        needs |= info.needs
+    return frozenset(needs)
 
 
 class _Memo:

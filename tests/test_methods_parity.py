@@ -323,7 +323,7 @@ def test_explain_targets_without_the_cut_runs_the_whole_graph(tmp_root, monkeypa
     _, single, _, x = prepared("resnet18", tmp_root)
     slots = _slots(1000)
     cut = single.explain_targets(x, slots, methods=["gradcam", "fullgrad"])
-    monkeypatch.setattr(single, "_split", (None, None, None))
+    monkeypatch.setattr(single, "_split_graph", lambda outputs=None: (None, None, None))
     whole = single.explain_targets(x, slots, methods=["gradcam", "fullgrad"])
     for name in cut.cams:
         _compare(whole.cams[name], cut.cams[name], f"fallback {name}", 1e-5)
@@ -338,6 +338,13 @@ def test_explain_targets_bad_lists_raise(tmp_root):
         single.explain_targets(x, [[1, 2], [3, 4]])
     with pytest.raises(ours_targets.TargetError, match="out of range"):
         single.explain_targets(x, [[1, 2], [3, 4], [5, 1000]])
+
+
+@pytest.mark.xdist_group("deit_tiny")
+def test_ablation_on_a_layer_the_residual_stream_bypasses_is_a_clear_error(tmp_root):
+    _, single, _, x = prepared("deit_tiny", tmp_root)
+    with pytest.raises(ValueError, match="also reads values computed before it"):
+        single(x, targets=list(CLASSES), methods=["ablationcam"])
 
 
 # -- AblationCAM's ratio_channels_to_ablate (reference §3.8, Q16, Q17) -------------------------

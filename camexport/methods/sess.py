@@ -40,8 +40,8 @@ class SESS(Method):
     batch_size = 32
 
     def __call__(self, inputs, eigen_smooth=False):
-        if inputs.forward is None or inputs.rerun is None:
-            raise ValueError("SESS needs forward passes and the graph on new inputs")
+        if inputs.rerun is None:
+            raise ValueError("SESS needs the graph on new inputs")
         return min_max(np.stack([self.single(inputs, b, eigen_smooth)
                                  for b in range(len(inputs.x))])).astype(np.float32)
 
@@ -66,12 +66,20 @@ class SESS(Method):
         return np.ascontiguousarray(np.stack(patches), dtype=np.float32), places
 
     def single(self, inputs, b: int, eigen_smooth: bool) -> np.ndarray:
+        """One image: each patch's outputs and base CAM come from the same graph run (in chunks
+        of ``batch_size`` patches, in patch order), so the patches' forward pass runs once."""
         height, width = inputs.size
         window = min(height, width)
         target = inputs.targets[b]
         patches, places = self.patches(inputs.x[b], window)
-        outputs = np.concatenate([inputs.forward(patches[i:i + self.batch_size])
-                                  for i in range(0, len(patches), self.batch_size)])
+        base = self.base()
+        outputs, cams = [], []
+        for start in range(0, len(patches), self.batch_size):
+            chunk = patches[start:start + self.batch_size]
+            patch_inputs = inputs.rerun(chunk, [target] * len(chunk))
+            outputs.append(patch_inputs.outputs)
+            cams.append(base(patch_inputs, eigen_smooth))
+        outputs, cams = np.concatenate(outputs), np.concatenate(cams)
         if self.use_softmax_scores:
             shifted = np.exp(outputs - outputs.max(axis=-1, keepdims=True))
             outputs = shifted / shifted.sum(axis=-1, keepdims=True)
@@ -81,21 +89,17 @@ class SESS(Method):
         weights = scores[order] / best if best > 0 else np.ones(len(order), np.float32)
         total = np.zeros((height, width), np.float32)
         count = np.zeros((height, width), np.float32)
-        base = self.base()
-        for start in range(0, len(order), self.batch_size):
-            chosen = order[start:start + self.batch_size]
-            patch_inputs = inputs.rerun(patches[chosen], [target] * len(chosen))
-            for cam, weight, index in zip(base(patch_inputs, eigen_smooth), weights[start:], chosen):
-                x, y, scaled_w, scaled_h = places[index]
-                canvas = np.zeros((scaled_h, scaled_w), np.float32)
-                canvas[y:y + window, x:x + window] = cam * weight
-                pasted = cv2.resize(canvas, (width, height), interpolation=cv2.INTER_LINEAR)
-                if self.pool == "max":
-                    total = np.maximum(total, pasted)
-                else:
-                    keep = pasted > self.theta
-                    total += np.where(keep, pasted, 0)
-                    count += keep
+        for index, weight in zip(order, weights):  # pgc's order: the sums round the same way
+            x, y, scaled_w, scaled_h = places[index]
+            canvas = np.zeros((scaled_h, scaled_w), np.float32)
+            canvas[y:y + window, x:x + window] = cams[index] * weight
+            pasted = cv2.resize(canvas, (width, height), interpolation=cv2.INTER_LINEAR)
+            if self.pool == "max":
+                total = np.maximum(total, pasted)
+            else:
+                keep = pasted > self.theta
+                total += np.where(keep, pasted, 0)
+                count += keep
         fused = total if self.pool == "max" else np.where(count > 0, total / np.maximum(count, 1), 0)
         fused = fused.astype(np.float32)
         return cv2.GaussianBlur(fused, (11, 11), 5.0, 0) if self.smooth else fused
