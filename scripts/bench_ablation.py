@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 
 import numpy as np
 import torch
-import torchvision
+from _bench_common import build_random, cpu_name
 
 
 def main() -> None:
@@ -27,16 +26,11 @@ def main() -> None:
 
     import pytorch_grad_cam as pgc
 
-    from camexport.build import build
     from camexport.explain import Explainer
 
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50().eval()
     x = np.random.default_rng(0).standard_normal((1, 3, args.size, args.size)).astype(np.float32)
     with tempfile.TemporaryDirectory() as folder:
-        torch.save(model.state_dict(), f"{folder}/r50.pt")
-        built = build(f"{folder}/r50.pt", ["layer4.2"], arch="resnet50", methods="ablationcam",
-                      out_dir=f"{folder}/art", input_size=(args.size, args.size))
+        model, built = build_random("resnet50", "layer4.2", folder, args.size, "ablationcam")
         explainer = Explainer(built.directory)
         explainer(x, targets=None, methods=["ablationcam"])  # warm-up: sessions and tail graph
         start = time.perf_counter()
@@ -47,7 +41,7 @@ def main() -> None:
         theirs = cam(input_tensor=torch.tensor(x), targets=None)
         theirs_s = time.perf_counter() - start
     report = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
         "model": "resnet50", "layer": "layer4.2", "size": args.size, "images": 1,
         "camexport_s": round(ours_s, 3), "pgc_s": round(theirs_s, 3),
         "speedup": round(theirs_s / ours_s, 1), "max_abs_diff": float(np.abs(ours - theirs).max()),
