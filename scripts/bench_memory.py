@@ -3,15 +3,16 @@
     .venv/bin/python scripts/bench_memory.py [--sizes 200 2000] [--methods gradcam,eigencam]
 
 Builds (or reuses) the EfficientNet-Lite0 artifact, writes an input dataset of N packaged photos
-(repeated, at 224x224) and runs the CLI in a child process per size; the child's peak RSS comes
-from wait4(). Prints a table and the ratio largest/smallest, and writes JSON.
+(repeated, at 224x224) and runs the CLI in a child process per size; the child reports its own
+peak RSS (VmHWM of /proc/self/status, which starts afresh at exec, unlike ru_maxrss that keeps the
+parent's high-water mark from the fork). Prints a table and the ratio largest/smallest, and
+writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -29,13 +30,27 @@ def dataset(path: Path, count: int) -> None:
     write_input(path, ((f"{i}", photos[i % len(photos)], -1) for i in range(count)), (224, 224))
 
 
-def peak_rss_mb(command: list[str]) -> tuple[float, float]:
+#: Runs the CLI with the given arguments, then prints the process's own peak RSS in kB.
+CHILD = """
+import sys
+from camexport.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exit:
+    if exit.code:
+        raise
+status = open("/proc/self/status").read()
+print(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+"""
+
+
+def peak_rss_mb(arguments: list[str]) -> tuple[float, float]:
     begin = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(command)} failed")
-    return usage.ru_maxrss / 1024, time.perf_counter() - begin
+    done = subprocess.run([sys.executable, "-c", CHILD, *arguments], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"camexport {' '.join(arguments)} failed:\n{done.stderr[-2000:]}")
+    return int(done.stdout.split()[-1]) / 1024, time.perf_counter() - begin
 
 
 def main() -> None:
@@ -56,7 +71,7 @@ def main() -> None:
         for count in args.sizes:
             data = Path(folder) / f"in{count}.h5"
             dataset(data, count)
-            command = [sys.executable, "-m", "camexport.cli", "run", str(artifact), "--data", str(data),
+            command = ["run", str(artifact), "--data", str(data),
                        "--out", str(Path(folder) / f"out{count}.h5"), "--methods", args.methods,
                        "--batch-size", str(args.batch_size), "-q"]
             rss, seconds = peak_rss_mb(command)
