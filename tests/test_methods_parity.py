@@ -294,7 +294,7 @@ def test_explain_targets_equals_one_call_per_target(setup, which, tmp_root):
         methods = ["gradcam", "hirescam", "shapleycam", "refinecam"]
     slots = _slots(1000)
     several = explainer.explain_targets(x, slots, methods=methods)
-    assert explainer._split_graph()[0] is not None  # the cut applies: no forward per target
+    assert any(cut[0] is not None for cut in explainer._splits.values())  # no forward per target
     for k in range(3):
         one = explainer(x, targets=[row[k] for row in slots], methods=methods)
         assert [row[k] for row in several.targets] == one.targets
