@@ -15,6 +15,7 @@ names or configured method objects (``AblationCAM(ratio_channels_to_ablate=0.5)`
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +38,15 @@ from camexport.graph.builder import _without_weights
 from camexport.methods import METHODS, canonical_methods, method
 from camexport.methods.base import CamInputs, to_channel_first
 from camexport.methods.core import Method
-from camexport.runtime import session
+from camexport.runtime import PROVIDERS, require, session
 from camexport.targets import TargetError, as_target, as_targets, target_list, target_weights
 
 #: pytorch-grad-cam's aug_smooth passes, in its order: (flip along W, factor) (reference §2.8).
 AUG_PASSES = [(False, 0.9), (False, 1.0), (False, 1.1), (True, 0.9), (True, 1.0), (True, 1.1)]
+
+
+#: Sessions of pruned or split graphs an Explainer keeps (each holds its own copy of the weights).
+SESSIONS = 3
 
 
 @dataclass
@@ -227,20 +232,42 @@ class Explainer:
         model, self.manifest = read_artifact(self.path)
         self.provider = provider
         self.batch_size = batch_size
-        self.session = session(model, provider)
-        self.input_name = self.session.get_inputs()[0].name
+        require(provider)
+        stored = {t.name for t in model.graph.initializer}
+        self.input_name = next(i.name for i in model.graph.input if i.name not in stored)
         self.output_name = self.manifest["score"]["output"]
         self.score_function = self.manifest["score"]["function"]
         self.layers = self.manifest["layers"]
-        self.classes = next(o.shape[-1] for o in self.session.get_outputs() if o.name == self.output_name)
+        output = next(o for o in model.graph.output if o.name == self.output_name)
+        self.classes = output.type.tensor_type.shape.dim[-1].dim_value
         self.graph_outputs = tuple(o.name for o in model.graph.output)
         dependent = target_dependent(model)
         #: graph outputs that depend on the target (gradients, score)
         self.target_outputs = [name for name in self.graph_outputs if name in dependent]
         self._plain = None
         self._tails: dict[int, object] = {}
-        self._pruned: dict[tuple[str, ...], object] = {self.graph_outputs: self.session}
-        self._splits: dict[tuple[str, ...], tuple] = {}
+        # one session per output set in use, made on first use and bounded: each session holds
+        # its own copy of the weights and a memory arena at its peak size
+        self._pruned = _Sessions()
+        self._splits = _Sessions()
+
+    def release(self) -> None:
+        """Drop every session made so far (each holds its own copy of the weights); the next
+        call makes what it needs again."""
+        self._pruned.clear()
+        self._splits.clear()
+        self._tails.clear()
+        self._plain = None
+
+    @property
+    def session(self):
+        """The session of the whole augmented graph."""
+        return self._graph(self.graph_outputs)
+
+    @property
+    def provider_name(self) -> str:
+        """The onnxruntime execution provider every session of this explainer runs on."""
+        return PROVIDERS[self.provider]
 
     # -- model runs --------------------------------------------------------------------
     def _plain_model(self) -> onnx.ModelProto:
@@ -528,6 +555,20 @@ class Explainer:
             again = self._tail_gradients(cut, head, np.asarray(rows, np.float32)[None])
             return to_channel_first(again[gradient_name(spec["name"])][0], spec["layout"])
         return backward
+
+
+class _Sessions(OrderedDict):
+    """The SESSIONS most recently used sessions (or session tuples), keyed by output set."""
+
+    def __getitem__(self, key):
+        self.move_to_end(key)
+        return super().__getitem__(key)
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > SESSIONS:
+            self.popitem(last=False)
 
 
 def _needs(implementations: dict[str, Method]) -> frozenset[str] | None:

@@ -165,9 +165,9 @@ class Job:
         self.count = len(self.data) if config.limit is None else min(config.limit, len(self.data))
         if self.count == 0:
             raise RunError(f"{config.data} holds no images")
-        self.classes = self.explainer.session.get_outputs()[0].shape[-1]
+        self.classes = self.explainer.classes
         self.targets = _targets_for(config, self.data, self.count, self.classes)
-        self.provider = self.explainer.session.get_providers()[0]
+        self.provider = self.explainer.provider_name
         fingerprint = {"graph_sha256": _sha256(graph), "data": self.data.identity(),
                        "count": self.count, "parameters": config.parameters()}
         attrs = {"camexport_version": __version__, "provider": self.provider,

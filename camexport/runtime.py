@@ -20,8 +20,8 @@ class ProviderError(RuntimeError):
     """An execution provider that this onnxruntime cannot give."""
 
 
-def session(model: onnx.ModelProto | str | Path, provider: str = "cpu", threads: int = 0):
-    """An ``onnxruntime.InferenceSession`` on exactly ``provider`` (never a silent fallback)."""
+def require(provider: str) -> str:
+    """The execution provider's onnxruntime name, or ProviderError saying what to install."""
     import onnxruntime as ort
 
     if provider not in PROVIDERS:
@@ -32,6 +32,14 @@ def session(model: onnx.ModelProto | str | Path, provider: str = "cpu", threads:
         raise ProviderError(
             f"{wanted} is not available in this onnxruntime ({', '.join(available)}); install "
             f"onnxruntime-gpu (not beside onnxruntime) on a machine with CUDA for cuda/tensorrt")
+    return wanted
+
+
+def session(model: onnx.ModelProto | str | Path, provider: str = "cpu", threads: int = 0):
+    """An ``onnxruntime.InferenceSession`` on exactly ``provider`` (never a silent fallback)."""
+    import onnxruntime as ort
+
+    wanted = require(provider)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:

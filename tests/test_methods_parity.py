@@ -9,6 +9,7 @@ runtime differ at round-off level).
 
 from __future__ import annotations
 
+import weakref
 from functools import lru_cache
 
 import numpy as np
@@ -82,7 +83,16 @@ def _reshape(setup: str):
     return None
 
 
-@lru_cache(maxsize=2)  # tests are grouped per setup (xdist_group)
+_EXPLAINERS = weakref.WeakSet()
+
+
+def _explainer(directory) -> Explainer:
+    explainer = Explainer(directory)
+    _EXPLAINERS.add(explainer)
+    return explainer
+
+
+@lru_cache(maxsize=1)  # tests are grouped per setup (xdist_group); one setup's sessions at a time
 def prepared(setup: str, tmp_root: str):
     from camexport.load import build_architecture
 
@@ -100,7 +110,16 @@ def prepared(setup: str, tmp_root: str):
                 methods="gradcam,shapleycam" if setup in ("resnet18", "vgg11") else "gradcam",
                 input_size=(size, size))
     x = np.random.default_rng(0).standard_normal((BATCH, 3, size, size)).astype(np.float32)
-    return model, Explainer(one.directory), Explainer(two.directory), x
+    return model, _explainer(one.directory), _explainer(two.directory), x
+
+
+@pytest.fixture(autouse=True)
+def _release_sessions():
+    """Each onnxruntime session holds its own copy of the weights (vgg11: about 1 GB), and the
+    tests try many method combinations on one explainer: free the sessions after each test."""
+    yield
+    for explainer in list(_EXPLAINERS):
+        explainer.release()
 
 
 @pytest.fixture(scope="session")
@@ -377,7 +396,7 @@ def prepared_conv_layer(tmp_root: str):
     for module in functional.modules():
         if isinstance(module, torch.nn.ReLU):
             module.inplace = False
-    return model, functional, Explainer(one.directory), x
+    return model, functional, _explainer(one.directory), x
 
 
 @pytest.mark.xdist_group("vgg11")
@@ -612,7 +631,7 @@ def prepared_binary(tmp_root: str):
     built = build(path, ["layer4"], methods="gradcam", trust_pickle=True,
                   out_dir=f"{tmp_root}/binary", input_size=(64, 64))
     x = np.random.default_rng(2).standard_normal((BATCH, 3, 64, 64)).astype(np.float32)
-    return model, Explainer(built.directory), x
+    return model, _explainer(built.directory), x
 
 
 BINARY_METHODS = ["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigengradcam"]
