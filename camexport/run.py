@@ -7,7 +7,6 @@ taken in contiguous batches of the ones not done yet, so a killed run resumes wh
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from camexport import __version__
 from camexport.build import AUGMENTED_FILE
 from camexport.data import preprocess
 from camexport.explain import Explainer
+from camexport.load import sha256
 from camexport.methods import METHODS, canonical_methods
 from camexport.store import InputData, ResultWriter, StoreError
 from camexport.targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
@@ -70,14 +70,6 @@ class RunSummary:
     invalid: int
     seconds: float
     provider: str
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_methods(config: RunConfig, manifest: dict) -> list[str]:
@@ -168,7 +160,7 @@ class Job:
         self.classes = self.explainer.classes
         self.targets = _targets_for(config, self.data, self.count, self.classes)
         self.provider = self.explainer.provider_name
-        fingerprint = {"graph_sha256": _sha256(graph), "data": self.data.identity(),
+        fingerprint = {"graph_sha256": sha256(graph), "data": self.data.identity(),
                        "count": self.count, "parameters": config.parameters()}
         attrs = {"camexport_version": __version__, "provider": self.provider,
                  "manifest": manifest, "methods": config.methods, "metrics": config.metrics,

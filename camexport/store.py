@@ -34,10 +34,12 @@ chunks copied as they are) and the parts folder is removed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +63,21 @@ def _replace(temporary: Path, path: Path) -> None:
     with open(temporary, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+@contextmanager
+def _rewrite(path: Path, parts: Path):
+    """An h5py file written under a temporary name and renamed over ``path``; on OSError the
+    temporary file goes and a StoreError says that the finished shards are kept."""
+    temporary = _tmp(path)
+    try:
+        with h5py.File(temporary, "w") as h5:
+            yield h5
+        _replace(temporary, path)
+    except OSError as err:
+        temporary.unlink(missing_ok=True)
+        raise StoreError(f"cannot write {path} ({err}); the finished shards in "
+                         f"{parts} are kept: run the same command again") from err
 
 
 def _string_array(values) -> np.ndarray:
@@ -130,8 +147,6 @@ class InputData:
         images = self.handle["images"]
         n = len(self)
         probe = np.concatenate([images[0].ravel(), images[n - 1].ravel()]) if n else np.zeros(0)
-        import hashlib
-
         return {"path": str(self.path.resolve()), "shape": list(images.shape), "dtype": str(images.dtype),
                 "probe_sha256": hashlib.sha256(probe.tobytes()).hexdigest()}
 
@@ -305,46 +320,33 @@ class ResultWriter:
 
     def publish(self) -> None:
         """Rewrite OUT.h5 as virtual datasets over the finished shards (a live, readable view)."""
-        temporary = _tmp(self.path)
-        try:
-            with h5py.File(temporary, "w") as h5:
-                for name, (tail, dtype) in self._layouts().items():
-                    layout = h5py.VirtualLayout((self.count, *tail), dtype)
-                    for start, stop, shard in self.shards():
-                        source = os.path.relpath(shard, self.path.parent)
-                        layout[start:stop] = h5py.VirtualSource(source, name, shape=(stop - start, *tail))
-                    fill = False if dtype == bool else (np.nan if dtype.kind == "f" else -1)
-                    h5.create_virtual_dataset(name, layout, fillvalue=fill)
-                self._root_attrs(h5, complete=False)
-            _replace(temporary, self.path)
-        except OSError as err:
-            temporary.unlink(missing_ok=True)
-            raise StoreError(f"cannot write {self.path} ({err}); the finished shards in "
-                             f"{self.parts} are kept: run the same command again") from err
+        shards = self.shards()
+        with _rewrite(self.path, self.parts) as h5:
+            for name, (tail, dtype) in self._layouts().items():
+                layout = h5py.VirtualLayout((self.count, *tail), dtype)
+                for start, stop, shard in shards:
+                    source = os.path.relpath(shard, self.path.parent)
+                    layout[start:stop] = h5py.VirtualSource(source, name, shape=(stop - start, *tail))
+                fill = False if dtype == bool else (np.nan if dtype.kind == "f" else -1)
+                h5.create_virtual_dataset(name, layout, fillvalue=fill)
+            self._root_attrs(h5, complete=False)
 
     def finish(self, extra: dict[str, np.ndarray]) -> None:
         """Copy every shard into one self-contained OUT.h5 (atomic), then drop the shards.
 
         ``extra``: whole datasets to add (labels, names)."""
-        temporary = _tmp(self.path)
         shards = self.shards()
-        try:
-            with h5py.File(temporary, "w") as h5:
-                for name, (tail, dtype) in self._layouts().items():
-                    shape = (self.count, *tail)
-                    target = h5.create_dataset(name, shape, dtype, chunks=_chunks(shape),
-                                               compression=self.compression)
-                    for start, stop, shard in shards:
-                        with h5py.File(shard, "r") as part:
-                            _copy_rows(part[name], target, start, stop)
-                for name, value in extra.items():
-                    h5.create_dataset(name, data=value)
-                self._root_attrs(h5, complete=True)
-            _replace(temporary, self.path)
-        except OSError as err:
-            temporary.unlink(missing_ok=True)
-            raise StoreError(f"cannot write {self.path} ({err}); the finished shards in "
-                             f"{self.parts} are kept: run the same command again") from err
+        with _rewrite(self.path, self.parts) as h5:
+            for name, (tail, dtype) in self._layouts().items():
+                shape = (self.count, *tail)
+                target = h5.create_dataset(name, shape, dtype, chunks=_chunks(shape),
+                                           compression=self.compression)
+                for start, stop, shard in shards:
+                    with h5py.File(shard, "r") as part:
+                        _copy_rows(part[name], target, start, stop)
+            for name, value in extra.items():
+                h5.create_dataset(name, data=value)
+            self._root_attrs(h5, complete=True)
         shutil.rmtree(self.parts, ignore_errors=True)
 
 
