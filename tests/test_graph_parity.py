@@ -10,12 +10,10 @@ CPU at batch sizes 1 and 5:
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 import pytest
 import torch
-from zoo import ZOO, exported, module
+from zoo import ZOO, exported, module, one_model_at_a_time
 
 from camexport.build import make_augmented
 from camexport.eager import activations_and_gradients
@@ -28,12 +26,17 @@ GRADIENT_REL_L2 = 1e-5
 GRADIENT_MAX_REL = 1e-4
 
 
-@lru_cache(maxsize=2)  # tests are grouped per model (xdist_group): keep few sessions alive
-def sessions(name: str, score: str):
+@one_model_at_a_time
+def plain_session(name: str):
+    return session(exported(name)[1])
+
+
+@one_model_at_a_time(maxsize=1)  # the cases run score by score: one augmented session at a time
+def augmented_session(name: str, score: str):
     loaded, plain = exported(name)
     entry = next(m for m in ZOO if m.name == name)
     augmented, manifest = make_augmented(loaded, plain, [entry.usual, entry.mid], ["gradcam"], score)
-    return session(plain), session(augmented), manifest
+    return session(augmented), manifest
 
 
 def _weights(kind: str, batch: int, classes: int, rng) -> np.ndarray:
@@ -56,7 +59,8 @@ CASES = [pytest.param(m.name, score, kind, batch, id=f"{m.name}-{score}-{kind}-b
 
 @pytest.mark.parametrize("name,score,kind,batch", CASES)
 def test_augmented_graph_matches_torch(name, score, kind, batch):
-    plain, augmented, manifest = sessions(name, score)
+    plain = plain_session(name)
+    augmented, manifest = augmented_session(name, score)
     size = next(m.size for m in ZOO if m.name == name)
     rng = np.random.default_rng(batch * 7 + len(kind))
     x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)

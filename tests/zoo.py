@@ -7,8 +7,9 @@ the transformers at 224 (VGG's adaptive pooling and the transformers' position g
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, wraps
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,52 @@ ZOO = [
 BY_NAME = {m.name: m for m in ZOO}
 
 
-@lru_cache(maxsize=3)
+_CACHES = []
+_ON_LEAVE = []
+_CURRENT = [None]
+
+
+def one_model_at_a_time(function=None, *, maxsize=None):
+    """Cache `function` (first argument: a model name) for the current model only.
+
+    Tests are grouped per model (xdist_group), and one model's torch module, ONNX protos and
+    onnxruntime sessions take GBs (vgg16: ~4 GB); the suite runs two workers in 24 GB. Asking
+    for another model drops every cache so decorated, in this process, before computing;
+    `maxsize` bounds the entries kept for the current model too."""
+    if function is None:
+        return lambda function: one_model_at_a_time(function, maxsize=maxsize)
+    cached = lru_cache(maxsize=maxsize)(function)
+    _CACHES.append(cached)
+
+    @wraps(function)
+    def wrapper(name, *args):
+        switch_to(name)
+        return cached(name, *args)
+
+    return wrapper
+
+
+def on_leave(callback):
+    """Call `callback(name)` when the tests move on from model `name` (free sessions, files)."""
+    _ON_LEAVE.append(callback)
+    return callback
+
+
+def switch_to(name: str) -> None:
+    """Drop the cached objects of the previous model when `name` is another one."""
+    previous = _CURRENT[0]
+    if previous == name:
+        return
+    if previous is not None:
+        for callback in _ON_LEAVE:
+            callback(previous)
+    for cached in _CACHES:
+        cached.cache_clear()
+    _CURRENT[0] = name
+    gc.collect()
+
+
+@one_model_at_a_time
 def module(name: str):
     """The torch module for a zoo name (seeded random weights; the built-in is pretrained)."""
     import torch
@@ -51,7 +97,7 @@ def module(name: str):
     return model.eval()
 
 
-@lru_cache(maxsize=2)
+@one_model_at_a_time
 def exported(name: str):
     """(Loaded, plain ONNX) for a zoo name, exported once per test process."""
     from camexport.export import to_onnx
