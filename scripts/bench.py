@@ -18,7 +18,7 @@ with torch.set_num_threads(cores), camexport with onnxruntime's default intra-op
 without importing torch. Per method: one warm-up call, then --repeats timed calls, median. The
 GradCAM family and EigenCAM run on a batch of --batch-size images; ScoreCAM and AblationCAM on
 --slow-images images (default 1), each library with its own default inner batch (pgc: ScoreCAM
-16 masked images, AblationCAM 32 ablated copies; camexport: ScoreCAM 64, AblationCAM 256, plain
+16 masked images, AblationCAM 32 ablated copies; camexport: ScoreCAM 16, AblationCAM 256, plain
 forwards 64 per run); their timed runs stop after --slow-budget seconds, and on CPU a warm-up
 longer than --cold-limit seconds is itself the single timed run (runs=1): pgc's resnet50
 ScoreCAM and AblationCAM take minutes each. A method that fails on camexport is reported
