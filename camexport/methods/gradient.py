@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from camexport.methods.base import aggregate, eigen_projection, layer_map, min_max, spatial_axes
+from camexport.methods.base import (
+    aggregate,
+    eigen_projection,
+    layer_map,
+    min_max,
+    one_blas_thread,
+    spatial_axes,
+)
 from camexport.methods.core import ElementMethod, Method, WeightMethod
 
 #: GradCAM++ denominator epsilon (pytorch-grad-cam, reference §3.2, Q10).
@@ -145,12 +152,13 @@ class KPCACAM(Method):
 
         acts = np.nan_to_num(inputs.activations[layer], nan=0.0)
         maps = []
-        for item in acts:
-            rows = item.reshape(item.shape[0], -1).T
-            rows = rows - rows.mean(axis=0)
-            kpca = KernelPCA(n_components=1, kernel=self.kernel, gamma=self.gamma,
-                             random_state=inputs.extras.get("seed", 0))
-            maps.append(kpca.fit_transform(rows).reshape(item.shape[1:]))
+        with one_blas_thread():
+            for item in acts:
+                rows = item.reshape(item.shape[0], -1).T
+                rows = rows - rows.mean(axis=0)
+                kpca = KernelPCA(n_components=1, kernel=self.kernel, gamma=self.gamma,
+                                 random_state=inputs.extras.get("seed", 0))
+                maps.append(kpca.fit_transform(rows).reshape(item.shape[1:]))
         return np.asarray(maps, dtype=np.float32)
 
 
