@@ -58,15 +58,14 @@ class ScoreCAM(WeightMethod):
             low = up.min(axis=(1, 2), keepdims=True)
             high = up.max(axis=(1, 2), keepdims=True)
             masks = (up - low) / (high - low + np.float32(SCORECAM_EPS))
-            scores = self._scores(inputs, b, masks)
+            scores = self._scores(inputs, b, masks, (high == low).reshape(-1))
             shifted = np.exp(scores - scores.max())
             weights.append(shifted / shifted.sum())
         return np.asarray(weights, dtype=np.float32)
 
-    def _scores(self, inputs, b: int, masks: np.ndarray) -> np.ndarray:
-        """Target scores of image b masked by each of ``masks`` (C, H, W); the all-zero masks
-        share one forward."""
-        zero = ~masks.reshape(len(masks), -1).any(axis=1)
+    def _scores(self, inputs, b: int, masks: np.ndarray, zero: np.ndarray) -> np.ndarray:
+        """Target scores of image b masked by each of ``masks`` (C, H, W); the masks flagged in
+        ``zero`` (constant maps: U - min U = 0 exactly) are all zero and share one forward."""
         run = np.flatnonzero(~zero)
         if zero.any():
             run = np.append(run, np.flatnonzero(zero)[0])
