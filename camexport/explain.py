@@ -67,9 +67,10 @@ class TargetsExplanation:
 
 
 # -- the graph cut at target_weights -------------------------------------------------------
-def target_dependent(model: onnx.ModelProto) -> set[str]:
-    """Every value of the graph computed from ``target_weights`` (nodes are topologically sorted)."""
-    dependent = {TARGET_WEIGHTS}
+def target_dependent(model: onnx.ModelProto, source: str = TARGET_WEIGHTS) -> set[str]:
+    """Every value of the graph computed from ``source`` (default ``target_weights``; nodes are
+    topologically sorted)."""
+    dependent = {source}
     for node in model.graph.node:
         if any(name in dependent for name in node.input if name):
             dependent.update(node.output)
@@ -138,38 +139,18 @@ def split_by_targets(model: onnx.ModelProto, outputs: Sequence[str] | None = Non
            for node in graph.node for a in node.attribute):
         return None
     image = next(i.name for i in graph.input if i.name != TARGET_WEIGHTS)
-    inferred = onnx.shape_inference.infer_shapes(_without_weights(model), data_prop=True).graph
-    info = {v.name: v for v in [*inferred.value_info, *inferred.input, *inferred.output]}
+    info = _value_info(_without_weights(model))
     batch = info[image].type.tensor_type.shape.dim[0].dim_param
     if not batch:
         return None
 
-    def batch_major(name: str) -> bool:
-        if name in positions:
-            return False
-        value = info.get(name)
-        dims = value.type.tensor_type.shape.dim if value is not None else ()
-        return len(dims) > 0 and dims[0].dim_param == batch
-
     dependent = target_dependent(model)
-    initializers = {t.name for t in graph.initializer}
-    producer = {out: k for k, node in enumerate(graph.node) for out in node.output}
     positions = {node.output[k] for node in graph.node for op, k in POSITION_OUTPUTS
                  if node.op_type == op and len(node.output) > k}
     outputs = [o.name for o in graph.output]
     tail_outputs = [name for name in outputs if name in dependent]
-    tail_nodes, frontier, seen = set(), [], set()
-    pending = list(tail_outputs)
-    while pending:
-        name = pending.pop()
-        if not name or name in seen or name == TARGET_WEIGHTS or name in initializers:
-            continue
-        seen.add(name)
-        if name in dependent or (name in producer and not batch_major(name)):
-            tail_nodes.add(producer[name])
-            pending.extend(graph.node[producer[name]].input)
-        else:
-            frontier.append(name)
+    tail_nodes, frontier = _walk_tail(graph, TARGET_WEIGHTS, tail_outputs, dependent,
+                                      lambda name: name not in positions and _batch_major(info, name, batch))
     if frontier == [image] or not frontier:
         return None
     head_outputs = list(dict.fromkeys([n for n in outputs if n not in dependent] + frontier))
@@ -177,8 +158,75 @@ def split_by_targets(model: onnx.ModelProto, outputs: Sequence[str] | None = Non
     head = _submodel(model, _ancestors(graph, head_outputs), [info[image]],
                      [declared.get(n) or info[n] for n in head_outputs], "head")
     inputs = [info[TARGET_WEIGHTS]] + [info[n] for n in frontier]
-    tail = _submodel(model, sorted(tail_nodes), inputs, [declared[n] for n in tail_outputs], "tail")
+    tail = _submodel(model, tail_nodes, inputs, [declared[n] for n in tail_outputs], "tail")
     return TargetSplit(head, tail, frontier)
+
+
+def _value_info(model: onnx.ModelProto) -> dict:
+    """Every value's inferred type by name (inputs and outputs included)."""
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
+    return {v.name: v for v in [*inferred.value_info, *inferred.input, *inferred.output]}
+
+
+def _batch_major(info: dict, name: str, batch: str) -> bool:
+    value = info.get(name)
+    dims = value.type.tensor_type.shape.dim if value is not None else ()
+    return len(dims) > 0 and dims[0].dim_param == batch
+
+
+def _walk_tail(graph: onnx.GraphProto, source: str, outputs: Sequence[str], dependent: set[str],
+               batch_major) -> tuple[list[int], list[str]]:
+    """The nodes (graph order) computing ``outputs`` from the value ``source``, and their
+    *frontier*: the batch-major values they read that are not computed from ``source`` (fed
+    from a run before, one row per row of ``source``). Values that are not batch-major (shapes,
+    constants) are recomputed from what they come from."""
+    initializers = {t.name for t in graph.initializer}
+    producer = {out: k for k, node in enumerate(graph.node) for out in node.output}
+    nodes, frontier, seen = set(), [], set()
+    pending = list(outputs)
+    while pending:
+        name = pending.pop()
+        if not name or name in seen or name == source or name in initializers:
+            continue
+        seen.add(name)
+        if name in dependent or (name in producer and not batch_major(name)):
+            nodes.add(producer[name])
+            pending.extend(graph.node[producer[name]].input)
+        else:
+            frontier.append(name)
+    return sorted(nodes), frontier
+
+
+@dataclass
+class LayerTail:
+    """The model from one layer's tensor to its output, as a graph whose inputs are the layer
+    tensor and the ``frontier``: values computed before the layer that the rest of the model
+    still reads (a residual stream around a ViT block's norm1, the image's shape...)."""
+
+    model: onnx.ModelProto
+    frontier: list[str]
+    #: the plain model computing the frontier from the image; None when the frontier is empty
+    before: onnx.ModelProto | None
+
+
+def layer_tail(plain: onnx.ModelProto, tensor: str, output: str) -> LayerTail:
+    """:class:`LayerTail` of ``plain`` (a graph with a symbolic batch axis) from value ``tensor``
+    to ``output``."""
+    graph = plain.graph
+    info = _value_info(plain)
+    image = graph.input[0].name
+    batch = info[image].type.tensor_type.shape.dim[0].dim_param
+    nodes, frontier = _walk_tail(graph, tensor, [output], target_dependent(plain, tensor),
+                                 lambda name: bool(batch) and _batch_major(info, name, batch))
+    declared = {o.name: o for o in graph.output}
+    tail = _submodel(plain, nodes, [info[tensor]] + [info[n] for n in frontier],
+                     [declared.get(output) or info[output]], "layer-tail")
+    before = None
+    computed = [n for n in frontier if n != image]
+    if computed:
+        before = _submodel(plain, _ancestors(graph, computed), [info[image]],
+                           [info[n] for n in computed], "before-layer")
+    return LayerTail(tail, frontier, before)
 
 
 def _submodel(model: onnx.ModelProto, nodes: list[int], inputs: list, outputs: list,
@@ -282,27 +330,37 @@ class Explainer:
             self._plain.run([self.output_name], {self.input_name: x[i:i + self.batch_size]})[0]
             for i in range(0, len(x), self.batch_size)])
 
-    def tail(self, layer: int, tensors: np.ndarray) -> np.ndarray:
-        """Model outputs computed from layer ``layer``'s tensors (the tail graph only)."""
+    def tail(self, layer: int, tensors: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
+        """Model outputs computed from layer ``layer``'s tensors (the model after the layer only).
+        Where the model after the layer also reads values computed before it (a residual stream
+        bypassing a ViT block's norm1), they are computed from ``image`` (1, C, H, W), the image
+        the tensors come from, and repeated for every row, as pgc recomputes them from the
+        repeated image."""
         if layer not in self._tails:
-            tensor = self.layers[layer]["tensor"]
-            plain = onnx.shape_inference.infer_shapes(self._plain_model())
-            tail = onnx.utils.Extractor(plain).extract_model([tensor], [self.output_name])
-            known = {tensor} | {t.name for t in tail.graph.initializer}
-            known |= {out for node in tail.graph.node for out in node.output}
-            missing = sorted({name for node in tail.graph.node for name in node.input
-                              if name and name not in known})
-            if missing:
+            cut = layer_tail(self._plain_model(), self.layers[layer]["tensor"], self.output_name)
+            self._tails[layer] = (cut, session(cut.model, self.provider),
+                                  cut.before and session(cut.before, self.provider))
+        cut, run, before = self._tails[layer]
+        tensor = run.get_inputs()[0].name
+        extra = {}
+        if cut.frontier:
+            if image is None:
                 raise ValueError(
                     f"the model after layer {self.layers[layer]['name']!r} also reads values "
-                    f"computed before it ({', '.join(missing[:3])}...), e.g. a residual stream: "
-                    f"methods that re-run the tail (AblationCAM, DFF's concept outputs) need a "
-                    f"layer that every path to the output goes through")
-            self._tails[layer] = session(tail, self.provider)
-        run = self._tails[layer]
-        name = run.get_inputs()[0].name
-        return np.concatenate([run.run([self.output_name], {name: tensors[i:i + self.batch_size]})[0]
-                               for i in range(0, len(tensors), self.batch_size)])
+                    f"computed before it ({', '.join(cut.frontier[:3])}), e.g. a residual stream: "
+                    f"give the image the tensors come from, tail(layer, tensors, image)")
+            image = np.ascontiguousarray(image, np.float32)
+            if image.shape[0] != 1:
+                raise ValueError(f"tail(layer, tensors, image) takes one image (1, ...); got {image.shape}")
+            computed = [n for n in cut.frontier if n != self.input_name]
+            extra = dict(zip(computed, before.run(computed, {self.input_name: image}))) if computed else {}
+            extra.update({n: image for n in cut.frontier if n == self.input_name})
+        parts = []
+        for i in range(0, len(tensors), self.batch_size):
+            chunk = tensors[i:i + self.batch_size]
+            feed = {tensor: chunk, **{n: np.repeat(v, len(chunk), axis=0) for n, v in extra.items()}}
+            parts.append(run.run([self.output_name], feed)[0])
+        return np.concatenate(parts)
 
     def outputs_for(self, needs=None) -> tuple[str, ...]:
         """The graph outputs that methods with these ``needs`` (registry.MethodInfo.needs) read;
@@ -442,7 +500,7 @@ class Explainer:
             gradients=[None if g is None else to_channel_first(g, lay)
                        for g, lay in zip(gradients, layouts)],
             raw_activations=raw, layouts=layouts, forward=forward or self.forward,
-            tail=tail or self.tail, backward=backward,
+            tail=_for_images(tail or self.tail, x), backward=backward,
             rerun=lambda batch, targets: self.inputs(batch, targets, needs))
 
     def _retargeted(self, impl, inputs: CamInputs, targets, rerun=None) -> CamInputs:
@@ -581,6 +639,12 @@ def _needs(implementations: dict[str, Method]) -> frozenset[str] | None:
             return None
         needs |= info.needs
     return frozenset(needs)
+
+
+def _for_images(tail, x: np.ndarray):
+    """``tail(layer, tensors, b)``: the model after a layer on tensors that come from image b of
+    the batch ``x`` (b None: tensors of no one image)."""
+    return lambda layer, tensors, b=None: tail(layer, tensors, None if b is None else x[b:b + 1])
 
 
 class _Memo:

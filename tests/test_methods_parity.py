@@ -380,10 +380,33 @@ def test_explain_targets_bad_lists_raise(tmp_root):
 
 
 @pytest.mark.xdist_group("deit_tiny")
-def test_ablation_on_a_layer_the_residual_stream_bypasses_is_a_clear_error(tmp_root):
+@pytest.mark.parametrize("kind", ["none", "softmax"])
+def test_ablation_on_a_layer_the_residual_stream_bypasses_matches_pgc(kind, tmp_root):
+    """ViT blocks.11.norm1: the model after it also reads the block's input (the residual
+    stream), computed from each image as pgc's AblationLayerVit recomputes it."""
+    from pytorch_grad_cam.ablation_layer import AblationLayerVit
+
+    model, single, _, x = prepared("deit_tiny", tmp_root)
+    ours_t, theirs_t = _targets(kind)
+    ours = single(x, targets=ours_t, methods=["ablationcam"]).cams["ablationcam"]
+    layer = resolve_module(model, SETUPS["deit_tiny"][2])
+    with pgc.AblationCAM(model=model, target_layers=[layer], reshape_transform=_reshape("deit_tiny"),
+                         ablation_layer=AblationLayerVit()) as cam:
+        theirs = cam(input_tensor=torch.tensor(x), targets=theirs_t)
+    _compare(ours, theirs, f"deit_tiny ablationcam targets={kind}", LOOSER.get(("deit_tiny", "ablationcam"), TOLERANCE))
+
+
+@pytest.mark.xdist_group("deit_tiny")
+def test_tail_past_a_residual_stream_needs_the_image(tmp_root):
     _, single, _, x = prepared("deit_tiny", tmp_root)
+    acts = single.inputs(x[:1]).raw_activations[0]
     with pytest.raises(ValueError, match="also reads values computed before it"):
-        single(x, targets=list(CLASSES), methods=["ablationcam"])
+        single.tail(0, acts)
+    with pytest.raises(ValueError, match="takes one image"):
+        single.tail(0, acts, x[:2])
+    # the tail on the layer's own tensors gives the model's outputs
+    _compare(single.tail(0, np.repeat(acts, 2, axis=0), x[:1]), np.repeat(single.forward(x[:1]), 2, axis=0),
+             "deit_tiny tail = forward", 1e-4)
 
 
 # -- AblationCAM's ratio_channels_to_ablate (reference §3.8, Q16, Q17) -------------------------

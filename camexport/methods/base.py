@@ -126,7 +126,9 @@ class CamInputs:
     ``activations``/``gradients`` are channel-first (B, C, *spatial), one entry per layer;
     ``raw_activations`` are the same tensors in the graph's own layout. ``targets`` holds one
     target per image (:mod:`camexport.targets`). ``forward(x)`` runs the plain model on a batch of
-    inputs and ``tail(layer, tensors)`` runs the model from a layer's tensors (raw layout); both
+    inputs and ``tail(layer, tensors, b)`` runs the model from a layer's tensors (raw layout) that
+    come from image b (None: from no one image; refused where the model after the layer also reads
+    values computed before it); both
     return model outputs; ``backward(layer, weights)`` is the gradient at a layer (channel-first)
     for other ``target_weights`` rows; ``rerun(x, targets)`` gives the inputs of another batch
     (SESS's patches). Methods never see a session.
@@ -140,7 +142,7 @@ class CamInputs:
     raw_activations: list[np.ndarray] = field(default_factory=list)
     layouts: list[dict] = field(default_factory=list)
     forward: Callable[[np.ndarray], np.ndarray] | None = None
-    tail: Callable[[int, np.ndarray], np.ndarray] | None = None
+    tail: Callable[..., np.ndarray] | None = None
     backward: Callable[[int, np.ndarray], np.ndarray] | None = None
     rerun: Callable[[np.ndarray, list], CamInputs] | None = None
     extras: dict = field(default_factory=dict)

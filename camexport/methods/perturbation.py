@@ -161,6 +161,6 @@ class AblationCAM(WeightMethod):
                 for row, c in enumerate(chosen):
                     index[0], index[axis] = row, c
                     batch[tuple(index)] = fills[start + row]
-                scores[chosen] = base(b, inputs.tail(layer, batch))
+                scores[chosen] = base(b, inputs.tail(layer, batch, b))
             weights.append((original - scores) / original)
         return np.asarray(weights, dtype=np.float32)
