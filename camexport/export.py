@@ -32,8 +32,8 @@ def to_onnx(loaded: Loaded, example_batch: int = 2) -> onnx.ModelProto:
     if loaded.program is not None:
         return _dynamo(loaded.program, (), None)
     module = loaded.module
-    height, width = loaded.preprocessing.size
-    example = torch.randn(example_batch, 3, height, width)
+    # (H, W) for images, (D, H, W) for volumes and clips (a 5-D input)
+    example = torch.randn(example_batch, 3, *loaded.preprocessing.size)
     if isinstance(module, torch.jit.ScriptModule):
         return _legacy(module, example)
     batch = torch.export.Dim("batch", min=1, max=4096)

@@ -36,12 +36,21 @@ def grid(tiles: list[np.ndarray], labels: list[str]) -> np.ndarray:
 
 
 def _display_image(raw: np.ndarray, preprocessing: dict) -> np.ndarray:
-    """An input sample as RGB float in [0, 1] at the model's input size."""
-    height, width = preprocessing["size"]
+    """An input sample as RGB float in [0, 1] at the model's input size (volumes and clips
+    (3, D, H, W): their middle slice, as :func:`_middle` picks it from the CAM)."""
+    height, width = preprocessing["size"][-2:]
+    if raw.ndim == 4:
+        raw = raw[:, _middle(preprocessing)]
     if raw.dtype == np.uint8:
         return cv2.resize(raw, (width, height), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255
     mean, std = (np.asarray(preprocessing[k], np.float32) for k in ("mean", "std"))
     return np.clip(raw.transpose(1, 2, 0) * std + mean, 0, 1).astype(np.float32)
+
+
+def _middle(preprocessing: dict) -> int | slice:
+    """The depth slice rendered for 3-D inputs (the middle one); everything for images."""
+    size = preprocessing["size"]
+    return size[0] // 2 if len(size) == 3 else slice(None)
 
 
 def read_class_names(path) -> list[str]:
@@ -84,7 +93,8 @@ def render_results(results, out_dir, indices=None, data=None, class_names=None,
             if not 0 <= i < len(done) or not done[i]:
                 raise IndexError(f"sample {i} is not in the results (0..{len(done) - 1}, done only)")
             image = _display_image(source.images(i, i + 1)[0], manifest["preprocessing"])
-            tiles = [np.uint8(image * 255)] + [overlay(image, h5[f"cams/{m}"][i].astype(np.float32),
+            depth = _middle(manifest["preprocessing"])
+            tiles = [np.uint8(image * 255)] + [overlay(image, h5[f"cams/{m}"][i][depth].astype(np.float32),
                                                        image_weight) for m in methods]
             predicted = int(np.argmax(h5[f"outputs/{output}"][i]))
             picture = grid(tiles, [label_of(predicted)] + methods)

@@ -149,11 +149,19 @@ class Job:
             config.metrics = metric_names(config.metrics)
         self.data = InputData.open(config.data)
         self.prep = manifest["preprocessing"]
-        height, width = self.prep["size"]
-        if self.data.preprocessed and self.data.image_shape[1:] != (height, width):
+        size = tuple(self.prep["size"])
+        text = "x".join(map(str, size))
+        if self.data.preprocessed and self.data.image_shape[1:] != size:
             raise StoreError(f"{config.data}:/images is preprocessed at {self.data.image_shape[1:]}, "
-                             f"but the artifact takes {height}x{width}; store uint8 images to be "
-                             f"resized at run time, or preprocess at {height}x{width}")
+                             f"but the artifact takes {text}; store uint8 images to be "
+                             f"resized at run time, or preprocess at {text}")
+        if len(size) != 2 and not self.data.preprocessed:
+            raise StoreError(f"the artifact takes {len(size)}-D inputs ({text}): store them in "
+                             f"{config.data}:/images as (N, 3, {', '.join(map(str, size))}) float32, "
+                             f"preprocessed")
+        if len(size) != 2 and config.metrics:
+            raise RunError(f"metrics ({', '.join(config.metrics)}) work on 2-D images; the artifact "
+                           f"takes {len(size)}-D inputs ({text}): run without --metrics")
         self.count = len(self.data) if config.limit is None else min(config.limit, len(self.data))
         if self.count == 0:
             raise RunError(f"{config.data} holds no images")
@@ -186,7 +194,6 @@ class Job:
         x = self._inputs(self.data.images(start, stop))
         valid = np.isfinite(x).reshape(len(x), -1).all(axis=1)
         n = stop - start
-        height, width = self.prep["size"]
         arrays: dict[str, np.ndarray] = {"invalid": ~valid}
         targets = self.targets(start, stop)
         rows = np.flatnonzero(valid)
@@ -203,7 +210,7 @@ class Job:
         arrays[f"outputs/{self.explainer.output_name}"] = outputs
         arrays["targets"] = classes
         for name in config.methods:
-            cams = np.zeros((n, height, width), config.cam_dtype)
+            cams = np.zeros((n, *self.prep["size"]), config.cam_dtype)
             if result is not None:
                 cams[rows] = result.cams[name]
             arrays[f"cams/{name}"] = cams
@@ -325,7 +332,7 @@ def recompute(results: str | Path, methods, eigen_smooth: bool = False, batch_si
     shutil.copyfile(results, temporary)
     try:
         with h5py.File(temporary, "r+") as h5:
-            height, width = manifest["preprocessing"]["size"]
+            size = tuple(manifest["preprocessing"]["size"])
             count = len(h5["done"])
             usable = h5["done"][()] & ~h5["invalid"][()]
             output = next(iter(h5["outputs"]))
@@ -333,8 +340,8 @@ def recompute(results: str | Path, methods, eigen_smooth: bool = False, batch_si
             for name in names:
                 if f"cams/{name}" in h5:
                     del h5[f"cams/{name}"]
-                cams = h5.create_dataset(f"cams/{name}", (count, height, width), np.float32,
-                                         chunks=(1, height, width), compression="gzip")
+                cams = h5.create_dataset(f"cams/{name}", (count, *size), np.float32,
+                                         chunks=(1, *size), compression="gzip")
                 implementation = method(name)
                 for start in range(0, count, batch_size):
                     rows = np.flatnonzero(usable[start:start + batch_size]) + start
@@ -345,7 +352,7 @@ def recompute(results: str | Path, methods, eigen_smooth: bool = False, batch_si
                              else None for layer in layers]
                     layouts = [layer["layout"] for layer in layers]
                     inputs = CamInputs(
-                        x=np.broadcast_to(np.zeros((), np.float32), (len(rows), 3, height, width)),
+                        x=np.broadcast_to(np.zeros((), np.float32), (len(rows), 3, *size)),
                         outputs=h5[f"outputs/{output}"][rows],
                         targets=[ClassifierOutputTarget(int(t)) for t in h5["targets"][rows]],
                         activations=[to_channel_first(a, lay) for a, lay in zip(raw, layouts)],

@@ -4,6 +4,7 @@ Input dataset (``camexport pack`` writes it; any h5py user can too)::
 
     /images   (N, H, W, 3) uint8 RGB, any H, W   -- resized and normalised at run time from the
               or (N, 3, H, W) float32 already preprocessed (used as is)     artifact's manifest
+              or (N, 3, D, H, W) float32 preprocessed volumes or clips (3-D models)
     /labels   (N,) int      optional, -1 = unknown
     /names    (N,) str      optional, e.g. the source file names
 
@@ -12,6 +13,7 @@ Result file (``camexport run`` writes it)::
     /outputs/<output name>        (N, K) float32   model outputs (NaN for invalid samples)
     /targets                      (N,) int64       the class each sample was explained for
     /cams/<method>                (N, H, W) float32 or float16 in [0, 1], input resolution
+                                  ((N, D, H, W) for 3-D models)
     /metrics/<metric>/<method>    (N,) float32
     /activations/<layer>, /gradients/<layer>   (N, ...) float32, only with --save-activations
                                   / --save-gradients (graph layout, as the manifest says)
@@ -110,13 +112,14 @@ class InputData:
         images = handle["images"]
         if images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] == 3:
             preprocessed = False
-        elif images.dtype == np.float32 and images.ndim == 4 and images.shape[1] == 3:
+        elif images.dtype == np.float32 and images.ndim in (4, 5) and images.shape[1] == 3:
             preprocessed = True
         else:
             handle.close()
             raise StoreError(
                 f"{path}:/images is {images.dtype} of shape {images.shape}; expected (N, H, W, 3) "
-                f"uint8 RGB or (N, 3, H, W) float32 already preprocessed")
+                f"uint8 RGB or (N, 3, H, W) float32 already preprocessed ((N, 3, D, H, W) for "
+                f"3-D models)")
         data = cls(path, handle, preprocessed)
         if "labels" in handle and handle["labels"].shape != (len(data),):
             raise StoreError(f"{path}:/labels has shape {handle['labels'].shape}, expected ({len(data)},)")

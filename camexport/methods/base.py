@@ -50,11 +50,18 @@ def min_max(maps: np.ndarray) -> np.ndarray:
 
 
 def resize(maps: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Each (h, w) map to ``size`` = (H, W): OpenCV INTER_LINEAR (half-pixel, no antialias)."""
-    height, width = size
+    """Each (h, w) map to ``size`` = (H, W): OpenCV INTER_LINEAR (half-pixel, no antialias).
+    Volumes (d, h, w) to (D, H, W) as pgc's 3-D path (reference §2.4, Q8): scipy's cubic
+    B-spline ``zoom`` (order 3, corner-aligned, mode 'constant'), which overshoots [0, 1]."""
     maps = np.asarray(maps, dtype=np.float32)
-    if maps.shape[1:] == (height, width):
+    if maps.shape[1:] == tuple(size):
         return maps.copy()
+    if len(size) == 3:
+        from scipy.ndimage import zoom
+
+        factors = [n / m for n, m in zip(size, maps.shape[1:])]
+        return np.stack([zoom(m, factors, order=3, mode="constant") for m in maps])
+    height, width = size
     return np.stack([cv2.resize(m, (width, height), interpolation=cv2.INTER_LINEAR) for m in maps])
 
 
@@ -65,9 +72,9 @@ def layer_map(raw: np.ndarray, size: Sequence[int]) -> np.ndarray:
 
 def aggregate(layer_maps: Sequence[np.ndarray]) -> np.ndarray:
     """CAM = n(mean_l relu(Q_l)), float32 (B, H, W)."""
-    if len(layer_maps) == 1 and layer_maps[0].dtype == np.float32:
-        # Q = R(n(.)) >= 0 (a resize of non-negative maps) and a mean of one value is that
-        # value: the same numbers without three full-size copies
+    if len(layer_maps) == 1 and layer_maps[0].dtype == np.float32 and layer_maps[0].ndim == 3:
+        # Q = R(n(.)) >= 0 (a bilinear resize of non-negative maps; not the cubic volume zoom)
+        # and a mean of one value is that value: the same numbers without three full-size copies
         return min_max(layer_maps[0])
     stacked = np.maximum(np.stack(layer_maps, axis=1), 0)
     return min_max(stacked.mean(axis=1)).astype(np.float32)
