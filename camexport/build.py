@@ -115,8 +115,8 @@ def make_augmented(
         "camexport_version": __version__,
         "source": {"path": loaded.source, "sha256": loaded.sha256, "kind": loaded.kind,
                    "name": loaded.name},
-        "layers": [{"name": label, "requested": layer, "tensor": tensor,
-                    "shape": list(facts.shape(tensor)), "layout": infer_layout(facts.shape(tensor))}
+        "layers": [{"name": label, "requested": layer, "tensor": tensor, "shape": list(facts.shape(tensor)),
+                    "layout": infer_layout(facts.shape(tensor), loaded.preprocessing.size)}
                    for layer, (label, tensor) in zip(layers, resolved)],
         "score": {"function": score, "output": output or plain.graph.output[0].name},
         "outputs": [o.name for o in plain.graph.output],

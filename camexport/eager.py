@@ -94,7 +94,7 @@ def eager_inputs(module, x: np.ndarray, layers: Sequence[str], targets=None):
     resolved = as_targets(targets, first)
     weights = target_weights(resolved, first, first.shape[-1])
     outputs, acts, grads = activations_and_gradients(module, x, layers, weights)
-    layouts = [infer_layout((None, *acts[layer].shape[1:])) for layer in layers]
+    layouts = [infer_layout((None, *acts[layer].shape[1:]), x.shape[2:]) for layer in layers]
     return CamInputs(
         x=x, outputs=outputs, targets=resolved,
         activations=[to_channel_first(acts[layer], lay) for layer, lay in zip(layers, layouts)],
