@@ -1,4 +1,5 @@
-"""Model targets as in pytorch-grad-cam (reference §4), for classifier outputs (B, K).
+"""Model targets as in pytorch-grad-cam (reference §4), for classifier outputs (B, K) and
+embeddings (B, D).
 
 Each target is a scalar function t(z) of one sample's output row. ``values(z)`` evaluates it on a
 batch of rows; ``cotangent(z)`` is dt/dz for one row. Since every target is a function of the
@@ -149,6 +150,48 @@ class FinerWeightedTarget:
         return (dnum * den - num * dden) / den**2
 
 
+#: torch.nn.CosineSimilarity's eps (pgc's tutorial target uses its default): the product of the
+#: norms is clamped below at eps.
+COSINE_EPS = 1e-8
+
+
+@dataclass(frozen=True, eq=False)
+class SimilarityToConceptTarget:
+    """t(z) = cos(z, c) = z.c / max(|z| |c|, 1e-8): an embedding's similarity to a concept
+    embedding c given at run time (a text embedding for CLIP, another image's embedding for
+    image-to-image similarity), as pgc's embeddings tutorial (torch.nn.CosineSimilarity).
+    With u = z/|z|, c' = c/|c|: dt/dz = (c' - t u)/|z|."""
+
+    concept: np.ndarray
+    linear = False
+
+    def __post_init__(self):
+        concept = np.asarray(self.concept, np.float64).reshape(-1)
+        if not np.isfinite(concept).all() or not concept.any():
+            raise TargetError("the concept embedding must be finite and not all zero")
+        object.__setattr__(self, "concept", concept)
+
+    def values(self, z):
+        z = np.asarray(z, np.float64)
+        norms = np.linalg.norm(z, axis=-1) * np.linalg.norm(self.concept)
+        return (z @ self.concept) / np.maximum(norms, COSINE_EPS)
+
+    def _parts(self, z):
+        z = np.asarray(z, np.float64)
+        n = np.linalg.norm(z)
+        return z / n, self.concept / np.linalg.norm(self.concept), n
+
+    def cotangent(self, z):
+        u, c, n = self._parts(z)
+        return (c - (u @ c) * u) / n
+
+    def hessian_vector(self, z, v):
+        """[3t (u.v) u - t v - c'(u.v) - u (c'.v)] / |z|^2."""
+        u, c, n = self._parts(z)
+        t, uv = u @ c, u @ v
+        return (3 * t * uv * u - t * v - c * uv - u * (c @ v)) / n**2
+
+
 def as_target(target):
     """One raw target as a target object: ints are class targets, objects pass through."""
     if isinstance(target, (bool, np.bool_)):
@@ -202,6 +245,12 @@ def _check(target, b: int, classes: int) -> None:
             raise TargetError(f"BinaryClassifierOutputTarget of image {b} needs a one-logit output, "
                               f"and this model has {classes} outputs (pytorch-grad-cam fails there "
                               f"too); use ClassifierOutputTarget(c)")
+        return
+    if isinstance(target, SimilarityToConceptTarget):
+        if target.concept.shape != (classes,):
+            raise TargetError(f"the concept embedding of image {b} has {target.concept.size} values "
+                              f"and the model output {classes}: give an embedding of the model's "
+                              f"output size")
         return
     categories = [target.main, *target.comparisons] if isinstance(target, FinerWeightedTarget) \
         else [getattr(target, "category", 0)]

@@ -12,6 +12,7 @@ TARGETS = [
     T.ClassifierOutputSoftmaxTarget(2),
     T.ClassifierOutputReST(4),
     T.FinerWeightedTarget(1, (0, 5, 6), alpha=0.7),
+    T.SimilarityToConceptTarget(np.random.default_rng(5).standard_normal(8)),
 ]
 
 
@@ -20,6 +21,8 @@ def _torch_value(target, z):
         return z[target.category]
     if isinstance(target, T.ClassifierOutputSoftmaxTarget):
         return torch.softmax(z, -1)[target.category]
+    if isinstance(target, T.SimilarityToConceptTarget):  # pgc's embeddings tutorial
+        return torch.nn.CosineSimilarity(dim=0)(z, torch.tensor(target.concept))
     if isinstance(target, T.ClassifierOutputReST):
         return z[target.category] - torch.nn.functional.cross_entropy(
             z[None], torch.tensor([target.category]))
@@ -37,6 +40,20 @@ def test_value_and_cotangent_match_torch(target):
     row = z.detach().numpy()
     assert np.isclose(float(target.values(row[None])[0]), float(value), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(target.cotangent(row), z.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS[1:] if hasattr(t, "hessian_vector")],
+                         ids=lambda t: type(t).__name__)
+def test_hessian_vector_matches_torch(target):
+    """ShapleyCAM's second-order term: H v against torch's double backward (float64); the
+    curved targets that have one (FinerCAM's has none: ShapleyCAM takes no FinerWeightedTarget)."""
+    rng = np.random.default_rng(1)
+    z = torch.tensor(rng.standard_normal(8), dtype=torch.float64, requires_grad=True)
+    v = rng.standard_normal(8)
+    (grad,) = torch.autograd.grad(_torch_value(target, z), z, create_graph=True)
+    (expected,) = torch.autograd.grad(grad @ torch.tensor(v), z)
+    np.testing.assert_allclose(target.hessian_vector(z.detach().numpy(), v), expected.numpy(),
+                               rtol=1e-9, atol=1e-12)
 
 
 @pytest.fixture(scope="module")
