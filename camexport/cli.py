@@ -177,7 +177,9 @@ def pack(images, out, size, labels, skip_unreadable, quiet):
 @click.option("--methods", default="gradcam", show_default=True, help="Comma-separated CAM methods.")
 @click.option("--metrics", default="", help="Comma-separated metrics, parameters after a colon: road-combined:20,40,60,80, "
               "road-morf:70, drop-in-confidence, deletion-auc, ... (camexport.metrics.METRICS).")
-@click.option("--targets", default="pred", show_default=True, help="pred (top class), label, or a class index.")
+@click.option("--targets", default="pred", show_default=True,
+              help="pred (top class), label, a class index, or concept:FILE.npy (embedding models: "
+                   "cosine similarity to a (D,) concept, or (N, D), one per sample).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--limit", type=int, help="Only the first N samples.")

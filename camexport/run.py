@@ -59,7 +59,8 @@ class RunConfig:
                 "batch_size": self.batch_size, "eigen_smooth": self.eigen_smooth,
                 "aug_smooth": self.aug_smooth, "cam_dtype": self.cam_dtype,
                 "metric_score": self.metric_score, "save_activations": self.save_activations,
-                "save_gradients": self.save_gradients, "seed": self.seed}
+                "save_gradients": self.save_gradients, "seed": self.seed,
+                "concept_sha256": _concept_sha256(str(self.targets))}
 
 
 @dataclass
@@ -90,6 +91,8 @@ def _targets_for(config: RunConfig, data: InputData, count: int, classes: int):
     mode = str(config.targets)
     if mode == "pred":
         return lambda start, stop: None
+    if mode.startswith("concept:"):
+        return _concept_targets(mode.split(":", 1)[1], count, classes)
     if mode == "label":
         labels = data.labels
         if labels is None:
@@ -104,10 +107,38 @@ def _targets_for(config: RunConfig, data: InputData, count: int, classes: int):
     try:
         category = int(mode)
     except ValueError:
-        raise RunError(f"--targets must be pred, label or a class index, not {mode!r}") from None
+        raise RunError(f"--targets must be pred, label, a class index or concept:FILE.npy, "
+                       f"not {mode!r}") from None
     if not 0 <= category < classes:
         raise RunError(f"--targets {category} is out of range for a model with {classes} classes")
     return lambda start, stop: [category] * (stop - start)
+
+
+def _concept_sha256(targets: str) -> str | None:
+    """The concept file's hash: a run with another concept in the same file is another run."""
+    path = Path(targets.split(":", 1)[1]) if targets.startswith("concept:") else None
+    return sha256(path) if path and path.is_file() else None
+
+
+def _concept_targets(path: str, count: int, size: int):
+    """Targets from a concept embedding file: (D,) for every sample or (N, D), one per sample."""
+    from camexport.targets import SimilarityToConceptTarget, TargetError
+
+    try:
+        concepts = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise RunError(f"--targets concept:{path}: not a readable .npy file ({err})") from err
+    if concepts.ndim == 1:
+        concepts = np.broadcast_to(concepts, (count, len(concepts)))
+    if concepts.ndim != 2 or concepts.shape[1] != size or len(concepts) < count:
+        raise RunError(f"--targets concept:{path} holds an array of shape {concepts.shape}; expected "
+                       f"({size},) for every sample or ({count}, {size}), one concept per sample, "
+                       f"for a model output of {size} values")
+    try:
+        targets = [SimilarityToConceptTarget(c) for c in concepts[:count]]
+    except TargetError as err:
+        raise RunError(f"--targets concept:{path}: {err}") from err
+    return lambda start, stop: targets[start:stop]
 
 
 def _batches(done: np.ndarray, size: int):
@@ -184,7 +215,9 @@ class Job:
         return np.stack([preprocess(image, self.prep["size"], self.prep["mean"], self.prep["std"])
                          for image in raw])
 
-    def _metric_targets(self, classes: np.ndarray) -> list:
+    def _metric_targets(self, classes: np.ndarray, chosen: list | None) -> list:
+        if str(self.config.targets).startswith("concept:"):
+            return chosen  # the similarity itself, whatever --metric-score says
         kind = ClassifierOutputSoftmaxTarget if self.config.metric_score == "softmax" else ClassifierOutputTarget
         return [kind(int(c)) for c in classes]
 
@@ -206,7 +239,7 @@ class Job:
         classes = np.full(n, -1, np.int64)
         if result is not None:
             outputs[rows] = result.outputs
-            classes[rows] = [t.category for t in result.targets]
+            classes[rows] = [getattr(t, "category", -1) for t in result.targets]  # -1: a concept
         arrays[f"outputs/{self.explainer.output_name}"] = outputs
         arrays["targets"] = classes
         for name in config.methods:
@@ -220,7 +253,7 @@ class Job:
                 scores = np.full(n, np.nan, np.float32)
                 if result is not None:
                     scores[rows] = evaluate(metric, x[rows], result.cams[name],
-                                            self._metric_targets(classes[rows]),
+                                            self._metric_targets(classes[rows], chosen),
                                             self.explainer.forward, seed=config.seed + start)
                 arrays[f"metrics/{metric}/{name}"] = scores
         if config.save_activations or config.save_gradients:

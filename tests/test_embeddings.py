@@ -108,3 +108,39 @@ def test_a_concept_of_the_wrong_size_is_a_clear_error(root):
         explainer(x[:1], targets=[SimilarityToConceptTarget(np.ones(10))], methods=["gradcam"])
     with pytest.raises(TargetError, match="not all zero"):
         SimilarityToConceptTarget(np.zeros(512))
+
+
+@pytest.mark.xdist_group("resnet18-embedding")
+def test_run_explains_a_dataset_against_a_concept_file(root):
+    """camexport run --targets concept:FILE.npy: stored CAMs equal the API's, /targets is -1 (no
+    class), metrics score the similarity itself; a concept of the wrong size is refused."""
+    import h5py
+    from click.testing import CliRunner
+
+    from camexport.cli import main
+    from camexport.metrics import evaluate
+
+    _, explainer, _, x, concepts = prepared("resnet18-embedding", root)
+    data, out, concept = f"{root}/embed.h5", f"{root}/embed-out.h5", f"{root}/concept.npy"
+    with h5py.File(data, "w") as h5:
+        h5["images"] = x
+    np.save(concept, concepts[0])
+    np.save(f"{root}/short.npy", concepts[0][:10])
+
+    def cli(*args):
+        return CliRunner().invoke(main, [str(a) for a in args])
+
+    refused = cli("run", f"{root}/resnet18-embedding", "--data", data, "--out", out,
+                  "--targets", f"concept:{root}/short.npy", "-q")
+    assert refused.exit_code != 0 and "expected (512,) for every sample" in refused.output
+    ran = cli("run", f"{root}/resnet18-embedding", "--data", data, "--out", out, "--methods", "gradcam++",
+              "--targets", f"concept:{concept}", "--metrics", "drop-in-confidence", "-q")
+    assert ran.exit_code == 0, ran.output
+    targets = [SimilarityToConceptTarget(concepts[0])] * 3
+    expected = explainer(x, targets=targets, methods=["gradcam++"]).cams["gradcam++"]
+    with h5py.File(out, "r") as h5:
+        np.testing.assert_allclose(h5["cams/gradcam++"][()], expected, atol=1e-6)
+        assert (h5["targets"][()] == -1).all()
+        scores = h5["metrics/drop-in-confidence/gradcam++"][()]
+    np.testing.assert_allclose(scores, evaluate("drop-in-confidence", x, expected, targets, explainer.forward),
+                               atol=1e-5)
