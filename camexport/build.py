@@ -23,10 +23,14 @@ from camexport import __version__
 from camexport.export import to_onnx
 from camexport.graph.augment import augment, get_manifest, set_manifest
 from camexport.graph.builder import GraphFacts
-from camexport.graph.locate import resolve
+from camexport.graph.fuse import EIGEN_SQUARINGS, HEADS
+from camexport.graph.fuse import fuse as fuse_heads
+from camexport.graph.locate import AUTO_LAYER, resolve
+from camexport.graph.rules import MAXPOOL_WITHOUT_INDICES
 from camexport.layout import infer_layout
 from camexport.load import Loaded, load
 from camexport.methods import METHODS, canonical_methods
+from camexport.precision import PRECISIONS, measure_drift, to_float16
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +59,34 @@ def build(
     out_dir: str | Path | None = None,
     trust_pickle: bool = False,
     output: str | None = None,
-    input_size: tuple[int, int] | None = None,
+    input_size: tuple[int, ...] | None = None,
     progress: Callable[[str], None] = lambda message: None,
+    fuse: str | list[str] | None = None,
+    fuse_uint8: bool = False,
+    precision: str = "fp32",
+    eigen_squarings: int = EIGEN_SQUARINGS,
+    maxpool_indices: bool = True,
 ) -> BuildResult:
-    """Build the CAM-augmented graph of ``model`` for ``layers`` and write the artifact."""
+    """Build the CAM-augmented graph of ``model`` for ``layers`` and write the artifact.
+
+    ``fuse`` appends those methods' heads to the graph (:mod:`camexport.graph.fuse`), as uint8
+    with ``fuse_uint8``; ``precision="fp16"`` writes a float16 graph with float32 inputs,
+    outputs and heads, and records its drift against float32 in the manifest (``fp16_drift``).
+    """
     if not layers:
-        raise ValueError("give at least one --layer (run `camexport inspect MODEL` to list them)")
+        # resolved after export to the last spatial map before pooling (locate.pick_layer)
+        layers = [AUTO_LAYER]
+        progress("no --layer given: the last spatial map before pooling will be the layer")
     method_names = canonical_methods(methods)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
+
+    fused_methods = canonical_methods(fuse) if fuse else []
+    if any(m not in HEADS for m in fused_methods):
+        raise ValueError(f"cannot fuse {[m for m in fused_methods if m not in HEADS]}; "
+                         f"fusable methods: {', '.join(HEADS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
 
     progress("loading model")
     loaded = load(model, arch=arch, trust_pickle=trust_pickle)
@@ -78,8 +101,35 @@ def build(
 
     progress("locating layers and differentiating the tail")
     clock = time.perf_counter()
-    augmented, manifest = make_augmented(loaded, plain, layers, method_names, score, output)
+    augmented, manifest = make_augmented(loaded, plain, layers, method_names, score, output,
+                                         maxpool_indices)
     timings["augment"] = time.perf_counter() - clock
+
+    reference = None
+    if precision == "fp16":
+        progress("converting to float16")
+        clock = time.perf_counter()
+        reference, augmented = augmented, to_float16(augmented)
+        manifest["precision"] = "fp16"
+        timings["fp16"] = time.perf_counter() - clock
+    if fused_methods:
+        # heads come after the float16 conversion: they read its float32 outputs and stay float32
+        progress(f"fusing CAM heads: {', '.join(fused_methods)}")
+        clock = time.perf_counter()
+        options = {"uint8": fuse_uint8, "squarings": eigen_squarings,
+                   "image_layout": manifest["preprocessing"]["layout"]}
+        augmented, manifest["fused"] = fuse_heads(augmented, manifest["layers"], fused_methods,
+                                                  **options)
+        if reference is not None:
+            reference, _ = fuse_heads(reference, manifest["layers"], fused_methods, **options)
+        timings["fuse"] = time.perf_counter() - clock
+    if reference is not None:
+        progress("measuring the float16 drift")
+        clock = time.perf_counter()
+        manifest["fp16_drift"] = measure_drift(reference, augmented)
+        timings["drift"] = time.perf_counter() - clock
+    if fused_methods or reference is not None:
+        set_manifest(augmented, manifest)
 
     progress("writing artifact")
     clock = time.perf_counter()
@@ -99,8 +149,11 @@ def make_augmented(
     methods: list[str],
     score: str = "logit",
     output: str | None = None,
+    maxpool_indices: bool = True,
 ) -> tuple[onnx.ModelProto, dict]:
-    """The augmented graph of an exported model, with its manifest inside, and the manifest."""
+    """The augmented graph of an exported model, with its manifest inside, and the manifest.
+    ``maxpool_indices`` False: MaxPool gradients by comparison with the pooled maximum instead
+    of MaxPool's Indices output, which TensorRT lacks (rules.MAXPOOL_WITHOUT_INDICES)."""
     facts = GraphFacts(plain)
     resolved = [resolve(plain, layer, facts) for layer in layers]
     tensors = dict(resolved)
@@ -110,7 +163,8 @@ def make_augmented(
     augmented = augment(plain, tensors, score=score, output=output,
                         input_gradient="input_gradients" in needs,
                         bias_gradients="bias_gradients" in needs, guided="guided" in needs,
-                        tangents="tangents" in needs)
+                        tangents="tangents" in needs,
+                        overrides=None if maxpool_indices else MAXPOOL_WITHOUT_INDICES)
     manifest = {
         "camexport_version": __version__,
         "source": {"path": loaded.source, "sha256": loaded.sha256, "kind": loaded.kind,
@@ -123,6 +177,7 @@ def make_augmented(
         "methods": list(methods),
         "preprocessing": loaded.preprocessing.as_dict(),
         "opset": next(o.version for o in augmented.opset_import if o.domain in ("", "ai.onnx")),
+        "maxpool_gradient": "indices" if maxpool_indices else "comparison",
         "plain_sha256": hashlib.sha256(plain.SerializeToString()).hexdigest(),
     }
     set_manifest(augmented, manifest)

@@ -49,8 +49,9 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @click.argument("model")
-@click.option("--layer", "layers", multiple=True, required=True,
-              help="Module path (layer4.2, features[-1], blocks[-1].norm1) or ONNX tensor name. Repeatable.")
+@click.option("--layer", "layers", multiple=True,
+              help="Module path (layer4.2, features[-1], blocks[-1].norm1) or ONNX tensor name. "
+                   "Repeatable. Default: the last spatial map before pooling.")
 @click.option("--methods", default="gradcam", show_default=True,
               help="Comma-separated CAM methods the artifact is built for.")
 @click.option("--arch", help="torchvision or timm constructor name, for a state_dict file.")
@@ -61,25 +62,55 @@ def main(verbose: bool) -> None:
               help="Artifact directory (default: artifacts/<model name>).")
 @click.option("--input-size", nargs=2, type=int, metavar="H W",
               help="Input height and width to export at (default: the model's own).")
+@click.option("--depth", type=int, metavar="D",
+              help="3-D models (5-D input, e.g. r3d_18 clips): frames or slices, with --input-size H W.")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow a whole pickled module (unpickling runs code from the file).")
+@click.option("--no-maxpool-indices", is_flag=True,
+              help="MaxPool gradients by comparison with the maximum instead of MaxPool's Indices "
+                   "output (TensorRT has none); ties go to the first maximum, as torch.")
+@click.option("--fuse", "fuse_methods", metavar="METHODS",
+              help="Comma-separated methods whose heatmaps become graph outputs cam/<method>/<layer> "
+                   "(gradcam, hirescam, gradcamelementwise, gradcam++, xgradcam, layercam, eigencam).")
+@click.option("--fuse-uint8", is_flag=True, help="Fused heatmaps as uint8 0-255 instead of float32 0-1.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16: float16 graph with float32 inputs, outputs and fused heads; prints its drift.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
-def build(model, layers, methods, arch, score, output_name, out_dir, input_size, trust_pickle, quiet):
+def build(model, layers, methods, arch, score, output_name, out_dir, input_size, depth, trust_pickle,
+          no_maxpool_indices, fuse_methods, fuse_uint8, precision, quiet):
     """Build the CAM-augmented ONNX graph of MODEL (a .pt/.pt2/.onnx file, or efficientnet-lite0)."""
     from camexport.build import build as build_artifact
+    from camexport.graph.locate import AUTO_LAYER
 
     report = _Reporter(quiet)
+    if depth is not None and not input_size:
+        raise click.ClickException("--depth D goes with --input-size H W (a 5-D input: N, 3, D, H, W)")
+    size = (depth, *input_size) if depth is not None else input_size or None
     try:
         result = build_artifact(model, list(layers), methods=methods, arch=arch, score=score,
                                 out_dir=out_dir, trust_pickle=trust_pickle, output=output_name,
-                                input_size=input_size or None, progress=report)
+                                input_size=size, progress=report, fuse=fuse_methods,
+                                fuse_uint8=fuse_uint8, precision=precision,
+                                maxpool_indices=not no_maxpool_indices)
     except _user_errors() as err:
         raise click.ClickException(str(err)) from err
     total = sum(result.timings.values())
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
+    for layer in result.manifest["layers"]:
+        if layer["requested"] == AUTO_LAYER:
+            shape = ", ".join("N" if d is None else str(d) for d in layer["shape"])
+            click.echo(f"no --layer given: using {layer['tensor']} ({shape}), the last spatial "
+                       f"map before pooling")
     click.echo(f"built {result.graph_path} in {total:.1f}s ({steps})")
     for layer in result.manifest["layers"]:
         click.echo(f"  layer {layer['name']}: tensor {layer['tensor']} {layer['layout']['kind']}")
+    for name in result.manifest.get("fused", {}).get("outputs", []):
+        click.echo(f"  fused head {name} ({result.manifest['fused']['dtype']})")
+    for name, entry in result.manifest.get("fp16_drift", {}).items():
+        if name.startswith("cam/") or name in result.manifest["outputs"]:
+            correlation = entry.get("correlation_min")
+            click.echo(f"  fp16 drift {name}: max |delta| {entry['max_abs']:.2e}"
+                       + (f", min correlation {correlation:.6f}" if correlation is not None else ""))
 
 
 @main.command()
@@ -87,10 +118,36 @@ def build(model, layers, methods, arch, score, output_name, out_dir, input_size,
 @click.option("--arch", help="torchvision or timm constructor name, for a state_dict file.")
 @click.option("--trust-pickle", is_flag=True, help="Allow a whole pickled module.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def inspect(model, arch, trust_pickle, as_json):
+@click.option("--check", is_flag=True,
+              help="List the ops between the layer and the output and whether each has a "
+                   "gradient rule; exit 1 when one lacks it.")
+@click.option("--layer", help="With --check: the layer (default: the one build would pick).")
+@click.option("--input-size", nargs=2, type=int, metavar="H W",
+              help="With --check: input height and width (default: the model's own).")
+def inspect(model, arch, trust_pickle, as_json, check, layer, input_size):
     """List candidate layers of MODEL, or the inputs, outputs and manifest of an ARTIFACT."""
-    from camexport.inspect import candidate_layers, describe_artifact, is_artifact
+    from camexport.inspect import candidate_layers, describe_artifact, is_artifact, tail_coverage
 
+    if check:
+        try:
+            report = tail_coverage(model, layer, arch=arch, trust_pickle=trust_pickle,
+                                   input_size=input_size or None)
+        except _user_errors() as err:
+            raise click.ClickException(str(err)) from err
+        if as_json:
+            click.echo(json.dumps(report, indent=2))
+        else:
+            click.echo(f"tail from {report['tensor']} {report['shape']} to {report['output']} "
+                       f"(opset {report['opset']}):")
+            for op in report["ops"]:
+                status = "rule" if op["rule"] else f"MISSING: {op['why']}"
+                click.echo(f"  {op['op']:<24} {op['count']:>4}  {status}")
+        missing = [op["op"] for op in report["ops"] if not op["rule"]]
+        if missing:
+            raise click.ClickException(
+                f"no gradient rule for {', '.join(missing)} on the tail of {report['tensor']}: "
+                f"pick a later --layer, or add a rule in camexport/graph/rules.py")
+        return
     try:
         if is_artifact(model):
             info = describe_artifact(model)

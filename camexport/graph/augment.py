@@ -22,7 +22,7 @@ from onnx import helper
 from camexport.graph.autodiff import differentiate
 from camexport.graph.builder import Builder, GraphFacts
 from camexport.graph.forward import linearize
-from camexport.graph.rules import GUIDED_RULES
+from camexport.graph.rules import GUIDED_RULES, Rule
 
 TARGET_WEIGHTS = "target_weights"
 SCORE = "score"
@@ -79,6 +79,7 @@ def augment(
     bias_gradients: bool = False,
     guided: bool = False,
     tangents: bool = False,
+    overrides: Mapping[str, Rule] | None = None,
 ) -> onnx.ModelProto:
     """Return a copy of ``model`` with the score block, layer activations and their gradients.
 
@@ -89,7 +90,8 @@ def augment(
     gradient w.r.t. its output); ``guided`` adds ``guided/input``, the input gradient through
     guided ReLUs (Guided Backprop); ``tangents`` adds ``tangent/<layer>`` = J A, the output's
     tangent along each layer's activation (ShapleyCAM's exact Hessian-vector product, for
-    piecewise-linear tails).
+    piecewise-linear tails). ``overrides`` replaces gradient rules by op type, e.g.
+    :data:`~camexport.graph.rules.MAXPOOL_WITHOUT_INDICES` for runtimes without MaxPool's Indices.
     """
     if score not in SCORE_FUNCTIONS:
         raise ValueError(f"unknown score function {score!r}; choose one of {SCORE_FUNCTIONS}")
@@ -137,7 +139,8 @@ def augment(
     extra = ([image] if input_gradient else []) + [tensor for tensor, _, _ in biases]
     tensors = list(dict.fromkeys([*layers.values(), *extra]))
     labels = {tensor: label for label, tensor in layers.items()}
-    grads = differentiate(result, facts, builder, {scored: weights}, tensors, labels=labels)
+    grads = differentiate(result, facts, builder, {scored: weights}, tensors, labels=labels,
+                          overrides=overrides)
     def like(tensor):
         return facts.dtype(tensor), _symbolic_shape(facts, tensor, out_info)
 
@@ -148,7 +151,7 @@ def augment(
                   (grad_name, grads[tensor], *like(tensor))]
     if guided:
         guided_grads = differentiate(result, facts, builder, {scored: weights}, [image],
-                                     overrides=GUIDED_RULES)
+                                     overrides={**(overrides or {}), **GUIDED_RULES})
         named.append((GUIDED_GRADIENT, guided_grads[image], *like(image)))
     if tangents:
         for label, tensor in layers.items():

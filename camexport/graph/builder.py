@@ -138,6 +138,9 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
 class Builder:
     """Collects emitted nodes and initializers with unique, predictable names."""
 
+    #: what emitted nodes are: names ``<owner>/<kind>/<k>``, metadata ``camexport.<kind>_of``
+    kind = "vjp"
+
     def __init__(self, facts: GraphFacts, taken: set[str]):
         self.facts = facts
         self.opset = facts.opset
@@ -174,7 +177,7 @@ class Builder:
     def op(self, op_type: str, *inputs: str, outputs: int = 1, name: str | None = None,
            **attrs) -> str | list[str]:
         """Emit one default-domain node; returns its output name (a list when outputs > 1)."""
-        node_name = self.fresh(f"{self.owner}/vjp")
+        node_name = self.fresh(f"{self.owner}/{self.kind}")
         if outputs == 1:
             out_names = [name or node_name]
         else:
@@ -183,7 +186,7 @@ class Builder:
             self._taken.add(name)
         node = helper.make_node(op_type, list(inputs), out_names, name=node_name, **attrs)
         entry = node.metadata_props.add()
-        entry.key, entry.value = "camexport.vjp_of", self.owner
+        entry.key, entry.value = f"camexport.{self.kind}_of", self.owner
         self.nodes.append(node)
         return out_names[0] if outputs == 1 else out_names
 

@@ -105,10 +105,65 @@ def normalise(layer: str, paths: list[str]) -> str:
     return prefix
 
 
+#: The layer name that asks for :func:`pick_layer` (`camexport build` without --layer).
+AUTO_LAYER = "<auto>"
+
+
+def _shape_or_none(facts: GraphFacts, name: str):
+    try:
+        return facts.shape(name)
+    except KeyError:
+        return None
+
+
+def _spatial(shape) -> bool:
+    """A rank-4 feature map with more than one channel and H, W > 1 (NCHW, or NHWC as
+    :func:`camexport.layout.infer_layout` reads it)."""
+    from camexport.layout import infer_layout
+
+    if shape is None or len(shape) != 4:
+        return False
+    layout = infer_layout(shape)
+    channels = shape[3] if layout["kind"] == "NHWC" else shape[1]
+    return all(d is not None and d > 1 for d in (channels, *layout["grid"]))
+
+
+def pick_layer(model: onnx.ModelProto, facts: GraphFacts | None = None,
+               output: str | None = None) -> str:
+    """The default target layer, as OpenVINO XAI picks it: the last spatial feature map (rank 4,
+    C, H, W > 1) in graph order that depends on the image and reaches ``output`` (default: the
+    first output); for a classifier, the map that global pooling or flatten consumes."""
+    facts = facts or GraphFacts(model)
+    nodes = list(model.graph.node)
+    output = output or model.graph.output[0].name
+    weights = {t.name for t in model.graph.initializer}
+    depends = {next(i.name for i in model.graph.input if i.name not in weights)}
+    for node in nodes:
+        if any(i in depends for i in node.input):
+            depends.update(o for o in node.output if facts.is_float(o))
+    reaches = {output}
+    for node in reversed(nodes):
+        if any(o in reaches for o in node.output):
+            reaches.update(node.input)
+    outputs = {o.name for o in model.graph.output}
+    found = [v for node in nodes for v in node.output
+             if v in depends and v in reaches and v not in outputs
+             and _spatial(_shape_or_none(facts, v))]
+    if not found:
+        raise LayerError(f"no spatial feature map (rank 4, H and W > 1) leads to output "
+                         f"{output!r}; pass --layer with a tensor name (`camexport inspect MODEL` "
+                         f"lists them)")
+    return found[-1]
+
+
 def resolve(model: onnx.ModelProto, layer: str, facts: GraphFacts | None = None) -> tuple[str, str]:
     """(label, tensor) for ``layer``: a module path (pgc indexing such as ``layer4[-1]`` is
-    resolved, and the label is the plain path ``layer4.2``) or an ONNX tensor name."""
+    resolved, and the label is the plain path ``layer4.2``), an ONNX tensor name, or
+    :data:`AUTO_LAYER` (:func:`pick_layer`, labelled by its tensor name)."""
     facts = facts or GraphFacts(model)
+    if layer == AUTO_LAYER:
+        tensor = pick_layer(model, facts)
+        return tensor, tensor
     modules = module_outputs(model, facts)
     produced = {v for node in model.graph.node for v in node.output if facts.is_float(v)}
     path = normalise(layer, list(modules))

@@ -119,9 +119,13 @@ def _leaky_relu(b, node, dys):
 
 @rule("Sigmoid")
 def _sigmoid(b, node, dys):
-    """Y = Sigmoid(X): dX = dY Y (1 - Y)."""
-    y = node.output[0]
-    return [b.op("Mul", dys[0], b.op("Mul", y, b.op("Sub", b.const(1, y), y)))]
+    """Y = Sigmoid(X): dX = dY Y (1 - Y) = dY E / (1 + E)^2, E = exp(-|X|), from X: onnxruntime's
+    float32 Sigmoid is exact to ~1e-7 absolute only, so Y (1 - Y) loses every digit where Y or
+    1 - Y is below that (a segmentation map's background)."""
+    x = node.input[0]
+    e = b.op("Exp", b.op("Neg", b.op("Abs", x)))
+    denominator = b.op("Add", b.const(1, x), e)
+    return [b.op("Mul", dys[0], b.op("Div", e, b.op("Mul", denominator, denominator)))]
 
 
 @rule("Tanh")
@@ -411,6 +415,80 @@ def _conv(b, node, dys):
     return _none_but(dx, node)
 
 
+@rule("ConvTranspose")
+def _conv_transpose(b, node, dys):
+    """Y = ConvTranspose(X, W) + B: dX = Conv(dY, W) with the same strides, pads, dilations, group."""
+    x, weight = node.input[0], node.input[1]
+    if b.needs(weight):
+        raise NotImplementedError("ConvTranspose with a differentiated weight")
+    if attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "") or attr(node, "output_shape"):
+        raise NotImplementedError("ConvTranspose with auto_pad or output_shape; re-export it "
+                                  "with explicit pads")
+    n = b.facts.rank(x) - 2
+    dx = b.op("Conv", dys[0], weight, strides=list(attr(node, "strides", [1] * n)),
+              dilations=list(attr(node, "dilations", [1] * n)),
+              pads=list(attr(node, "pads", [0] * (2 * n))), group=attr(node, "group", 1),
+              kernel_shape=list(b.facts.shape(weight)[2:]))
+    return _none_but(dx, node)
+
+
+def resize_matrix(n_in: int, n_out: int, scale: float, mode: str, coordinate: str,
+                  nearest_mode: str = "round_prefer_floor") -> np.ndarray:
+    """(n_out, n_in) float64 M with Y = M X along one axis, as ONNX Resize (antialias 0) for
+    ``mode`` nearest or linear; ``scale`` = n_out / n_in unless the node gives scales."""
+    i = np.arange(n_out, dtype=np.float64)
+    single = np.zeros(n_out)
+    x = {"half_pixel": (i + 0.5) / scale - 0.5,
+         "pytorch_half_pixel": (i + 0.5) / scale - 0.5 if n_out > 1 else single,
+         "align_corners": i * (n_in - 1) / max(n_out - 1, 1) if n_out > 1 else single,
+         "asymmetric": i / scale}.get(coordinate)
+    if x is None or mode not in ("nearest", "linear"):
+        raise NotImplementedError(f"Resize with mode {mode!r}, coordinate_transformation_mode "
+                                  f"{coordinate!r}; nearest and linear with half_pixel, "
+                                  f"pytorch_half_pixel, align_corners or asymmetric are supported")
+    m, rows = np.zeros((n_out, n_in)), np.arange(n_out)
+    if mode == "nearest":
+        half = x % 1 == 0.5
+        pick = {"round_prefer_floor": np.where(half, np.floor(x), np.round(x)),
+                "round_prefer_ceil": np.where(half, np.ceil(x), np.round(x)),
+                "floor": np.floor(x), "ceil": np.ceil(x)}[nearest_mode]
+        m[rows, np.clip(pick, 0, n_in - 1).astype(int)] = 1
+        return m
+    x = np.clip(x, 0, n_in - 1)
+    low = np.floor(x).astype(int)
+    np.add.at(m, (rows, low), 1 - (x - low))
+    np.add.at(m, (rows, np.minimum(low + 1, n_in - 1)), x - low)
+    return m
+
+
+@rule("Resize", since=11)
+def _resize(b, node, dys):
+    """Y = Resize(X) is linear along each resized axis a (Y = M_a X, M from resize_matrix):
+    dX = M_a^T dY on each axis, as a MatMul on the last axis (Transpose around it)."""
+    x, y = node.input[0], node.output[0]
+    if attr(node, "antialias", 0) or attr(node, "axes") is not None:
+        raise NotImplementedError("Resize with antialias or axes")
+    shape_in, shape_out = b.facts.shape(x), b.facts.shape(y)
+    if None in shape_in[1:] or None in shape_out[1:]:
+        raise NotImplementedError("Resize needs static sizes")
+    scales = _const_input(b, node, 2, "scales")
+    if scales is None or not scales.size:
+        scales = [1.0] + [o / i for i, o in zip(shape_in[1:], shape_out[1:])]
+    mode = (attr(node, "mode", "nearest"), attr(node, "coordinate_transformation_mode", "half_pixel"),
+            attr(node, "nearest_mode", "round_prefer_floor"))
+    grad, rank = dys[0], len(shape_in)
+    for axis in range(1, rank):
+        m = resize_matrix(shape_in[axis], shape_out[axis], float(scales[axis]), *mode)
+        if m.shape[0] == m.shape[1] and np.array_equal(m, np.eye(len(m))):
+            continue
+        swap = list(range(rank))
+        swap[axis], swap[-1] = swap[-1], swap[axis]
+        grad = grad if axis == rank - 1 else b.op("Transpose", grad, perm=swap)
+        grad = b.op("MatMul", grad, b.const(m, x))
+        grad = grad if axis == rank - 1 else b.op("Transpose", grad, perm=swap)
+    return _none_but(grad, node)
+
+
 @rule("AveragePool")
 def _average_pool(b, node, dys):
     """Y = mean over each window: dX = ConvTranspose(dY / count, ones), count per window."""
@@ -689,3 +767,45 @@ def _guided_relu(b, node, dys):
 
 #: Guided Backprop: every Relu node (functional ReLUs included, unlike pgc; reference Q25).
 GUIDED_RULES = {"Relu": _guided_relu}
+
+
+def _max_pool_by_comparison(b, node, dys):
+    """Y = max over each window, without MaxPool's Indices output (TensorRT has none):
+    P_k = X at window offset k (X padded with -inf), first_k = (P_k == Y) and no earlier offset
+    matched (row-major, so ties go to the first max, as torch and the Indices rule);
+    dX = ConvTranspose(Where(first_k, dY, 0) stacked over k, one-hot kernels, group = C)."""
+    x, y = node.input[0], node.output[0]
+    kernel = list(attr(node, "kernel_shape"))
+    n, (channels, *sizes), (_, *outs) = len(kernel), b.facts.shape(x)[1:], b.facts.shape(y)[1:]
+    strides = list(attr(node, "strides", [1] * n))
+    dilations = list(attr(node, "dilations", [1] * n))
+    pads = _explicit_pads(b, node, x, kernel, strides, dilations)
+    ends = [(o - 1) * s + (k - 1) * d + 1 - size - p  # ceil_mode windows may overhang
+            for o, s, k, d, size, p in zip(outs, strides, kernel, dilations, sizes, pads)]
+    padded = b.op("Pad", x, b.ints([0, 0, *pads[:n], 0, 0, *[max(e, 0) for e in ends]]),
+                  b.const(-np.inf, x))
+    offsets = list(np.ndindex(*kernel))
+    patches = [b.unsqueeze(b.op("Slice", padded, b.ints([o * d for o, d in zip(at, dilations)]),
+                                b.ints([o * d + (m - 1) * s + 1 for o, d, m, s in
+                                        zip(at, dilations, outs, strides)]),
+                                b.ints(range(2, 2 + n)), b.ints(strides)), [2]) for at in offsets]
+    hits = b.op("Equal", b.op("Concat", *patches, axis=2), b.unsqueeze(y, [2]))
+    count = b.op("CumSum", b.op("Cast", hits, to=b.facts.dtype(x)), b.array(np.array(2, np.int64)))
+    first = b.op("And", hits, b.op("Equal", count, b.const(1, x)))
+    masked = b.op("Where", first, b.unsqueeze(dys[0], [2]), b.const(0, x))
+    stacked = b.op("Reshape", masked, b.ints([0, channels * len(offsets), *outs]))
+    onehot = np.zeros([channels * len(offsets), 1, *kernel],
+                      dtype=helper.tensor_dtype_to_np_dtype(b.facts.dtype(x)))
+    for k, at in enumerate(offsets):
+        onehot[k::len(offsets), 0][(slice(None), *at)] = 1
+    canvas = b.op("ConvTranspose", stacked, b.array(onehot), strides=strides, dilations=dilations,
+                  group=channels, kernel_shape=kernel)  # covers the padded X up to the last window
+    if min(ends) < 0:
+        canvas = b.op("Pad", canvas, b.ints([0] * (n + 2) + [0, 0, *[max(-e, 0) for e in ends]]))
+    return [b.op("Slice", canvas, b.ints(pads[:n]), b.ints([p + size for p, size in zip(pads, sizes)]),
+                 b.ints(range(2, 2 + n)))]
+
+
+#: MaxPool differentiated without its Indices output, for runtimes that lack it (TensorRT);
+#: exact like the default rule, ties included. Opt in with ``augment(..., overrides=...)``.
+MAXPOOL_WITHOUT_INDICES = {"MaxPool": _max_pool_by_comparison}
