@@ -92,7 +92,7 @@ def eager_inputs(module, x: np.ndarray, layers: Sequence[str], targets=None):
 
     first = forward(x)
     resolved = as_targets(targets, first)
-    weights = target_weights(resolved, first, first.shape[-1])
+    weights = target_weights(resolved, first, first.shape[1:])
     outputs, acts, grads = activations_and_gradients(module, x, layers, weights)
     layouts = [infer_layout((None, *acts[layer].shape[1:]), x.shape[2:]) for layer in layers]
     return CamInputs(

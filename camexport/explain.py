@@ -287,7 +287,10 @@ class Explainer:
         self.score_function = self.manifest["score"]["function"]
         self.layers = self.manifest["layers"]
         output = next(o for o in model.graph.output if o.name == self.output_name)
-        self.classes = output.type.tensor_type.shape.dim[-1].dim_value
+        #: the model output per sample: (K,) for classifiers and embeddings, (K, H, W) for
+        #: segmentation; ``classes`` is K
+        self.output_shape = tuple(d.dim_value for d in output.type.tensor_type.shape.dim[1:])
+        self.classes = self.output_shape[0] if len(self.output_shape) > 1 else self.output_shape[-1]
         self.graph_outputs = tuple(o.name for o in model.graph.output)
         dependent = target_dependent(model)
         #: graph outputs that depend on the target (gradients, score)
@@ -389,9 +392,10 @@ class Explainer:
 
     def _check_weights(self, x: np.ndarray, weights: np.ndarray) -> np.ndarray:
         weights = np.asarray(weights, np.float32)
-        if weights.shape != (len(x), self.classes):
+        if weights.shape != (len(x), *self.output_shape):
             raise TargetError(f"target weights of shape {weights.shape} for {len(x)} images and "
-                              f"{self.classes} outputs: expected ({len(x)}, {self.classes})")
+                              f"outputs of shape {self.output_shape}: expected "
+                              f"{(len(x), *self.output_shape)}")
         return weights
 
     def _run(self, x: np.ndarray, weights: np.ndarray, outputs: tuple[str, ...] | None = None):
@@ -420,7 +424,7 @@ class Explainer:
 
     def _tail_gradients(self, cut: tuple, head: dict[str, np.ndarray],
                         weights: np.ndarray) -> dict[str, np.ndarray]:
-        """The tail's outputs for target rows ``weights`` (K, B, classes) on one head run:
+        """The tail's outputs for target rows ``weights`` (K, B, *output) on one head run:
         each output as (K, B, ...). Explicit rows only (an all-zero row gives zero gradients)."""
         split, _, tail = cut
         slots, batch = weights.shape[:2]
@@ -429,9 +433,9 @@ class Explainer:
         for start in range(0, slots, per_run):
             chunk = weights[start:start + per_run]
             feed = {name: np.concatenate([head[name]] * len(chunk)) for name in split.frontier}
-            feed[TARGET_WEIGHTS] = np.ascontiguousarray(chunk.reshape(-1, chunk.shape[-1]), np.float32)
+            feed[TARGET_WEIGHTS] = np.ascontiguousarray(chunk.reshape(-1, *chunk.shape[2:]), np.float32)
             ran = dict(zip(split.tail_outputs, tail.run(split.tail_outputs, feed)))
-            _zero_rows(ran, ~feed[TARGET_WEIGHTS].any(axis=1), split.tail_outputs)
+            _zero_rows(ran, ~_rows_any(feed[TARGET_WEIGHTS]), split.tail_outputs)
             for name, value in ran.items():
                 parts[name].append(value.reshape(len(chunk), batch, *value.shape[1:]))
         return {name: np.concatenate(values) for name, values in parts.items()}
@@ -446,7 +450,7 @@ class Explainer:
             raise ValueError("explain needs an artifact built with --score logit")
         outputs = self.outputs_for(needs)
         dependent = [name for name in outputs if name in self.target_outputs]
-        zeros = np.zeros((len(x), self.classes), np.float32)
+        zeros = np.zeros((len(x), *self.output_shape), np.float32)
         if targets is None:
             results = self._run(x, zeros, outputs)  # all-zero rows: each image's top class
         else:
@@ -461,9 +465,9 @@ class Explainer:
             if explicit.any() and dependent:
                 weights[explicit] = target_weights(
                     [t for t in known if t is not None],
-                    None if model_outputs is None else model_outputs[explicit], self.classes)
+                    None if model_outputs is None else model_outputs[explicit], self.output_shape)
             results = self._run(x, weights, outputs)
-            _zero_rows(results, explicit & ~weights.any(axis=1), dependent)
+            _zero_rows(results, explicit & ~_rows_any(weights), dependent)
         resolved = as_targets(targets, results[self.output_name])
         gradients = tuple(gradient_name(layer["name"]) for layer in self.layers)
 
@@ -471,7 +475,7 @@ class Explainer:
             spec = self.layers[layer]
             rows = np.asarray(rows, np.float32)
             again = self._run(x, rows, gradients)
-            _zero_rows(again, ~rows.any(axis=1), gradients)
+            _zero_rows(again, ~_rows_any(rows), gradients)
             return to_channel_first(again[gradient_name(spec["name"])], spec["layout"])
 
         return self._cam_inputs(x, results, resolved, backward, needs=needs)
@@ -571,7 +575,7 @@ class Explainer:
                                                                  {self.input_name: x})))
             model_outputs = head[self.output_name]
             resolved = [as_targets(column, model_outputs) for column in columns]
-            weights = np.stack([target_weights(column, model_outputs, self.classes)
+            weights = np.stack([target_weights(column, model_outputs, self.output_shape)
                                 for column in resolved])
             ran = self._tail_gradients(cut, head, weights)
             backward = self._head_backward(cut, head)
@@ -581,12 +585,12 @@ class Explainer:
 
             def rerun(_x, chosen):
                 targets = as_targets(chosen, model_outputs)
-                rows = target_weights(targets, model_outputs, self.classes)[None]
+                rows = target_weights(targets, model_outputs, self.output_shape)[None]
                 again = self._tail_gradients(cut, head, rows)
                 return self._cam_inputs(x, {**head, **{n: v[0] for n, v in again.items()}},
                                         targets, backward, forward, tail, needs)
         elif not any(name in self.target_outputs for name in outputs):  # one run serves all
-            once = self._run(x, np.zeros((len(x), self.classes), np.float32), outputs)
+            once = self._run(x, np.zeros((len(x), *self.output_shape), np.float32), outputs)
             per_slot = [self._cam_inputs(x, once, as_targets(column, once[self.output_name]),
                                          None, forward, tail, needs) for column in columns]
         else:
@@ -660,6 +664,11 @@ class _Memo:
         if key not in self.results:
             self.results[key] = self.function(*args)
         return self.results[key]
+
+
+def _rows_any(weights: np.ndarray) -> np.ndarray:
+    """Which rows (first axis) hold a non-zero weight."""
+    return weights.reshape(len(weights), -1).any(axis=1)
 
 
 def _zero_rows(results: dict[str, np.ndarray], rows: np.ndarray, names: Sequence[str]) -> None:

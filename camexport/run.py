@@ -190,6 +190,10 @@ class Job:
             raise StoreError(f"the artifact takes {len(size)}-D inputs ({text}): store them in "
                              f"{config.data}:/images as (N, 3, {', '.join(map(str, size))}) float32, "
                              f"preprocessed")
+        if len(self.explainer.output_shape) > 1 and (str(config.targets) == "pred" or config.metrics):
+            raise RunError(f"the model output is {self.explainer.output_shape} per sample (segmentation): "
+                           f"give --targets CLASS or label (the pixels the model assigns to that class "
+                           f"are explained), and no --metrics")
         if len(size) != 2 and config.metrics:
             raise RunError(f"metrics ({', '.join(config.metrics)}) work on 2-D images; the artifact "
                            f"takes {len(size)}-D inputs ({text}): run without --metrics")
@@ -215,6 +219,14 @@ class Job:
         return np.stack([preprocess(image, self.prep["size"], self.prep["mean"], self.prep["std"])
                          for image in raw])
 
+    def _segmentation_targets(self, x: np.ndarray, classes: list) -> list:
+        """Class c of a segmentation model: the pixels it assigns to c, as pgc's tutorial
+        (SemanticSegmentationTarget(c, argmax(output) == c)); one plain forward."""
+        from camexport.targets import SemanticSegmentationTarget
+
+        predicted = self.explainer.forward(x).argmax(axis=1)
+        return [SemanticSegmentationTarget(int(c), np.float32(p == c)) for c, p in zip(classes, predicted)]
+
     def _metric_targets(self, classes: np.ndarray, chosen: list | None) -> list:
         if str(self.config.targets).startswith("concept:"):
             return chosen  # the similarity itself, whatever --metric-score says
@@ -231,11 +243,13 @@ class Job:
         targets = self.targets(start, stop)
         rows = np.flatnonzero(valid)
         chosen = None if targets is None else [targets[i] for i in rows]
+        if chosen is not None and len(self.explainer.output_shape) > 1 and len(rows):
+            chosen = self._segmentation_targets(x[rows], chosen)
         result = None
         if len(rows):
             result = self.explainer(x[rows], targets=chosen, methods=config.methods,
                                     eigen_smooth=config.eigen_smooth, aug_smooth=config.aug_smooth)
-        outputs = np.full((n, self.classes), np.nan, np.float32)
+        outputs = np.full((n, *self.explainer.output_shape), np.nan, np.float32)
         classes = np.full(n, -1, np.int64)
         if result is not None:
             outputs[rows] = result.outputs
@@ -268,7 +282,7 @@ class Job:
 
         ran = {}
         if result is not None:
-            weights = target_weights(result.targets, result.outputs, self.classes)
+            weights = target_weights(result.targets, result.outputs, self.explainer.output_shape)
             ran = self.explainer.run_graph(x[rows], weights)
         found = {}
         for layer in self.explainer.layers:

@@ -150,6 +150,33 @@ class FinerWeightedTarget:
         return (dnum * den - num * dden) / den**2
 
 
+@dataclass(frozen=True, eq=False)
+class SemanticSegmentationTarget:
+    """t(z) = sum_ij z[c, i, j] mask_ij on a (K, H, W) output (pgc's SemanticSegmentationTarget:
+    the mask is a constant, e.g. the pixels the model assigns to class c)."""
+
+    category: int
+    mask: np.ndarray
+    linear = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "mask", np.asarray(self.mask, np.float64))
+
+    def values(self, z):
+        return (np.asarray(z)[..., self.category, :, :] * self.mask).sum(axis=(-2, -1))
+
+    def cotangent(self, z):
+        if z.ndim != 3 or self.mask.shape != z.shape[1:]:
+            raise TargetError(f"SemanticSegmentationTarget's mask is {self.mask.shape} for an output "
+                              f"of shape {z.shape}; give a mask of the output's (H, W)")
+        out = np.zeros(z.shape, np.float64)
+        out[self.category] = self.mask
+        return out
+
+    def hessian_vector(self, z, v):
+        return np.zeros(z.shape, np.float64)
+
+
 #: torch.nn.CosineSimilarity's eps (pgc's tutorial target uses its default): the product of the
 #: norms is clamped below at eps.
 COSINE_EPS = 1e-8
@@ -222,9 +249,13 @@ def as_targets(targets, outputs: np.ndarray) -> list:
     """One target object per sample: None -> argmax of the last axis (first index on ties);
     ints -> ClassifierOutputTarget. Fewer targets than samples is an error (reference Q1 fix)."""
     batch = outputs.shape[0]
-    if targets is None:
+    dense = outputs.ndim > 2
+    if targets is None and not dense:
         return [ClassifierOutputTarget(int(k)) for k in outputs.reshape(batch, -1).argmax(axis=-1)]
-    classes = outputs.shape[-1]
+    if dense and (targets is None or any(t is None for t in target_list(targets, batch))):
+        raise TargetError(f"a model whose output is {outputs.shape[1:]} per sample has no top class: "
+                          f"give a target per image, e.g. SemanticSegmentationTarget(category, mask)")
+    classes = outputs.shape[1] if dense else outputs.shape[-1]
     result = []
     for b, target in enumerate(target_list(targets, batch)):
         if target is None:
@@ -260,24 +291,26 @@ def _check(target, b: int, classes: int) -> None:
                               f"output with {classes} classes")
 
 
-def target_weights(targets: Sequence, outputs: np.ndarray | None, classes: int) -> np.ndarray:
-    """The ``target_weights`` rows (B, K) for a logit-score graph: dt_b/dz_b."""
+def target_weights(targets: Sequence, outputs: np.ndarray | None, classes) -> np.ndarray:
+    """The ``target_weights`` rows (B, K) for a logit-score graph: dt_b/dz_b. ``classes``: the
+    number of outputs, or the output shape per sample ((K, H, W) for segmentation)."""
+    shape = (classes,) if isinstance(classes, (int, np.integer)) else tuple(classes)
     rows = []
     for b, target in enumerate(targets):
         if getattr(target, "linear", False):
-            row = target.cotangent(np.zeros(classes))
+            row = target.cotangent(np.zeros(shape))
         else:
             if outputs is None:
                 raise TargetError("this target needs the model outputs first")
             row = target.cotangent(outputs[b])
         row = np.asarray(row, np.float64)
-        if row.shape != (classes,):
+        if row.shape != shape:
             raise TargetError(f"the target of image {b} gives weights of shape {row.shape} for an "
-                              f"output of {classes} values: expected ({classes},)")
+                              f"output of shape {shape}: expected {shape}")
         if not np.isfinite(row).all():
             raise TargetError(f"the target of image {b} gives non-finite weights {row}")
         rows.append(row)
-    return np.asarray(rows, dtype=np.float32).reshape(len(rows), classes)
+    return np.asarray(rows, dtype=np.float32).reshape(len(rows), *shape)
 
 
 def target_values(targets: Sequence, outputs_per_target: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -231,7 +231,7 @@ def test_bad_input_datasets(workspace, tmp_path, images, message):
 def test_bad_targets_and_provider(workspace, tmp_path):
     base = ["run", workspace / "lite0", "--data", workspace / "photos.h5", "--out", tmp_path / "o.h5"]
     assert "out of range" in cli(*base, "--targets", "1000", ok=False).output
-    assert "pred, label or a class index" in cli(*base, "--targets", "cat", ok=False).output
+    assert "pred, label, a class index or concept:FILE.npy" in cli(*base, "--targets", "cat", ok=False).output
     assert "not available" in cli(*base, "--provider", "cuda", ok=False).output
     assert "rebuild with" in cli(*base, "--methods", "guidedbackprop", ok=False).output
 

@@ -23,7 +23,7 @@ from pytorch_grad_cam.utils.model_targets import (
     ClassifierOutputSoftmaxTarget,
     ClassifierOutputTarget,
 )
-from zoo import on_leave, one_model_at_a_time
+from zoo import on_leave, one_model_at_a_time, randomise
 
 from camexport import targets as ours_targets
 from camexport.build import build
@@ -66,21 +66,6 @@ SETUPS = {
 }
 
 
-def _randomise(model: torch.nn.Module) -> torch.nn.Module:
-    """Non-trivial batch-norm statistics and biases (torchvision initialises them to 0/1)."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.2, 0.2, generator=generator)
-                module.running_var.uniform_(0.5, 1.5, generator=generator)
-                module.weight.uniform_(0.5, 1.5, generator=generator)
-                module.bias.uniform_(-0.2, 0.2, generator=generator)
-            elif isinstance(module, torch.nn.Conv2d) and module.bias is not None:
-                module.bias.uniform_(-0.1, 0.1, generator=generator)
-    return model.eval()
-
-
 def _reshape(setup: str):
     if setup == "deit_tiny":
         return lambda t: t[:, 1:, :].reshape(t.size(0), 14, 14, t.size(2)).permute(0, 3, 1, 2)
@@ -117,7 +102,7 @@ def prepared(setup: str, tmp_root: str):
         for layer in model.classifier[::3]:
             torch.nn.init.normal_(layer.weight, 0, 0.02)
             torch.nn.init.zeros_(layer.bias)
-    model = _randomise(model)
+    model = randomise(model)
     _ROOTS.add(tmp_root)
     path = f"{tmp_root}/{setup}.pt"
     torch.save(model, path)
@@ -668,7 +653,7 @@ def prepared_binary(setup: str, tmp_root: str):
     torch.manual_seed(0)
     model, _ = build_architecture("resnet18")
     model.fc = torch.nn.Linear(512, 1)
-    model = _randomise(model)
+    model = randomise(model)
     path = f"{tmp_root}/binary.pt"
     torch.save(model, path)
     built = build(path, ["layer4"], methods="gradcam", trust_pickle=True,

@@ -125,7 +125,7 @@ class _Flat:
 
 def test_wrong_weight_shapes_raise(explainer):
     x = np.zeros((2, 3, 64, 64), np.float32)
-    with pytest.raises(T.TargetError, match=r"weights of shape \(3,\) for an output of 1000"):
+    with pytest.raises(T.TargetError, match=r"weights of shape \(3,\) for an output of shape \(1000,\)"):
         explainer(x, targets=[_WrongShape(), 1])
     with pytest.raises(T.TargetError, match=r"expected \(2, 1000\)"):
         explainer.run_graph(x, np.zeros((2, 10), np.float32))

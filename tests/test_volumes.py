@@ -1,9 +1,9 @@
 """3-D models (5-D input: clips or volumes) against pytorch-grad-cam 1.5.7's 3-D path.
 
-torchvision r3d_18 (random weights, seeded, random batch-norm statistics), input (2, 3, 16, 64, 64),
-layer4 -> A (2, 512, 2, 4, 4); CAMs are volumes (B, D, H, W) resized as pgc does (scipy's cubic
-``zoom``, reference §2.4 and §2.6). Tolerance: max |diff| <= 1e-4 on maps in [0, 1], as the 2-D
-parity tests.
+torchvision r3d_18 (random weights, seeded, random batch-norm statistics: zoo.randomise), input
+(2, 3, 16, 64, 64), layer4 -> A (2, 512, 2, 4, 4); CAMs are volumes (B, D, H, W) resized as pgc
+does (scipy's cubic ``zoom``, reference §2.4 and §2.6). Tolerance: max |diff| <= 1e-4 on maps in
+[0, 1], as the 2-D parity tests.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import pytest
 import pytorch_grad_cam as pgc
 import torch
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-from zoo import one_model_at_a_time
+from zoo import one_model_at_a_time, randomise
 
-from camexport.build import build
 from camexport.explain import Explainer
 
 TOLERANCE = 1e-4
@@ -40,19 +39,20 @@ def prepared(name: str, root: str):
 
     torch.manual_seed(0)
     model = r3d_18().eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm3d):
-                module.running_mean.uniform_(-0.2, 0.2, generator=generator)
-                module.running_var.uniform_(0.5, 1.5, generator=generator)
-                module.bias.uniform_(-0.2, 0.2, generator=generator)
+    model = randomise(model)
     path = f"{root}/r3d_18.pt"
     torch.save(model, path)
-    built = build(path, ["layer4"], methods="gradcam", trust_pickle=True, input_size=SIZE,
-                  out_dir=f"{root}/r3d_18")
+    from click.testing import CliRunner
+
+    from camexport.cli import main
+
+    built = CliRunner().invoke(main, ["build", path, "--layer", "layer4", "--trust-pickle", "--depth",
+                                      str(SIZE[0]), "--input-size", *map(str, SIZE[1:]), "--out",
+                                      f"{root}/r3d_18", "-q"])
+    assert built.exit_code == 0, built.output
     x = np.random.default_rng(0).standard_normal((2, 3, *SIZE)).astype(np.float32)
-    return model, Explainer(built.directory), built.manifest, x
+    explainer = Explainer(f"{root}/r3d_18")
+    return model, explainer, explainer.manifest, x
 
 
 @pytest.fixture(scope="module")

@@ -106,3 +106,21 @@ def exported(name: str):
     entry = BY_NAME[name]
     loaded = from_module(module(name), name, Preprocessing(size=(entry.size, entry.size)))
     return loaded, to_onnx(loaded)
+
+
+def randomise(model):
+    """Non-trivial batch-norm statistics and biases (torchvision initialises them to 0/1), seeded;
+    2-D and 3-D layers alike. Returns the model in eval mode."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.running_mean.uniform_(-0.2, 0.2, generator=generator)
+                module.running_var.uniform_(0.5, 1.5, generator=generator)
+                module.weight.uniform_(0.5, 1.5, generator=generator)
+                module.bias.uniform_(-0.2, 0.2, generator=generator)
+            elif isinstance(module, torch.nn.modules.conv._ConvNd) and module.bias is not None:
+                module.bias.uniform_(-0.1, 0.1, generator=generator)
+    return model.eval()
