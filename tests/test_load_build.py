@@ -239,3 +239,54 @@ def test_build_without_maxpool_indices_gives_the_same_gradients(files, tmp_path)
     assert np.abs(ran[0]).max() > 0
     print(f"maxpool by comparison: max |diff| {np.abs(ran[1] - ran[0]).max():.1e} of {np.abs(ran[0]).max():.1e}")
     np.testing.assert_allclose(ran[1], ran[0], rtol=0, atol=1e-6 * np.abs(ran[0]).max())
+
+
+class _TwoHeads(torch.nn.Module):
+    """A model with a tuple output: class logits and a 4-value regression head."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU())
+        self.classes = torch.nn.Linear(16, 10)
+        self.boxes = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        pooled = self.features(x).mean(dim=(2, 3))
+        return self.classes(pooled), self.boxes(pooled)
+
+
+def test_output_picks_which_output_the_score_uses(tmp_path):
+    """--output NAME on a model with several outputs: the score reads that output, the gradients
+    are those of torch's second head, every output stays a graph output; an unknown name is a
+    clear error naming the outputs."""
+    torch.manual_seed(0)
+    model = _TwoHeads().eval()
+    torch.save(model, tmp_path / "two.pt")
+    first = build(str(tmp_path / "two.pt"), ["features.3"], trust_pickle=True, input_size=(16, 16),
+                  out_dir=tmp_path / "first")
+    names = first.manifest["outputs"]
+    assert len(names) == 2 and first.manifest["score"]["output"] == names[0]
+    second = build(str(tmp_path / "two.pt"), ["features.3"], trust_pickle=True, input_size=(16, 16),
+                   out_dir=tmp_path / "second", output=names[1])
+    assert second.manifest["score"]["output"] == names[1]
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    weights = np.float32([[1, 0, 0, 0], [0, 0, 2, -1]])
+    ran = session(onnx.load(str(second.graph_path))).run(None, {"x": x, "target_weights": weights})
+    got = dict(zip([o.name for o in onnx.load(str(second.graph_path)).graph.output], ran))
+
+    class Second(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, batch):
+            return self.inner(batch)[1]
+
+    outputs, _, grads = activations_and_gradients(Second(), x, ["inner.features.3"], weights)
+    np.testing.assert_allclose(got[names[1]], outputs, atol=1e-5)
+    np.testing.assert_allclose(got["gradient/features.3"], grads["inner.features.3"], atol=1e-5)
+    assert np.abs(grads["inner.features.3"]).max() > 1e-3
+    with pytest.raises(ValueError, match="has no output 'nope'"):
+        build(str(tmp_path / "two.pt"), ["features.3"], trust_pickle=True, input_size=(16, 16),
+              out_dir=tmp_path / "bad", output="nope")
