@@ -84,9 +84,11 @@ def test_segmentation_cams_match_pgc(method, root):
     """Each image explained for class 1 over the pixels predicted as class 1 (pgc's tutorial);
     every method's maps are checked to be non-trivial."""
     model, explainer, x, categories, masks = prepared("deeplabv3", root)
+    if method in ("scorecam", "ablationcam"):  # 960 model runs per image on each side: one image
+        x, categories, masks = x[1:], categories[1:], masks[1:]
     ours = explainer(x, targets=[SemanticSegmentationTarget(c, m) for c, m in zip(categories, masks)],
                      methods=[method])
-    assert ours.outputs.shape == (2, 6, 64, 64)
+    assert ours.outputs.shape == (len(x), 6, 64, 64)
     with METHODS[method](model=model, target_layers=[model.model.backbone["16"]]) as cam:
         theirs = cam(input_tensor=torch.tensor(x),
                      targets=[TheirTarget(c, m) for c, m in zip(categories, masks)])
