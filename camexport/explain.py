@@ -290,7 +290,7 @@ class Explainer:
         #: the model output per sample: (K,) for classifiers and embeddings, (K, H, W) for
         #: segmentation; ``classes`` is K
         self.output_shape = tuple(d.dim_value for d in output.type.tensor_type.shape.dim[1:])
-        self.classes = self.output_shape[0] if len(self.output_shape) > 1 else self.output_shape[-1]
+        self.classes = self.output_shape[0]
         self.graph_outputs = tuple(o.name for o in model.graph.output)
         dependent = target_dependent(model)
         #: graph outputs that depend on the target (gradients, score)
