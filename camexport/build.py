@@ -19,7 +19,7 @@ from pathlib import Path
 
 import onnx
 
-from camexport import __version__
+from camexport import __version__, detection
 from camexport.export import to_onnx
 from camexport.graph.augment import augment, get_manifest, set_manifest
 from camexport.graph.builder import GraphFacts
@@ -92,17 +92,20 @@ def build(
     loaded = load(model, arch=arch, trust_pickle=trust_pickle)
     if input_size:
         loaded.preprocessing.size = tuple(input_size)
+    detector = detection.wrap(loaded)
     timings["load"] = time.perf_counter() - clock
 
     progress("exporting to ONNX")
     clock = time.perf_counter()
     plain = to_onnx(loaded)
+    if detector:
+        detection.name_outputs(plain)
     timings["export"] = time.perf_counter() - clock
 
     progress("locating layers and differentiating the tail")
     clock = time.perf_counter()
     augmented, manifest = make_augmented(loaded, plain, layers, method_names, score, output,
-                                         maxpool_indices)
+                                         maxpool_indices, detector)
     timings["augment"] = time.perf_counter() - clock
 
     reference = None
@@ -150,12 +153,18 @@ def make_augmented(
     score: str = "logit",
     output: str | None = None,
     maxpool_indices: bool = True,
+    detector: detection.DetectorSpec | None = None,
 ) -> tuple[onnx.ModelProto, dict]:
     """The augmented graph of an exported model, with its manifest inside, and the manifest.
     ``maxpool_indices`` False: MaxPool gradients by comparison with the pooled maximum instead
-    of MaxPool's Indices output, which TensorRT lacks (rules.MAXPOOL_WITHOUT_INDICES)."""
+    of MaxPool's Indices output, which TensorRT lacks (rules.MAXPOOL_WITHOUT_INDICES).
+    ``detector``: the spec of a detector graph (:mod:`camexport.detection`), recorded in the
+    manifest; its layer ``backbone`` is the stacked FPN levels."""
     facts = GraphFacts(plain)
-    resolved = [resolve(plain, layer, facts) for layer in layers]
+    aliases = {detection.STACK_LAYER: detection.STACK} if detector else {}
+    resolved = [resolve(plain, layer, facts, aliases) for layer in layers]
+    if detector:
+        detection.check_layers(resolved, methods)
     tensors = dict(resolved)
     if len(tensors) != len(layers):
         raise ValueError(f"--layer values {layers} name the same layer more than once")
@@ -164,7 +173,8 @@ def make_augmented(
                         input_gradient="input_gradients" in needs,
                         bias_gradients="bias_gradients" in needs, guided="guided" in needs,
                         tangents="tangents" in needs,
-                        overrides=None if maxpool_indices else MAXPOOL_WITHOUT_INDICES)
+                        overrides=None if maxpool_indices else MAXPOOL_WITHOUT_INDICES,
+                        forward_only=tuple(aliases))
     manifest = {
         "camexport_version": __version__,
         "source": {"path": loaded.source, "sha256": loaded.sha256, "kind": loaded.kind,
@@ -180,6 +190,8 @@ def make_augmented(
         "maxpool_gradient": "indices" if maxpool_indices else "comparison",
         "plain_sha256": hashlib.sha256(plain.SerializeToString()).hexdigest(),
     }
+    if detector:
+        manifest["detection"] = detector.as_dict()
     set_manifest(augmented, manifest)
     return augmented, manifest
 

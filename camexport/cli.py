@@ -237,6 +237,9 @@ def pack(images, out, size, labels, skip_unreadable, quiet):
 @click.option("--targets", default="pred", show_default=True,
               help="pred (top class), label, a class index, or concept:FILE.npy (embedding models: "
                    "cosine similarity to a (D,) concept, or (N, D), one per sample).")
+@click.option("--detection-threshold", default=0.5, show_default=True,
+              help="Detector artifacts: explain each image's detections scoring at least this "
+                   "(of the --targets class if one is given), as pgc's detection tutorial.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--limit", type=int, help="Only the first N samples.")
@@ -251,7 +254,7 @@ def pack(images, out, size, labels, skip_unreadable, quiet):
 @click.option("--seed", default=0, show_default=True, help="Seed of the metrics' noise.")
 @click.option("--overwrite", is_flag=True, help="Replace an output made by a different run.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
-def run(artifact, data, out, methods, metrics, targets, provider, batch_size, limit, eigen_smooth,
+def run(artifact, data, out, methods, metrics, targets, detection_threshold, provider, batch_size, limit, eigen_smooth,
         aug_smooth, cam_dtype, compression, metric_score, save_activations, save_gradients, seed,
         overwrite, quiet):
     """Explain every image of a dataset with ARTIFACT; CAMs, outputs and metrics into --out.
@@ -266,7 +269,7 @@ def run(artifact, data, out, methods, metrics, targets, provider, batch_size, li
                        eigen_smooth=eigen_smooth, aug_smooth=aug_smooth, cam_dtype=cam_dtype,
                        compression=compression, metric_score=metric_score,
                        save_activations=save_activations, save_gradients=save_gradients,
-                       overwrite=overwrite, seed=seed)
+                       overwrite=overwrite, seed=seed, detection_threshold=detection_threshold)
     try:
         summary = run_job(config, progress=_Progress(quiet))
     except KeyboardInterrupt:

@@ -25,6 +25,7 @@ import onnx
 from onnx import helper
 
 from camexport.build import PLAIN_FILE, read_artifact
+from camexport.detection import DetectionError, Detections, DetectorSpec, bind, postprocess
 from camexport.graph.augment import (
     GUIDED_GRADIENT,
     INPUT_GRADIENT,
@@ -291,6 +292,9 @@ class Explainer:
         #: segmentation; ``classes`` is K
         self.output_shape = tuple(d.dim_value for d in output.type.tensor_type.shape.dim[1:])
         self.classes = self.output_shape[0]
+        #: a detector artifact's post-processing (camexport.detection), else None
+        self.detection = (DetectorSpec.from_dict(self.manifest["detection"])
+                          if "detection" in self.manifest else None)
         self.graph_outputs = tuple(o.name for o in model.graph.output)
         dependent = target_dependent(model)
         #: graph outputs that depend on the target (gradients, score)
@@ -441,11 +445,22 @@ class Explainer:
         return {name: np.concatenate(values) for name, values in parts.items()}
 
     # -- explanation ---------------------------------------------------------------------
-    def inputs(self, x: np.ndarray, targets=None, needs=None) -> CamInputs:
+    def detect(self, x: np.ndarray, outputs: np.ndarray | None = None) -> list[Detections]:
+        """A detector artifact's detections per image (torchvision's post-processing of the
+        graph's rows, :func:`camexport.detection.postprocess`); ``outputs``: rows already run."""
+        if self.detection is None:
+            raise DetectionError(f"{self.path} is not a detector artifact (built from a torchvision "
+                                 f"RetinaNet or FCOS)")
+        outputs = self.forward(np.ascontiguousarray(x, np.float32)) if outputs is None else outputs
+        return [postprocess(rows, self.detection) for rows in outputs]
+
+    def inputs(self, x: np.ndarray, targets=None, needs=None, free: bool = False) -> CamInputs:
         """Run the graph once (twice for targets that need the outputs first) and gather what
         methods read; ``needs`` (registry.MethodInfo.needs) restricts the run to what methods
-        with those needs read (default: every output)."""
+        with those needs read (default: every output). ``free``: only methods that ignore
+        targets will read the result, so a model with no top class needs none."""
         x = np.ascontiguousarray(x, dtype=np.float32)
+        targets = bind(targets, self.detection)
         if self.score_function != "logit":
             raise ValueError("explain needs an artifact built with --score logit")
         outputs = self.outputs_for(needs)
@@ -468,7 +483,8 @@ class Explainer:
                     None if model_outputs is None else model_outputs[explicit], self.output_shape)
             results = self._run(x, weights, outputs)
             _zero_rows(results, explicit & ~_rows_any(weights), dependent)
-        resolved = as_targets(targets, results[self.output_name])
+        resolved = ([None] * len(x) if free and targets is None and len(self.output_shape) > 1
+                    else as_targets(targets, results[self.output_name]))
         gradients = tuple(gradient_name(layer["name"]) for layer in self.layers)
 
         def backward(layer: int, rows: np.ndarray) -> np.ndarray:
@@ -507,6 +523,9 @@ class Explainer:
             tail=_for_images(tail or self.tail, x), backward=backward,
             rerun=lambda batch, targets: self.inputs(batch, targets, needs))
 
+    def _free(self, implementations: dict[str, Method]) -> bool:
+        return not any(getattr(impl, "uses_targets", True) for impl in implementations.values())
+
     def _retargeted(self, impl, inputs: CamInputs, targets, rerun=None) -> CamInputs:
         """The inputs for a method that picks its own targets from the outputs (FinerCAM)."""
         retarget = getattr(impl, "retarget", None)
@@ -519,8 +538,9 @@ class Explainer:
                  eigen_smooth: bool = False, aug_smooth: bool = False) -> Explanation:
         implementations = _method_objects(methods)
         needs = _needs(implementations)
+        free = self._free(implementations)
         if not aug_smooth:
-            inputs = self.inputs(x, targets, needs)
+            inputs = self.inputs(x, targets, needs, free)
             cams = {name: impl(self._retargeted(impl, inputs, targets), eigen_smooth)
                     for name, impl in implementations.items()}
             return Explanation(cams, inputs.outputs, inputs.targets)
@@ -530,7 +550,7 @@ class Explainer:
             varied = np.asarray(x, np.float32)
             varied = varied[..., ::-1] if flip else varied
             varied = varied * np.float32(factor) if factor != 1.0 else varied
-            inputs = self.inputs(np.ascontiguousarray(varied), targets, needs)
+            inputs = self.inputs(np.ascontiguousarray(varied), targets, needs, free)
             if not flip and factor == 1.0:
                 unvaried = inputs
             for name, impl in implementations.items():
@@ -559,7 +579,7 @@ class Explainer:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self.score_function != "logit":
             raise ValueError("explain_targets needs an artifact built with --score logit")
-        columns = _columns(targets_per_image, len(x))
+        columns = _columns(bind(targets_per_image, self.detection), len(x))
         implementations = _method_objects(methods)
         needs = _needs(implementations)
         outputs = self.outputs_for(needs)

@@ -169,6 +169,9 @@ def build_architecture(arch: str):
     """An untrained ``arch`` from torchvision or timm, with its preprocessing."""
     import torchvision
 
+    if arch in torchvision.models.list_models(module=torchvision.models.detection):
+        # no backbone weights either: they would be downloaded
+        return torchvision.models.get_model(arch, weights=None, weights_backbone=None).eval(), Preprocessing()
     if arch in torchvision.models.list_models():
         return torchvision.models.get_model(arch, weights=None).eval(), Preprocessing()
     import timm

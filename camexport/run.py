@@ -52,6 +52,7 @@ class RunConfig:
     save_gradients: bool = False
     overwrite: bool = False
     seed: int = 0
+    detection_threshold: float = 0.5
 
     def parameters(self) -> dict:
         """What, beside the graph and the data, determines the stored numbers."""
@@ -60,7 +61,8 @@ class RunConfig:
                 "aug_smooth": self.aug_smooth, "cam_dtype": self.cam_dtype,
                 "metric_score": self.metric_score, "save_activations": self.save_activations,
                 "save_gradients": self.save_gradients, "seed": self.seed,
-                "concept_sha256": _concept_sha256(str(self.targets))}
+                "concept_sha256": _concept_sha256(str(self.targets)),
+                "detection_threshold": self.detection_threshold}
 
 
 @dataclass
@@ -190,7 +192,9 @@ class Job:
             raise StoreError(f"the artifact takes {len(size)}-D inputs ({text}): store them in "
                              f"{config.data}:/images as (N, 3, {', '.join(map(str, size))}) float32, "
                              f"preprocessed")
-        if len(self.explainer.output_shape) > 1 and (str(config.targets) == "pred" or config.metrics):
+        self.detector = self.explainer.detection
+        if self.detector is None and len(self.explainer.output_shape) > 1 and (
+                str(config.targets) == "pred" or config.metrics):
             raise RunError(f"the model output is {self.explainer.output_shape} per sample (segmentation): "
                            f"give --targets CLASS or label (the pixels the model assigns to that class "
                            f"are explained), and no --metrics")
@@ -200,7 +204,7 @@ class Job:
         self.count = len(self.data) if config.limit is None else min(config.limit, len(self.data))
         if self.count == 0:
             raise RunError(f"{config.data} holds no images")
-        self.classes = self.explainer.classes
+        self.classes = self.detector.classes if self.detector else self.explainer.classes
         self.targets = _targets_for(config, self.data, self.count, self.classes)
         self.provider = self.explainer.provider_name
         fingerprint = {"graph_sha256": sha256(graph), "data": self.data.identity(),
@@ -227,8 +231,34 @@ class Job:
         predicted = self.explainer.forward(x).argmax(axis=1)
         return [SemanticSegmentationTarget(int(c), np.float32(p == c)) for c, p in zip(classes, predicted)]
 
+    def _detection_targets(self, x: np.ndarray, classes: list | None):
+        """Each image's detections and, as pgc's detection tutorial, its target: the detections
+        scoring at least --detection-threshold (of the --targets class, if one), by box and
+        label (camexport.detection.detection_targets); one plain forward."""
+        from camexport.detection import detection_targets
+
+        found = self.explainer.detect(x)
+        classes = classes or [None] * len(x)
+        return found, [detection_targets(f, self.config.detection_threshold, c, spec=self.detector)
+                       for f, c in zip(found, classes)]
+
+    def _detection_arrays(self, found: list, rows: np.ndarray, n: int) -> dict[str, np.ndarray]:
+        """Per image, the detections padded to the manifest's detections_per_img (NaN boxes and
+        scores, label -1 past ``count``)."""
+        most = self.detector.detections_per_img
+        arrays = {"detections/boxes": np.full((n, most, 4), np.nan, np.float32),
+                  "detections/scores": np.full((n, most), np.nan, np.float32),
+                  "detections/labels": np.full((n, most), -1, np.int32),
+                  "detections/count": np.zeros(n, np.int32)}
+        for row, f in zip(rows, found):
+            arrays["detections/boxes"][row, :len(f)] = f.boxes
+            arrays["detections/scores"][row, :len(f)] = f.scores
+            arrays["detections/labels"][row, :len(f)] = f.labels
+            arrays["detections/count"][row] = len(f)
+        return arrays
+
     def _metric_targets(self, classes: np.ndarray, chosen: list | None) -> list:
-        if str(self.config.targets).startswith("concept:"):
+        if self.detector is not None or str(self.config.targets).startswith("concept:"):
             return chosen  # the similarity itself, whatever --metric-score says
         kind = ClassifierOutputSoftmaxTarget if self.config.metric_score == "softmax" else ClassifierOutputTarget
         return [kind(int(c)) for c in classes]
@@ -243,8 +273,14 @@ class Job:
         targets = self.targets(start, stop)
         rows = np.flatnonzero(valid)
         chosen = None if targets is None else [targets[i] for i in rows]
-        if chosen is not None and len(self.explainer.output_shape) > 1 and len(rows):
+        found = None
+        if self.detector is not None and len(rows):
+            found, chosen = self._detection_targets(x[rows], chosen)
+            arrays.update(self._detection_arrays(found, rows, n))
+        elif chosen is not None and len(self.explainer.output_shape) > 1 and len(rows):
             chosen = self._segmentation_targets(x[rows], chosen)
+        elif self.detector is not None:
+            arrays.update(self._detection_arrays([], rows, n))
         result = None
         if len(rows):
             result = self.explainer(x[rows], targets=chosen, methods=config.methods,
@@ -253,8 +289,11 @@ class Job:
         classes = np.full(n, -1, np.int64)
         if result is not None:
             outputs[rows] = result.outputs
-            classes[rows] = [getattr(t, "category", -1) for t in result.targets]  # -1: a concept
-        arrays[f"outputs/{self.explainer.output_name}"] = outputs
+            # -1: a concept, or a detector's own detections (--targets pred)
+            classes[rows] = ([-1 if targets is None else targets[i] for i in rows] if found is not None
+                             else [getattr(t, "category", -1) for t in result.targets])
+        if self.detector is None:  # a detector's rows per anchor are summarised as detections/
+            arrays[f"outputs/{self.explainer.output_name}"] = outputs
         arrays["targets"] = classes
         for name in config.methods:
             cams = np.zeros((n, *self.prep["size"]), config.cam_dtype)

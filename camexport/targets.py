@@ -254,7 +254,8 @@ def as_targets(targets, outputs: np.ndarray) -> list:
         return [ClassifierOutputTarget(int(k)) for k in outputs.reshape(batch, -1).argmax(axis=-1)]
     if dense and (targets is None or any(t is None for t in target_list(targets, batch))):
         raise TargetError(f"a model whose output is {outputs.shape[1:]} per sample has no top class: "
-                          f"give a target per image, e.g. SemanticSegmentationTarget(category, mask)")
+                          f"give a target per image, e.g. SemanticSegmentationTarget(category, mask), "
+                          f"or FasterRCNNBoxScoreTarget(labels, boxes) for a detector")
     classes = outputs.shape[1] if dense else outputs.shape[-1]
     result = []
     for b, target in enumerate(target_list(targets, batch)):

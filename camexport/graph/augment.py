@@ -13,7 +13,7 @@ Added to the graph, and nothing else changed:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 import onnx
@@ -80,6 +80,7 @@ def augment(
     guided: bool = False,
     tangents: bool = False,
     overrides: Mapping[str, Rule] | None = None,
+    forward_only: Collection[str] = (),
 ) -> onnx.ModelProto:
     """Return a copy of ``model`` with the score block, layer activations and their gradients.
 
@@ -92,6 +93,8 @@ def augment(
     tangent along each layer's activation (ShapleyCAM's exact Hessian-vector product, for
     piecewise-linear tails). ``overrides`` replaces gradient rules by op type, e.g.
     :data:`~camexport.graph.rules.MAXPOOL_WITHOUT_INDICES` for runtimes without MaxPool's Indices.
+    Layers labelled in ``forward_only`` get their activations only, no gradient (a detector's
+    stacked FPN levels, which do not lead to the score).
     """
     if score not in SCORE_FUNCTIONS:
         raise ValueError(f"unknown score function {score!r}; choose one of {SCORE_FUNCTIONS}")
@@ -137,10 +140,11 @@ def augment(
     image = graph.input[0].name
     biases = _bias_layers(result, facts, builder) if bias_gradients else []
     extra = ([image] if input_gradient else []) + [tensor for tensor, _, _ in biases]
-    tensors = list(dict.fromkeys([*layers.values(), *extra]))
+    differentiated = [tensor for label, tensor in layers.items() if label not in forward_only]
+    tensors = list(dict.fromkeys([*differentiated, *extra]))
     labels = {tensor: label for label, tensor in layers.items()}
     grads = differentiate(result, facts, builder, {scored: weights}, tensors, labels=labels,
-                          overrides=overrides)
+                          overrides=overrides) if tensors else {}
     def like(tensor):
         return facts.dtype(tensor), _symbolic_shape(facts, tensor, out_info)
 
@@ -163,7 +167,10 @@ def augment(
     graph.output.append(helper.make_tensor_value_info(SCORE, facts.dtype(output),
                                                       [_dim(out_info, 0)]))
     for label, tensor in layers.items():
-        for name, source in ((activation_name(label), tensor), (gradient_name(label), grads[tensor])):
+        pairs = [(activation_name(label), tensor)]
+        if label not in forward_only:
+            pairs.append((gradient_name(label), grads[tensor]))
+        for name, source in pairs:
             graph.node.append(helper.make_node("Identity", [source], [name], name=f"{name}/output"))
             graph.output.append(helper.make_tensor_value_info(
                 name, facts.dtype(tensor), _symbolic_shape(facts, tensor, out_info)))

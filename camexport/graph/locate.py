@@ -156,11 +156,15 @@ def pick_layer(model: onnx.ModelProto, facts: GraphFacts | None = None,
     return found[-1]
 
 
-def resolve(model: onnx.ModelProto, layer: str, facts: GraphFacts | None = None) -> tuple[str, str]:
+def resolve(model: onnx.ModelProto, layer: str, facts: GraphFacts | None = None,
+            aliases: dict[str, str] | None = None) -> tuple[str, str]:
     """(label, tensor) for ``layer``: a module path (pgc indexing such as ``layer4[-1]`` is
-    resolved, and the label is the plain path ``layer4.2``), an ONNX tensor name, or
+    resolved, and the label is the plain path ``layer4.2``), an ONNX tensor name, one of
+    ``aliases`` (label -> tensor, e.g. a detector's stacked FPN levels), or
     :data:`AUTO_LAYER` (:func:`pick_layer`, labelled by its tensor name)."""
     facts = facts or GraphFacts(model)
+    if aliases and layer in aliases:
+        return layer, aliases[layer]
     if layer == AUTO_LAYER:
         tensor = pick_layer(model, facts)
         return tensor, tensor

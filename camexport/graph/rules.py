@@ -573,22 +573,38 @@ def _batch_norm(b, node, dys):
     return _none_but(b.op("Mul", dys[0], factor), node)
 
 
-@rule("LayerNormalization", since=17)
-def _layer_norm(b, node, dys):
-    """Y = Xhat S + B, Xhat = (X - mu) / sigma: dX = (g - mean(g) - Xhat mean(g Xhat)) / sigma, g = dY S."""
-    x, scale = node.input[0], node.input[1]
-    rank = b.facts.rank(x)
-    axes = list(range(attr(node, "axis", -1) % rank, rank))
-    eps = attr(node, "epsilon", 1e-5)
+def _normalised_gradient(b, x: str, g: str, axes: list[int], eps: float) -> str:
+    """dX of Y = Xhat with Xhat = (X - mu) / sigma over ``axes``, for g = dL/dXhat:
+    (g - mean(g) - Xhat mean(g Xhat)) / sigma."""
     centred = b.op("Sub", x, b.reduce("ReduceMean", x, axes))
     variance = b.reduce("ReduceMean", b.op("Mul", centred, centred), axes)
     inv_sigma = b.op("Reciprocal", b.op("Sqrt", b.op("Add", variance, b.const(eps, x))))
     xhat = b.op("Mul", centred, inv_sigma)
-    g = b.op("Mul", dys[0], scale)
     mean_g = b.reduce("ReduceMean", g, axes)
     mean_gx = b.reduce("ReduceMean", b.op("Mul", g, xhat), axes)
     inner = b.op("Sub", b.op("Sub", g, mean_g), b.op("Mul", xhat, mean_gx))
-    return _none_but(b.op("Mul", inner, inv_sigma), node)
+    return b.op("Mul", inner, inv_sigma)
+
+
+@rule("LayerNormalization", since=17)
+def _layer_norm(b, node, dys):
+    """Y = Xhat S + B, Xhat = (X - mu) / sigma over the trailing axes: g = dY S."""
+    x, scale = node.input[0], node.input[1]
+    rank = b.facts.rank(x)
+    axes = list(range(attr(node, "axis", -1) % rank, rank))
+    g = b.op("Mul", dys[0], scale)
+    return _none_but(_normalised_gradient(b, x, g, axes, attr(node, "epsilon", 1e-5)), node)
+
+
+@rule("InstanceNormalization", since=6)
+def _instance_norm(b, node, dys):
+    """Y = Xhat S_c + B_c, Xhat normalised over the spatial axes of each (n, c) (torch's
+    GroupNorm exports as one on (N, groups, -1)): g = dY S_c."""
+    x, scale = node.input[0], node.input[1]
+    rank = b.facts.rank(x)
+    axes = list(range(2, rank))
+    g = b.op("Mul", dys[0], b.unsqueeze(scale, list(range(1, rank - 1))))
+    return _none_but(_normalised_gradient(b, x, g, axes, attr(node, "epsilon", 1e-5)), node)
 
 
 # -- shape and data movement ---------------------------------------------------------------

@@ -1,0 +1,404 @@
+"""Object detection: torchvision's one-stage detectors (RetinaNet, FCOS) as differentiable graphs.
+
+A detector's post-processing (score threshold, top-k, non-maximum suppression) selects boxes by
+index: it has no gradient, and pgc's backward pass flows only through the selected boxes' scores
+and coordinates. So the graph is split at the head outputs. :class:`DetectorGraph` is what is
+exported: normalisation, backbone, FPN and head, then, for every anchor, the decoded box clipped
+to the image and the class scores, one output ``detections`` (B, A, 4 + K) laid out
+[x1, y1, x2, y2, score_0 … score_{K-1}]; its second output is the FPN levels stacked as pgc's
+``fasterrcnn_reshape_transform`` does (the layer ``backbone``). :func:`postprocess` replays
+torchvision's ``postprocess_detections`` on those rows in numpy. The target
+:class:`FasterRCNNBoxScoreTarget` is a function of the rows, so its gradient (IoU + score of
+the matched detection, through the chain rule) enters the graph as ``target_weights``.
+
+Two-stage detectors (Faster/Mask R-CNN) are refused: their box head reads the features at the
+proposals through RoIAlign, whose gradient has no standard ONNX operator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from camexport.targets import TargetError
+
+#: The layer name of the stacked FPN levels (pgc's tutorial: target_layers=[model.backbone]).
+STACK_LAYER = "backbone"
+#: The graph outputs of a detector artifact.
+DETECTIONS, STACK = "detections", "fpn_stack"
+BOX = 4
+
+
+class DetectionError(ValueError):
+    """A detector camexport cannot export, or a detection request that does not fit."""
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """What post-processing needs, recorded in the manifest under ``detection``."""
+
+    kind: str
+    classes: int
+    level_sizes: tuple[int, ...]
+    image_size: tuple[int, int]
+    score_thresh: float
+    nms_thresh: float
+    detections_per_img: int
+    topk_candidates: int
+    levels: tuple[str, ...] = field(default=())
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "layout": "x1 y1 x2 y2 score_0 ... score_K-1 per anchor"}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> DetectorSpec:
+        names = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in record.items() if k in names}
+        for key in ("level_sizes", "image_size", "levels"):
+            values[key] = tuple(values.get(key, ()))
+        return cls(**values)
+
+
+# -- the exported module --------------------------------------------------------------------
+
+def detector_kind(module) -> str | None:
+    """'retinanet' or 'fcos' for a torchvision one-stage detector; raises for two-stage ones;
+    None for anything else."""
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        return None
+    from torchvision.models import detection
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+    from torchvision.models.detection.ssd import SSD
+
+    if isinstance(module, detection.RetinaNet):
+        return "retinanet"
+    if isinstance(module, detection.FCOS):
+        return "fcos"
+    if isinstance(module, GeneralizedRCNN):
+        raise DetectionError(
+            f"{type(module).__name__} is a two-stage detector: its box head reads the features at "
+            f"each proposal through RoIAlign, which has no differentiable ONNX form. Use a one-stage "
+            f"detector (torchvision retinanet_resnet50_fpn[_v2], fcos_resnet50_fpn)")
+    if isinstance(module, SSD):
+        raise DetectionError("SSD detectors are not supported yet; use retinanet_resnet50_fpn or "
+                             "fcos_resnet50_fpn")
+    return None
+
+
+def _stack_levels(features) -> object:
+    """pgc's fasterrcnn_reshape_transform generalised to any level names: |level| resized
+    bilinearly (align_corners False, no antialias) to the last (coarsest) level's size, then
+    concatenated on channels."""
+    import torch
+
+    size = features[-1].shape[-2:]
+    return torch.cat([torch.nn.functional.interpolate(torch.abs(f), size, mode="bilinear")
+                      for f in features], dim=1)
+
+
+def _detector_graph_class():
+    import torch
+
+    class DetectorGraph(torch.nn.Module):
+        """Image in [0, 1] (B, 3, H, W) → (detections (B, A, 4 + K), stacked FPN levels)."""
+
+        def __init__(self, model, size: tuple[int, int]):
+            super().__init__()
+            self.kind = detector_kind(model)
+            self.backbone, self.head, self.box_coder = model.backbone, model.head, model.box_coder
+            transform = model.transform
+            self.register_buffer("mean", torch.tensor(transform.image_mean).reshape(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(transform.image_std).reshape(1, 3, 1, 1))
+            self.size = tuple(int(s) for s in size)
+            with torch.no_grad():
+                example = torch.zeros(1, 3, *self.size)
+                features = self.backbone((example - self.mean) / self.std)
+                self.level_names = tuple(features)
+                features = list(features.values())
+                from torchvision.models.detection.image_list import ImageList
+
+                anchors = model.anchor_generator(ImageList(example, [self.size]), features)[0]
+                outputs = self.head(features)
+            self.register_buffer("anchors", anchors)
+            self.classes = int(outputs["cls_logits"].shape[-1])
+            per_anchor = anchors.shape[0] // sum(f.shape[-2] * f.shape[-1] for f in features)
+            self.spec = DetectorSpec(
+                kind=self.kind, classes=self.classes,
+                level_sizes=tuple(int(f.shape[-2] * f.shape[-1] * per_anchor) for f in features),
+                image_size=self.size, score_thresh=float(model.score_thresh),
+                nms_thresh=float(model.nms_thresh), detections_per_img=int(model.detections_per_img),
+                topk_candidates=int(model.topk_candidates), levels=self.level_names)
+
+        def forward(self, x):
+            features = list(self.backbone((x - self.mean) / self.std).values())
+            out = self.head(features)
+            batch = x.shape[0]
+            if self.kind == "retinanet":
+                scores = torch.sigmoid(out["cls_logits"])
+                codes = out["bbox_regression"].reshape(-1, BOX)
+                anchors = self.anchors.repeat(batch, 1)
+                boxes = self.box_coder.decode_single(codes, anchors).reshape(batch, -1, BOX)
+            else:
+                scores = torch.sqrt(torch.sigmoid(out["cls_logits"]) * torch.sigmoid(out["bbox_ctrness"]))
+                boxes = self.box_coder.decode(out["bbox_regression"], self.anchors[None])
+            height, width = self.size
+            x1, y1, x2, y2 = boxes.unbind(-1)
+            boxes = torch.stack([x1.clamp(0, width), y1.clamp(0, height),
+                                 x2.clamp(0, width), y2.clamp(0, height)], dim=-1)
+            return torch.cat([boxes, scores], dim=-1), _stack_levels(features)
+
+    return DetectorGraph
+
+
+def detector_graph(model, size: tuple[int, int]):
+    """The exportable :class:`DetectorGraph` of a torchvision RetinaNet/FCOS at input ``size``.
+    The graph runs at ``size`` itself: the model's own resize (GeneralizedRCNNTransform's
+    min_size/max_size) is not applied; the run pipeline resizes images to ``size``."""
+    if len(size) != 2:
+        raise DetectionError(f"a detector takes 2-D images; --input-size {size} has {len(size)} values")
+    return _detector_graph_class()(model.eval(), size).eval()
+
+
+# -- post-processing (torchvision's postprocess_detections, in numpy) -----------------------
+
+@dataclass
+class Detections:
+    """One image's detections, best score first: boxes (n, 4) x1 y1 x2 y2, scores (n,),
+    labels (n,), and the anchor (row of the graph output) each came from."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    anchors: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU (len(a), len(b)) as torchvision.ops.box_iou computes it."""
+    a, b = np.asarray(a, np.float32).reshape(-1, 4), np.asarray(b, np.float32).reshape(-1, 4)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = np.clip(rb - lt, 0, None)
+    inter = wh[..., 0] * wh[..., 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return inter / (area_a[:, None] + area_b[None, :] - inter)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices kept by greedy non-maximum suppression, best score first: a box is dropped when
+    its IoU with a kept, better box exceeds ``threshold`` (torchvision.ops.nms)."""
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    alive = np.ones(len(order), bool)
+    for position, index in enumerate(order):
+        if not alive[position]:
+            continue
+        keep.append(index)
+        rest = order[position + 1:]
+        if len(rest):
+            alive[position + 1:] &= box_iou(boxes[index], boxes[rest])[0] <= threshold
+    return np.asarray(keep, np.int64)
+
+
+def batched_nms(boxes, scores, labels, threshold: float) -> np.ndarray:
+    """NMS within each label, the kept indices sorted by decreasing score."""
+    keep = [np.flatnonzero(labels == label)[nms(boxes[labels == label], scores[labels == label], threshold)]
+            for label in np.unique(labels)]
+    keep = np.concatenate(keep) if keep else np.zeros(0, np.int64)
+    return keep[np.argsort(-scores[keep], kind="stable")]
+
+
+def postprocess(rows: np.ndarray, spec: DetectorSpec) -> Detections:
+    """One image's detections from its graph output (A, 4 + K), as torchvision's
+    postprocess_detections: per level, scores above ``score_thresh``, the best
+    ``topk_candidates``; then class-wise NMS and the best ``detections_per_img``."""
+    rows = np.asarray(rows)
+    if rows.shape != (sum(spec.level_sizes), BOX + spec.classes):
+        raise DetectionError(f"detector output rows {rows.shape} do not match the manifest's "
+                             f"{sum(spec.level_sizes)} anchors x {BOX + spec.classes}")
+    picked = []
+    start = 0
+    for size in spec.level_sizes:
+        scores = rows[start:start + size, BOX:].reshape(-1)
+        index = np.flatnonzero(scores > spec.score_thresh)
+        index = index[np.argsort(-scores[index], kind="stable")[:spec.topk_candidates]]
+        picked.append(start * spec.classes + index)
+        start += size
+    flat = np.concatenate(picked)
+    anchors, labels = flat // spec.classes, flat % spec.classes
+    boxes = rows[anchors, :BOX]
+    scores = rows[anchors, BOX + labels]
+    keep = batched_nms(boxes, scores, labels, spec.nms_thresh)[:spec.detections_per_img]
+    return Detections(boxes[keep], scores[keep], labels[keep], anchors[keep])
+
+
+# -- the target ---------------------------------------------------------------------------
+
+def _iou_parts(ref: np.ndarray, box: np.ndarray):
+    """IoU of ``box`` with the constant ``ref`` and its gradient in ``box`` (float64). Where a
+    coordinate of ``box`` equals ``ref``'s, max/min pass half the gradient to each side, as
+    torch's maximum/minimum do (so a detection explained against its own box, as in pgc's
+    tutorial, gets no gradient through its IoU, which is 1 and maximal there)."""
+    ref, box = np.asarray(ref, np.float64), np.asarray(box, np.float64)
+
+    def side(mine, theirs, larger):  # d max(mine, theirs)/d mine, or min with larger False
+        return np.where(mine == theirs, 0.5, np.float64((mine > theirs) == larger))
+
+    dl = side(box[:2], ref[:2], True)     # lt = max(box, ref) on x1, y1
+    dr = side(box[2:], ref[2:], False)    # rb = min(box, ref) on x2, y2
+    lt, rb = np.maximum(box[:2], ref[:2]), np.minimum(box[2:], ref[2:])
+    w, h = rb - lt
+    positive = np.float64(rb - lt >= 0)   # clamp(min=0) passes the gradient at 0
+    w, h = max(w, 0.0), max(h, 0.0)
+    # gradients of the overlap's width and height, and of the box's own width and height
+    gw = np.array([-dl[0], 0, dr[0], 0]) * positive[0]
+    gh = np.array([0, -dl[1], 0, dr[1]]) * positive[1]
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    gbw, gbh = np.array([-1.0, 0, 1, 0]), np.array([0, -1.0, 0, 1])
+    inter = w * h
+    union = (ref[2] - ref[0]) * (ref[3] - ref[1]) + bw * bh - inter
+    g_inter = h * gw + w * gh
+    g_union = bh * gbw + bw * gbh - g_inter
+    iou = inter / union
+    grad = g_inter / union - inter * g_union / union**2
+    return iou, grad
+
+
+@dataclass(frozen=True, eq=False)
+class FasterRCNNBoxScoreTarget:
+    """pgc's FasterRCNNBoxScoreTarget (reference §4, Q27) on a detector artifact's rows: for each
+    reference (box, label), the detection of best IoU with the box (the first on ties); when that
+    IoU exceeds ``iou_threshold`` and its label is ``label``, add IoU + its score. The gradient
+    flows, as in pgc, through the matched detections' scores and box coordinates; the
+    selection (threshold, top-k, NMS, matching) is held fixed. ``spec`` is filled in by the
+    Explainer from the artifact's manifest."""
+
+    labels: tuple
+    bounding_boxes: np.ndarray
+    iou_threshold: float = 0.5
+    spec: DetectorSpec | None = None
+    linear = False
+
+    def __post_init__(self):
+        labels = tuple(int(v) for v in np.asarray(self.labels).reshape(-1))
+        boxes = np.asarray(self.bounding_boxes, np.float32).reshape(-1, BOX)
+        if len(labels) != len(boxes):
+            raise TargetError(f"FasterRCNNBoxScoreTarget has {len(labels)} labels for {len(boxes)} "
+                              f"boxes; give one label per box")
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "bounding_boxes", boxes)
+
+    def for_detector(self, spec: DetectorSpec) -> FasterRCNNBoxScoreTarget:
+        return self if self.spec == spec else FasterRCNNBoxScoreTarget(
+            self.labels, self.bounding_boxes, self.iou_threshold, spec)
+
+    def _spec(self) -> DetectorSpec:
+        if self.spec is None:
+            raise TargetError("FasterRCNNBoxScoreTarget works on a detector artifact (built from a "
+                              "torchvision RetinaNet or FCOS); this model has no detection manifest")
+        return self.spec
+
+    def matches(self, rows: np.ndarray) -> list[tuple[int, int, float, np.ndarray]]:
+        """(detection anchor, label, reference box) of each reference that scores, on one
+        image's rows."""
+        found = postprocess(rows, self._spec())
+        if not len(found):
+            return []
+        ious = box_iou(self.bounding_boxes, found.boxes)
+        result = []
+        for k, label in enumerate(self.labels):
+            best = int(np.argmax(ious[k]))
+            if ious[k, best] > self.iou_threshold and found.labels[best] == label:
+                result.append((int(found.anchors[best]), label, self.bounding_boxes[k]))
+        return result
+
+    def values(self, z):
+        z = np.asarray(z)
+        batch = z.reshape(-1, *z.shape[-2:])
+        totals = []
+        for rows in batch:
+            total = np.float32(0)
+            for anchor, label, ref in self.matches(rows):
+                iou = box_iou(ref, rows[anchor, :BOX])[0, 0]
+                total = np.float32(total + np.float32(iou + rows[anchor, BOX + label]))
+            totals.append(total)
+        values = np.asarray(totals, np.float32)
+        return values.reshape(z.shape[:-2]) if z.ndim > 2 else values[0]
+
+    def cotangent(self, z):
+        out = np.zeros(z.shape, np.float64)
+        for anchor, label, ref in self.matches(z):
+            out[anchor, :BOX] += _iou_parts(ref, z[anchor, :BOX])[1]
+            out[anchor, BOX + label] += 1.0
+        return out
+
+
+def bind(targets, spec: DetectorSpec | None):
+    """Targets with the detector's spec filled in (for_detector); anything else unchanged."""
+    if spec is None or targets is None:
+        return targets
+
+    def one(target):
+        return target.for_detector(spec) if hasattr(target, "for_detector") else target
+
+    if isinstance(targets, (list, tuple)):
+        return [bind(t, spec) if isinstance(t, (list, tuple)) else one(t) for t in targets]
+    return one(targets)
+
+
+def detection_targets(found: Detections, threshold: float, category: int | None = None,
+                      iou_threshold: float = 0.5, spec: DetectorSpec | None = None):
+    """pgc's tutorial target for one image: its own detections scoring at least ``threshold``
+    (of class ``category`` if given) as the reference boxes."""
+    keep = found.scores >= threshold
+    if category is not None:
+        keep &= found.labels == category
+    return FasterRCNNBoxScoreTarget(found.labels[keep], found.boxes[keep], iou_threshold, spec)
+
+
+# -- build integration ----------------------------------------------------------------------
+
+def wrap(loaded) -> DetectorSpec | None:
+    """Replace a loaded torchvision RetinaNet/FCOS by its :class:`DetectorGraph` at the
+    loaded input size (images in [0, 1]: the graph normalises them itself); the spec, or None
+    for a model that is not a detector."""
+    if loaded.module is None or not detector_kind(loaded.module):
+        return None
+    graph = detector_graph(loaded.module, tuple(loaded.preprocessing.size))
+    loaded.module = graph
+    loaded.preprocessing.mean, loaded.preprocessing.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return graph.spec
+
+
+def name_outputs(plain) -> None:
+    """Name a detector graph's two outputs ``detections`` and ``fpn_stack`` (in place)."""
+    for output, name in zip(plain.graph.output, (DETECTIONS, STACK)):
+        old = output.name
+        for node in plain.graph.node:
+            node.output[:] = [name if o == old else o for o in node.output]
+            node.input[:] = [name if i == old else i for i in node.input]
+        output.name = name
+
+
+#: Methods that work on the stacked FPN levels: they read its activations only (pgc's stacked
+#: levels are a dict with no gradient hook, and are no tensor of the model to ablate).
+STACK_METHODS = ("eigencam", "kpcacam", "fem", "scorecam")
+
+
+def check_layers(resolved, methods) -> None:
+    """Refuse methods the ``backbone`` stack cannot serve, naming the ones that can."""
+    if any(label == STACK_LAYER for label, _ in resolved):
+        wrong = [m for m in methods if m not in STACK_METHODS]
+        if wrong:
+            raise DetectionError(
+                f"layer {STACK_LAYER!r} is the FPN levels stacked as pgc's fasterrcnn_reshape_transform "
+                f"does, which no gradient or ablation reaches (pgc fails there too): {', '.join(wrong)} "
+                f"cannot use it. Use {', '.join(STACK_METHODS)} on it, or give a tensor layer such as "
+                f"backbone.body.layer4 or backbone.fpn.layer_blocks.2 for gradient methods")

@@ -1,0 +1,318 @@
+"""Object detection: torchvision RetinaNet and FCOS split at the head outputs, pgc's
+FasterRCNNBoxScoreTarget (best-IoU match, IoU + score) through target_weights, the FPN levels
+stacked as pgc's fasterrcnn_reshape_transform for EigenCAM on the backbone.
+
+Models: RetinaNet and FCOS on a ResNet-18 FPN (P3-P7), 5 classes, random weights (seeded; the
+class logits' prior bias replaced so that scores exceed the score threshold), input 128 x 128 (96
+for FCOS), the models' own resize disabled (min_size = max_size = the input size) so torch and
+the graph see the same pixels. Tolerance: max |diff| <= 1e-4 on maps in [0, 1]; gradients
+<= 1e-4 relative to their largest value.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import pytorch_grad_cam as pgc
+import torch
+from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget as TheirTarget
+from zoo import one_model_at_a_time
+
+from camexport.build import build
+from camexport.detection import (
+    DetectionError,
+    FasterRCNNBoxScoreTarget,
+    check_layers,
+    detection_targets,
+    detector_graph,
+    detector_kind,
+)
+from camexport.explain import Explainer
+
+TOLERANCE = 1e-4
+LAYERS = ["backbone.body.layer4", "backbone.body.layer3"]
+GRADIENT_METHODS = {"gradcam": pgc.GradCAM, "hirescam": pgc.HiResCAM, "gradcam++": pgc.GradCAMPlusPlus,
+                    "xgradcam": pgc.XGradCAM, "layercam": pgc.LayerCAM, "eigengradcam": pgc.EigenGradCAM}
+#: reference boxes: the detections themselves (pgc's tutorial: IoU 1, no gradient through the
+#: box) and the same boxes moved 2.5 px (the IoU's gradient flows into the box regression)
+SHIFTS = (0.0, 2.5)
+TOP = 3
+
+pytestmark = pytest.mark.xdist_group("retinanet")
+
+
+def _fpn():
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    return resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5,
+                               returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
+
+
+def retinanet(size: int = 128):
+    from torchvision.models.detection import RetinaNet
+
+    torch.manual_seed(0)
+    model = RetinaNet(_fpn(), num_classes=5, min_size=size, max_size=size).eval()
+    with torch.no_grad():  # the prior bias (-4.6) keeps every random score under 0.05
+        model.head.classification_head.cls_logits.weight.normal_(0, 0.05)
+        model.head.classification_head.cls_logits.bias.fill_(-1.0)
+    return model
+
+
+def fcos(size: int = 96):
+    from torchvision.models.detection import FCOS
+
+    torch.manual_seed(0)
+    model = FCOS(_fpn(), num_classes=5, min_size=size, max_size=size).eval()
+    with torch.no_grad():  # scores above 0.2 and boxes wider than a pixel
+        model.head.classification_head.cls_logits.weight.normal_(0, 0.05)
+        model.head.classification_head.cls_logits.bias.fill_(0.0)
+        model.head.regression_head.bbox_reg.bias.fill_(1.0)
+    return model
+
+
+@one_model_at_a_time
+def prepared(name: str, root: str):
+    """(torch model, explainer, two images); "retinanet-layer3": one layer, for the perturbation
+    methods (pgc's multi-layer AblationCAM fails on this pair of layers with an IndexError)."""
+    model = fcos() if name == "fcos" else retinanet()
+    size = 96 if name == "fcos" else 128
+    path = f"{root}/{name}.pt"
+    torch.save(model, path)
+    methods = ",".join([*GRADIENT_METHODS, "eigencam", "scorecam", "ablationcam"])
+    layers = LAYERS[1:] if name == "retinanet-layer3" else LAYERS
+    built = build(path, layers, methods, trust_pickle=True, input_size=(size, size), out_dir=f"{root}/{name}")
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1)).numpy()
+    return model, Explainer(built.directory), x
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("detection"))
+
+
+def _torch_detections(model, x):
+    with torch.no_grad():
+        return [{k: v.numpy() for k, v in d.items()} for d in model(list(torch.tensor(x)))]
+
+
+def _targets(explainer, model, x, shift):
+    """Both sides' targets: the top detections of each image (each side's own), moved by ``shift``."""
+    ours = [FasterRCNNBoxScoreTarget(f.labels[:TOP], f.boxes[:TOP] + shift) for f in explainer.detect(x)]
+    theirs = [TheirTarget(d["labels"][:TOP], d["boxes"][:TOP] + shift) for d in _torch_detections(model, x)]
+    return ours, theirs
+
+
+def _modules(model):
+    return [model.backbone.body.layer4, model.backbone.body.layer3]
+
+
+@pytest.mark.parametrize("name", ["retinanet", "fcos"])
+def test_detections_match_torchvision(name, root):
+    """Post-processing in numpy (threshold, per-level top-k, class-wise NMS) gives torchvision's
+    detections from the graph's rows."""
+    model, explainer, x = prepared(name, root)
+    for found, theirs in zip(explainer.detect(x), _torch_detections(model, x)):
+        assert len(found) == len(theirs["scores"]) > TOP
+        np.testing.assert_array_equal(found.labels, theirs["labels"])
+        np.testing.assert_allclose(found.boxes, theirs["boxes"], atol=2e-4)  # pixels
+        np.testing.assert_allclose(found.scores, theirs["scores"], atol=1e-5)
+
+
+@pytest.mark.parametrize("shift", SHIFTS)
+@pytest.mark.parametrize("method", list(GRADIENT_METHODS))
+def test_gradient_methods_match_pgc(method, shift, root):
+    model, explainer, x = prepared("retinanet", root)
+    ours_targets, their_targets = _targets(explainer, model, x, shift)
+    ours = explainer(x, targets=ours_targets, methods=[method]).cams[method]
+    with GRADIENT_METHODS[method](model=model, target_layers=_modules(model)) as cam:
+        theirs = cam(input_tensor=torch.tensor(x), targets=their_targets)
+    assert ours.max() > 0.99 and ours.std() > 0.05
+    diff = np.abs(ours - theirs).max()
+    print(f"retinanet {method} shift {shift}: max |diff| {diff:.2e}")
+    assert diff <= TOLERANCE, f"{method}: max |diff| {diff:.2e}"
+
+
+@pytest.mark.parametrize("name", ["retinanet", "fcos"])
+def test_target_gradients_match_torch(name, root):
+    """The layer gradients of pgc's target equal torch autograd's, and moving the reference
+    boxes changes them (the IoU's gradient reaches the box regression); with the detections
+    as their own references the box part of the cotangent is 0 (torch's max/min pass
+    half of the gradient to each tied side)."""
+    model, explainer, x = prepared(name, root)
+    gradients = {}
+    for shift in SHIFTS:
+        ours_targets, their_targets = _targets(explainer, model, x[:1], shift)
+        kept = {}
+
+        def keep(module, args, out, kept=kept):
+            out.retain_grad()
+            kept["a"] = out
+
+        hook = model.backbone.body.layer3.register_forward_hook(keep)
+        try:
+            loss = their_targets[0](model(list(torch.tensor(x[:1])))[0])
+            loss.backward()
+        finally:
+            hook.remove()
+            model.zero_grad()
+        theirs = kept["a"].grad.numpy()
+        ours = explainer.inputs(x[:1], ours_targets).gradients[1]
+        error = np.abs(ours - theirs).max() / np.abs(theirs).max()
+        print(f"{name} shift {shift}: gradient error {error:.2e}")
+        assert error <= TOLERANCE
+        gradients[shift] = ours
+        bound = ours_targets[0].for_detector(explainer.detection)
+        rows = explainer.forward(x[:1])[0]
+        cotangent = bound.cotangent(rows)
+        # FCOS boxes one anchor for several classes: a reference whose best-IoU detection is the
+        # same box with another label scores nothing (pgc's Q27)
+        matched = len(bound.matches(rows))
+        assert 1 <= matched <= TOP and (cotangent[:, 4:] != 0).sum() == matched
+        box_part = np.abs(cotangent[:, :4]).max()
+        assert box_part < 1e-12 if shift == 0.0 else box_part > 1e-3
+    change = np.abs(gradients[SHIFTS[1]] - gradients[0.0]).max() / np.abs(gradients[0.0]).max()
+    assert change > 1e-2
+
+
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam"])
+def test_perturbation_methods_match_pgc(method, root):
+    """Every masked or ablated copy is post-processed again and re-matched, as pgc does.
+    The layer ends in a ReLU, so the ablation value is 0 (see the next test for min - 1e7)."""
+    model, explainer, x = prepared("retinanet-layer3", root)
+    x = x[:1]
+    ours_targets, their_targets = _targets(explainer, model, x, 2.5)
+    ours = explainer(x, targets=ours_targets, methods=[method]).cams[method]
+    cls = pgc.ScoreCAM if method == "scorecam" else pgc.AblationCAM
+    with cls(model=model, target_layers=_modules(model)[1:]) as cam:
+        theirs = cam(input_tensor=torch.tensor(x), targets=their_targets)
+    assert ours.max() > 0.99 and ours.std() > 0.05
+    diff = np.abs(ours - theirs).max()
+    print(f"retinanet {method}: max |diff| {diff:.2e}")
+    assert diff <= TOLERANCE
+
+
+def test_ablation_below_the_minimum_saturates_the_detector(root):
+    """Why AblationCAM is compared on ReLU layers only: on a layer whose minimum is not 0, pgc
+    ablates with min - 1e7, which saturates the scores of thousands of anchors to exactly 1.0.
+    Which of those tied detections survive top-k and NMS is then decided by the sort's order
+    on ties (unspecified in torch; camexport keeps anchor order), not by the model."""
+    model, _, x = prepared("retinanet", root)
+    graph = detector_graph(model, (128, 128))
+    layer = graph.backbone.fpn.layer_blocks[1]
+    hook = layer.register_forward_hook(lambda m, a, out: torch.cat(
+        [out[:, :1] * 0 + (out.min() - 1e7), out[:, 1:]], dim=1))
+    try:
+        with torch.no_grad():
+            rows = graph(torch.tensor(x[:1]))[0][0].numpy()
+    finally:
+        hook.remove()
+    tied = (rows[:, 4:] == 1.0).sum()
+    print(f"scores exactly 1.0 after ablation: {tied}")
+    assert tied > graph.spec.detections_per_img
+
+
+def test_eigencam_on_the_stacked_fpn_levels_matches_pgc(root):
+    """pgc's detection tutorial: EigenCAM on target_layers=[model.backbone] with
+    fasterrcnn_reshape_transform (|level| resized to the coarsest level, concatenated); the
+    transform's 'pool' level is the last level of any FPN (here 'p7')."""
+    model = retinanet(384)
+    path = f"{root}/retinanet384.pt"
+    torch.save(model, path)
+    built = build(path, ["backbone"], "eigencam,scorecam", trust_pickle=True, input_size=(384, 384),
+                  out_dir=f"{root}/retinanet384")
+    layer = built.manifest["layers"][0]
+    assert layer["tensor"] == "fpn_stack" and layer["shape"][1:] == [256 * 5, 3, 3]
+    explainer = Explainer(built.directory)
+    x = torch.rand(1, 3, 384, 384, generator=torch.Generator().manual_seed(2)).numpy()
+
+    def reshape(levels):
+        size = list(levels.values())[-1].shape[-2:]
+        return torch.cat([torch.nn.functional.interpolate(torch.abs(v), size, mode="bilinear")
+                          for v in levels.values()], dim=1)
+
+    found = explainer.detect(x)[0]
+    ours = explainer(x, targets=[FasterRCNNBoxScoreTarget(found.labels[:TOP], found.boxes[:TOP])],
+                     methods=["eigencam"]).cams["eigencam"]
+    free = explainer(x, methods=["eigencam"]).cams["eigencam"]  # no target needed
+    theirs_detections = _torch_detections(model, x)[0]
+    with pgc.EigenCAM(model=model, target_layers=[model.backbone], reshape_transform=reshape) as cam:
+        theirs = cam(input_tensor=torch.tensor(x), targets=[
+            TheirTarget(theirs_detections["labels"][:TOP], theirs_detections["boxes"][:TOP])])
+    diff = np.abs(ours - theirs).max()
+    print(f"retinanet backbone eigencam: max |diff| {diff:.2e}")
+    assert ours.std() > 0.05 and diff <= TOLERANCE
+    np.testing.assert_array_equal(free, ours)
+
+
+def test_methods_the_stack_cannot_serve_are_refused():
+    with pytest.raises(DetectionError, match="gradcam, ablationcam cannot use it"):
+        check_layers([("backbone", "fpn_stack")], ["eigencam", "gradcam", "ablationcam"])
+    check_layers([("backbone", "fpn_stack"), ("backbone.body.layer4", "relu_16")], ["eigencam", "scorecam"])
+
+
+def test_two_stage_detectors_are_refused():
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
+
+    model = fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=3)
+    with pytest.raises(DetectionError, match="RoIAlign"):
+        detector_kind(model)
+
+
+def test_detector_state_dicts_load_by_arch_without_downloads():
+    from torchvision.models import resnet18
+    from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+
+    from camexport.load import build_architecture
+
+    module, _ = build_architecture("retinanet_resnet50_fpn")
+    assert detector_kind(module) == "retinanet"
+    assert detector_kind(resnet18()) is None
+    with pytest.raises(DetectionError, match="SSD"):
+        detector_kind(ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None))
+
+
+def test_run_stores_detections_and_explains_them(root):
+    """camexport run on a detector: per image the detections (padded to detections_per_img),
+    and CAMs of the detections scoring at least --detection-threshold (pgc's tutorial target);
+    --targets CLASS keeps that class's detections only; metrics score that target."""
+    import h5py
+    from click.testing import CliRunner
+
+    from camexport.cli import main
+    from camexport.metrics import evaluate
+
+    _, explainer, x = prepared("retinanet", root)
+    data = f"{root}/det.h5"
+    with h5py.File(data, "w") as h5:
+        h5["images"] = x
+    found = explainer.detect(x)
+    threshold = float(np.median([f.scores[5] for f in found]))
+    for targets, category in (("pred", None), (str(int(found[0].labels[0])), int(found[0].labels[0]))):
+        out = f"{root}/det-{targets}.h5"
+        ran = CliRunner().invoke(main, ["run", f"{root}/retinanet", "--data", data, "--out", out,
+                                        "--methods", "gradcam,eigencam", "--targets", targets,
+                                        "--metrics", "drop-in-confidence",
+                                        "--detection-threshold", str(threshold), "-q"])
+        assert ran.exit_code == 0, ran.output
+        expected = [detection_targets(f, threshold, category, spec=explainer.detection) for f in found]
+        assert any(len(t.labels) for t in expected)
+        cams = explainer(x, targets=expected, methods=["gradcam", "eigencam"]).cams
+        drop = evaluate("drop-in-confidence", x, cams["gradcam"], expected, explainer.forward, seed=0)
+        with h5py.File(out, "r") as h5:
+            assert "outputs" not in h5
+            most = explainer.detection.detections_per_img
+            assert h5["detections/boxes"].shape == (2, most, 4)
+            for b, f in enumerate(found):
+                count = h5["detections/count"][b]
+                assert count == len(f)
+                np.testing.assert_array_equal(h5["detections/boxes"][b, :count], f.boxes)
+                np.testing.assert_array_equal(h5["detections/scores"][b, :count], f.scores)
+                np.testing.assert_array_equal(h5["detections/labels"][b, :count], f.labels)
+                assert np.isnan(h5["detections/scores"][b, count:]).all()
+            assert (h5["targets"][()] == (-1 if category is None else category)).all()
+            for name in ("gradcam", "eigencam"):
+                np.testing.assert_allclose(h5[f"cams/{name}"][()], cams[name], atol=1e-6)
+            # the metrics score the same target (IoU + score of the matched detections)
+            np.testing.assert_allclose(h5["metrics/drop-in-confidence/gradcam"][()], drop, rtol=1e-5)
