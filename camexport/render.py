@@ -53,6 +53,36 @@ def _middle(preprocessing: dict) -> int | slice:
     return size[0] // 2 if len(size) == 3 else slice(None)
 
 
+#: The colour (RGB) of the detection boxes drawn on detector results.
+BOX_COLOUR = (0, 255, 0)
+
+
+def draw_boxes(tile: np.ndarray, boxes: np.ndarray, names: list[str]) -> np.ndarray:
+    """A copy of an RGB uint8 tile with each box (x1, y1, x2, y2 in input pixels) outlined and
+    named above its top-left corner."""
+    tile = tile.copy()
+    for (x1, y1, x2, y2), name in zip(np.round(boxes).astype(int), names):
+        cv2.rectangle(tile, (int(x1), int(y1)), (int(x2), int(y2)), BOX_COLOUR, 1)
+        cv2.putText(tile, name[:16], (int(x1) + 1, max(int(y1) - 2, 8)), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.3, BOX_COLOUR, 1, cv2.LINE_AA)
+    return tile
+
+
+def _explained_detections(h5, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes and labels of the detections sample ``i``'s CAMs explain: those scoring at least
+    the run's --detection-threshold (of the --targets class, if one)."""
+    import json
+
+    threshold = json.loads(h5.attrs["fingerprint"])["parameters"].get("detection_threshold", 0.5)
+    count = int(h5["detections/count"][i])
+    scores, labels = h5["detections/scores"][i][:count], h5["detections/labels"][i][:count]
+    keep = scores >= threshold
+    target = int(h5["targets"][i])
+    if target >= 0:
+        keep &= labels == target
+    return h5["detections/boxes"][i][:count][keep], labels[keep]
+
+
 def read_class_names(path) -> list[str]:
     """One class name per line (ImageNet order for ImageNet models)."""
     with open(path) as handle:
@@ -80,7 +110,8 @@ def render_results(results, out_dir, indices=None, data=None, class_names=None,
         invalid = h5["invalid"][()]
         chosen = np.flatnonzero(done & ~invalid) if indices is None else np.asarray(indices)
         methods = sorted(h5["cams"])
-        output = next(iter(h5["outputs"]))
+        detector = "detections" in h5
+        output = None if detector else next(iter(h5["outputs"]))
         metrics = sorted(h5.get("metrics", {}))
         names = source.names
         labels = source.labels
@@ -96,8 +127,14 @@ def render_results(results, out_dir, indices=None, data=None, class_names=None,
             depth = _middle(manifest["preprocessing"])
             tiles = [np.uint8(image * 255)] + [overlay(image, h5[f"cams/{m}"][i][depth].astype(np.float32),
                                                        image_weight) for m in methods]
-            predicted = int(np.argmax(h5[f"outputs/{output}"][i]))
-            picture = grid(tiles, [label_of(predicted)] + methods)
+            if detector:
+                boxes, found = _explained_detections(h5, i)
+                tiles = [draw_boxes(t, boxes, [label_of(int(k)) for k in found]) for t in tiles]
+                headline = f"{len(boxes)} detections explained"
+            else:
+                predicted = int(np.argmax(h5[f"outputs/{output}"][i]))
+                headline = label_of(predicted)
+            picture = grid(tiles, [headline] + methods)
             name = f"{i:06d}.png"
             cv2.imwrite(str(out_dir / name), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
             written.append(out_dir / name)
@@ -106,9 +143,13 @@ def render_results(results, out_dir, indices=None, data=None, class_names=None,
                 "".join(f"<td>{h5[f'metrics/{k}/{m}'][i]:.4f}</td>" for k in metrics) + "</tr>"
                 for m in methods) if metrics else ""
             header = "<tr><th>method</th>" + "".join(f"<th>{html.escape(k)}</th>" for k in metrics) + "</tr>"
-            caption = (f"#{i} {html.escape(names[i]) if names else ''} — predicted "
-                       f"<b>{html.escape(label_of(predicted))}</b>, explained for "
-                       f"{html.escape(label_of(int(h5['targets'][i])))}")
+            target = int(h5["targets"][i])
+            caption = (f"#{i} {html.escape(names[i]) if names else ''} — " + (
+                f"<b>{html.escape(headline)}</b> (boxes drawn)" + (
+                    f", class {html.escape(label_of(target))}" if target >= 0 else "")
+                if detector else
+                f"predicted <b>{html.escape(headline)}</b>, explained for "
+                f"{html.escape(label_of(target))}"))
             if labels is not None and labels[i] >= 0:
                 caption += f", label {html.escape(label_of(int(labels[i])))}"
             rows.append(f"<section><p>{caption}</p><img src='{name}'>"

@@ -316,3 +316,19 @@ def test_run_stores_detections_and_explains_them(root):
                 np.testing.assert_allclose(h5[f"cams/{name}"][()], cams[name], atol=1e-6)
             # the metrics score the same target (IoU + score of the matched detections)
             np.testing.assert_allclose(h5["metrics/drop-in-confidence/gradcam"][()], drop, rtol=1e-5)
+    _renders_the_explained_boxes(out, root, expected[0], x.shape[-1])
+
+
+def _renders_the_explained_boxes(results, root, target, size):
+    """camexport render on detector results draws the explained boxes on every tile."""
+    import cv2
+
+    from camexport.render import BOX_COLOUR, render_results
+
+    written = render_results(results, f"{root}/overlays", indices=[0])
+    picture = cv2.cvtColor(cv2.imread(str(written[0])), cv2.COLOR_BGR2RGB)
+    x1, y1 = np.clip(np.round(target.bounding_boxes[0][:2]).astype(int), 0, size - 1)
+    band = 22  # the label band above each tile
+    for tile in range(3):  # the image, gradcam, eigencam
+        corner = picture[band + y1, tile * size + x1]
+        assert tuple(corner) == BOX_COLOUR, (tile, corner)
