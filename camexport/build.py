@@ -161,6 +161,12 @@ def make_augmented(
     ``detector``: the spec of a detector graph (:mod:`camexport.detection`), recorded in the
     manifest; its layer ``backbone`` is the stacked FPN levels."""
     facts = GraphFacts(plain)
+    scored = output or plain.graph.output[0].name
+    if len(facts.shape_or_none(scored) or ()) == 1:
+        raise ValueError(
+            f"the model output {scored!r} holds one value per image (batch,): camexport needs "
+            f"(batch, K). Export a model that returns out.unsqueeze(1) (a one-logit output, explained "
+            f"by default or with BinaryClassifierOutputTarget, as pgc's binary classifiers)")
     aliases = {detection.STACK_LAYER: detection.STACK} if detector else {}
     resolved = [resolve(plain, layer, facts, aliases) for layer in layers]
     if detector:

@@ -290,3 +290,23 @@ def test_output_picks_which_output_the_score_uses(tmp_path):
     with pytest.raises(ValueError, match="has no output 'nope'"):
         build(str(tmp_path / "two.pt"), ["features.3"], trust_pickle=True, input_size=(16, 16),
               out_dir=tmp_path / "bad", output="nope")
+
+
+class _OneValuePerImage(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU())
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))[:, 0]
+
+
+def test_rank_one_output_is_refused_with_the_fix(tmp_path):
+    """A model returning (batch,) (pgc only explains it with BinaryClassifierOutputTarget) gets a
+    clear error naming the fix, and no artifact."""
+    torch.save(_OneValuePerImage().eval(), tmp_path / "one.pt")
+    with pytest.raises(ValueError, match=r"one value per image \(batch,\).*unsqueeze\(1\)"):
+        build(str(tmp_path / "one.pt"), ["features.1"], trust_pickle=True, input_size=(16, 16),
+              out_dir=tmp_path / "one")
+    assert not (tmp_path / "one").exists()

@@ -81,6 +81,10 @@ class GraphFacts:
     def rank(self, name: str) -> int:
         return len(self.shape(name))
 
+    def shape_or_none(self, name: str) -> tuple[Dim, ...] | None:
+        """The shape of ``name`` if shape inference gave one, else None."""
+        return self._shapes.get(name)
+
     def static_dim(self, name: str, axis: int) -> int:
         dim = self.shape(name)[axis]
         if dim is None:

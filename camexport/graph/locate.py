@@ -109,13 +109,6 @@ def normalise(layer: str, paths: list[str]) -> str:
 AUTO_LAYER = "<auto>"
 
 
-def _shape_or_none(facts: GraphFacts, name: str):
-    try:
-        return facts.shape(name)
-    except KeyError:
-        return None
-
-
 def _spatial(shape) -> bool:
     """A rank-4 feature map with more than one channel and H, W > 1 (NCHW, or NHWC as
     :func:`camexport.layout.infer_layout` reads it)."""
@@ -148,7 +141,7 @@ def pick_layer(model: onnx.ModelProto, facts: GraphFacts | None = None,
     outputs = {o.name for o in model.graph.output}
     found = [v for node in nodes for v in node.output
              if v in depends and v in reaches and v not in outputs
-             and _spatial(_shape_or_none(facts, v))]
+             and _spatial(facts.shape_or_none(v))]
     if not found:
         raise LayerError(f"no spatial feature map (rank 4, H and W > 1) leads to output "
                          f"{output!r}; pass --layer with a tensor name (`camexport inspect MODEL` "
