@@ -301,6 +301,8 @@ class Explainer:
         self.target_outputs = [name for name in self.graph_outputs if name in dependent]
         self._plain = None
         self._tails: dict[int, object] = {}
+        #: (layer, image, values) of the last tail() call that read values from before the layer
+        self._frontier = None
         # one session per output set in use, made on first use and bounded: each session holds
         # its own copy of the weights and a memory arena at its peak size
         self._pruned = _Sessions()
@@ -312,6 +314,7 @@ class Explainer:
         self._pruned.clear()
         self._splits.clear()
         self._tails.clear()
+        self._frontier = None
         self._plain = None
 
     @property
@@ -359,9 +362,14 @@ class Explainer:
             image = np.ascontiguousarray(image, np.float32)
             if image.shape[0] != 1:
                 raise ValueError(f"tail(layer, tensors, image) takes one image (1, ...); got {image.shape}")
-            computed = [n for n in cut.frontier if n != self.input_name]
-            extra = dict(zip(computed, before.run(computed, {self.input_name: image}))) if computed else {}
-            extra.update({n: image for n in cut.frontier if n == self.input_name})
+            remembered = self._frontier
+            if remembered and remembered[0] == layer and np.array_equal(remembered[1], image):
+                extra = remembered[2]  # AblationCAM asks again for each chunk of one image
+            else:
+                computed = [n for n in cut.frontier if n != self.input_name]
+                extra = dict(zip(computed, before.run(computed, {self.input_name: image}))) if computed else {}
+                extra.update({n: image for n in cut.frontier if n == self.input_name})
+                self._frontier = (layer, image.copy(), extra)
         parts = []
         for i in range(0, len(tensors), self.batch_size):
             chunk = tensors[i:i + self.batch_size]

@@ -332,3 +332,18 @@ def _renders_the_explained_boxes(results, root, target, size):
     for tile in range(3):  # the image, gradcam, eigencam
         corner = picture[band + y1, tile * size + x1]
         assert tuple(corner) == BOX_COLOUR, (tile, corner)
+
+
+def test_tail_reads_the_lateral_levels_of_its_own_image(root):
+    """The tail after backbone.body.layer3 also reads values computed before it (the FPN's
+    lateral from layer2, the image's size): they come from the image given, remembered for the
+    next call on the same image (AblationCAM's chunks) and recomputed for another image."""
+    _, explainer, x = prepared("retinanet-layer3", root)
+    nothing = FasterRCNNBoxScoreTarget([], np.zeros((0, 4)))  # activations need no target
+    activations = explainer.inputs(x[:1], [nothing]).raw_activations[0]
+    first = explainer.tail(0, activations, x[:1])
+    again = explainer.tail(0, activations, x[:1])
+    other = explainer.tail(0, activations, x[1:2])
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_allclose(first, explainer.forward(x[:1]), atol=1e-4)
+    assert np.abs(other - first).max() > 1e-3
