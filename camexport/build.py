@@ -92,14 +92,11 @@ def build(
     loaded = load(model, arch=arch, trust_pickle=trust_pickle)
     if input_size:
         loaded.preprocessing.size = tuple(input_size)
-    detector = detection.wrap(loaded)
     timings["load"] = time.perf_counter() - clock
 
     progress("exporting to ONNX")
     clock = time.perf_counter()
-    plain = to_onnx(loaded)
-    if detector:
-        detection.name_outputs(plain)
+    plain, detector = export_plain(loaded)
     timings["export"] = time.perf_counter() - clock
 
     progress("locating layers and differentiating the tail")
@@ -143,6 +140,16 @@ def build(
     _write_atomic(directory / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
     timings["write"] = time.perf_counter() - clock
     return BuildResult(directory, manifest, timings)
+
+
+def export_plain(loaded: Loaded) -> tuple[onnx.ModelProto, detection.DetectorSpec | None]:
+    """The plain ONNX graph of a loaded model at its input size, and the detector spec when it
+    is a torchvision RetinaNet/FCOS (exported up to its head outputs, camexport.detection)."""
+    detector = detection.wrap(loaded)
+    plain = to_onnx(loaded)
+    if detector:
+        detection.name_outputs(plain)
+    return plain, detector
 
 
 def make_augmented(

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import onnx
 
-from camexport.build import AUGMENTED_FILE
-from camexport.export import to_onnx
+from camexport.build import AUGMENTED_FILE, export_plain
+from camexport.detection import STACK, STACK_LAYER
 from camexport.graph.augment import get_manifest, upgrade_opset
 from camexport.graph.builder import GraphFacts
 from camexport.graph.locate import AUTO_LAYER, module_outputs, resolve
@@ -30,7 +30,7 @@ def is_artifact(path: str) -> bool:
 
 def candidate_layers(model: str, arch: str | None = None, trust_pickle: bool = False) -> list[tuple]:
     """(module path, tensor, shape text) for every module whose output is one tensor."""
-    plain = to_onnx(load(model, arch=arch, trust_pickle=trust_pickle))
+    plain, _ = export_plain(load(model, arch=arch, trust_pickle=trust_pickle))
     facts = GraphFacts(plain)
     order = {v: k for k, node in enumerate(plain.graph.node) for v in node.output}
     rows = []
@@ -66,9 +66,11 @@ def tail_coverage(model: str, layer: str | None = None, arch: str | None = None,
     loaded = load(model, arch=arch, trust_pickle=trust_pickle)
     if input_size:
         loaded.preprocessing.size = tuple(input_size)
-    plain = upgrade_opset(to_onnx(loaded))
+    plain, detector = export_plain(loaded)
+    plain = upgrade_opset(plain)
     facts = GraphFacts(plain)
-    label, tensor = resolve(plain, layer or AUTO_LAYER, facts)
+    aliases = {STACK_LAYER: STACK} if detector else {}
+    label, tensor = resolve(plain, layer or AUTO_LAYER, facts, aliases)
     nodes = list(plain.graph.node)
     output = plain.graph.output[0].name
     # the nodes the reverse-mode driver visits (autodiff.differentiate prunes the same way)

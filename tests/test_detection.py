@@ -347,3 +347,17 @@ def test_tail_reads_the_lateral_levels_of_its_own_image(root):
     np.testing.assert_array_equal(first, again)
     np.testing.assert_allclose(first, explainer.forward(x[:1]), atol=1e-4)
     assert np.abs(other - first).max() > 1e-3
+
+
+def test_inspect_checks_a_detector_tail(root):
+    """camexport inspect --check exports a detector the way build does (up to its head outputs)."""
+    from click.testing import CliRunner
+
+    from camexport.cli import main
+
+    prepared("fcos", root)
+    ran = CliRunner().invoke(main, ["inspect", f"{root}/fcos.pt", "--trust-pickle", "--check",
+                                    "--layer", "backbone.body.layer4", "--input-size", "96", "96"])
+    assert ran.exit_code == 0, ran.output
+    assert "to detections" in ran.output and "InstanceNormalization" in ran.output
+    assert "MISSING" not in ran.output
