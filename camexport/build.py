@@ -174,7 +174,7 @@ def make_augmented(
             f"the model output {scored!r} holds one value per image (batch,): camexport needs "
             f"(batch, K). Export a model that returns out.unsqueeze(1) (a one-logit output, explained "
             f"by default or with BinaryClassifierOutputTarget, as pgc's binary classifiers)")
-    aliases = {detection.STACK_LAYER: detection.STACK} if detector else {}
+    aliases = detection.layer_aliases(detector)
     resolved = [resolve(plain, layer, facts, aliases) for layer in layers]
     if detector:
         detection.check_layers(resolved, methods)
@@ -195,7 +195,7 @@ def make_augmented(
         "layers": [{"name": label, "requested": layer, "tensor": tensor, "shape": list(facts.shape(tensor)),
                     "layout": infer_layout(facts.shape(tensor), loaded.preprocessing.size)}
                    for layer, (label, tensor) in zip(layers, resolved)],
-        "score": {"function": score, "output": output or plain.graph.output[0].name},
+        "score": {"function": score, "output": scored},
         "outputs": [o.name for o in plain.graph.output],
         "methods": list(methods),
         "preprocessing": loaded.preprocessing.as_dict(),

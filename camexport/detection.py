@@ -241,8 +241,8 @@ def postprocess(rows: np.ndarray, spec: DetectorSpec) -> Detections:
 
 # -- the target ---------------------------------------------------------------------------
 
-def _iou_parts(ref: np.ndarray, box: np.ndarray):
-    """IoU of ``box`` with the constant ``ref`` and its gradient in ``box`` (float64). Where a
+def _iou_gradient(ref: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """The gradient in ``box`` of its IoU with the constant ``ref`` (float64). Where a
     coordinate of ``box`` equals ``ref``'s, max/min pass half the gradient to each side, as
     torch's maximum/minimum do (so a detection explained against its own box, as in pgc's
     tutorial, gets no gradient through its IoU, which is 1 and maximal there)."""
@@ -266,9 +266,7 @@ def _iou_parts(ref: np.ndarray, box: np.ndarray):
     union = (ref[2] - ref[0]) * (ref[3] - ref[1]) + bw * bh - inter
     g_inter = h * gw + w * gh
     g_union = bh * gbw + bw * gbh - g_inter
-    iou = inter / union
-    grad = g_inter / union - inter * g_union / union**2
-    return iou, grad
+    return g_inter / union - inter * g_union / union**2
 
 
 @dataclass(frozen=True, eq=False)
@@ -305,7 +303,7 @@ class FasterRCNNBoxScoreTarget:
                               "torchvision RetinaNet or FCOS); this model has no detection manifest")
         return self.spec
 
-    def matches(self, rows: np.ndarray) -> list[tuple[int, int, float, np.ndarray]]:
+    def matches(self, rows: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
         """(detection anchor, label, reference box) of each reference that scores, on one
         image's rows."""
         found = postprocess(rows, self._spec())
@@ -335,7 +333,7 @@ class FasterRCNNBoxScoreTarget:
     def cotangent(self, z):
         out = np.zeros(z.shape, np.float64)
         for anchor, label, ref in self.matches(z):
-            out[anchor, :BOX] += _iou_parts(ref, z[anchor, :BOX])[1]
+            out[anchor, :BOX] += _iou_gradient(ref, z[anchor, :BOX])
             out[anchor, BOX + label] += 1.0
         return out
 
@@ -375,6 +373,12 @@ def wrap(loaded) -> DetectorSpec | None:
     loaded.module = graph
     loaded.preprocessing.mean, loaded.preprocessing.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     return graph.spec
+
+
+def layer_aliases(spec: DetectorSpec | None) -> dict[str, str]:
+    """Layer names that are no module of the model: a detector's ``backbone`` is its stacked
+    FPN levels (graph output ``fpn_stack``)."""
+    return {STACK_LAYER: STACK} if spec else {}
 
 
 def name_outputs(plain) -> None:

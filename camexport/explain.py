@@ -289,12 +289,12 @@ class Explainer:
         self.layers = self.manifest["layers"]
         output = next(o for o in model.graph.output if o.name == self.output_name)
         #: the model output per sample: (K,) for classifiers and embeddings, (K, H, W) for
-        #: segmentation; ``classes`` is K
+        #: segmentation, (A, 4 + K) rows per anchor for detectors; ``classes`` is K
         self.output_shape = tuple(d.dim_value for d in output.type.tensor_type.shape.dim[1:])
-        self.classes = self.output_shape[0]
         #: a detector artifact's post-processing (camexport.detection), else None
         self.detection = (DetectorSpec.from_dict(self.manifest["detection"])
                           if "detection" in self.manifest else None)
+        self.classes = self.detection.classes if self.detection else self.output_shape[0]
         self.graph_outputs = tuple(o.name for o in model.graph.output)
         dependent = target_dependent(model)
         #: graph outputs that depend on the target (gradients, score)

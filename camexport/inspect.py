@@ -7,7 +7,7 @@ from pathlib import Path
 import onnx
 
 from camexport.build import AUGMENTED_FILE, export_plain
-from camexport.detection import STACK, STACK_LAYER
+from camexport.detection import layer_aliases
 from camexport.graph.augment import get_manifest, upgrade_opset
 from camexport.graph.builder import GraphFacts
 from camexport.graph.locate import AUTO_LAYER, module_outputs, resolve
@@ -69,8 +69,7 @@ def tail_coverage(model: str, layer: str | None = None, arch: str | None = None,
     plain, detector = export_plain(loaded)
     plain = upgrade_opset(plain)
     facts = GraphFacts(plain)
-    aliases = {STACK_LAYER: STACK} if detector else {}
-    label, tensor = resolve(plain, layer or AUTO_LAYER, facts, aliases)
+    label, tensor = resolve(plain, layer or AUTO_LAYER, facts, layer_aliases(detector))
     nodes = list(plain.graph.node)
     output = plain.graph.output[0].name
     # the nodes the reverse-mode driver visits (autodiff.differentiate prunes the same way)

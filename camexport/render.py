@@ -73,14 +73,15 @@ def _explained_detections(h5, i: int) -> tuple[np.ndarray, np.ndarray]:
     the run's --detection-threshold (of the --targets class, if one)."""
     import json
 
-    threshold = json.loads(h5.attrs["fingerprint"])["parameters"].get("detection_threshold", 0.5)
+    from camexport.detection import Detections, detection_targets
+
+    threshold = json.loads(h5.attrs["fingerprint"])["parameters"]["detection_threshold"]
     count = int(h5["detections/count"][i])
-    scores, labels = h5["detections/scores"][i][:count], h5["detections/labels"][i][:count]
-    keep = scores >= threshold
+    found = Detections(*(h5[f"detections/{k}"][i][:count] for k in ("boxes", "scores", "labels")),
+                       anchors=np.zeros(count, np.int64))
     target = int(h5["targets"][i])
-    if target >= 0:
-        keep &= labels == target
-    return h5["detections/boxes"][i][:count][keep], labels[keep]
+    chosen = detection_targets(found, threshold, target if target >= 0 else None)
+    return chosen.bounding_boxes, np.asarray(chosen.labels, np.int64)
 
 
 def read_class_names(path) -> list[str]:

@@ -204,7 +204,7 @@ class Job:
         self.count = len(self.data) if config.limit is None else min(config.limit, len(self.data))
         if self.count == 0:
             raise RunError(f"{config.data} holds no images")
-        self.classes = self.detector.classes if self.detector else self.explainer.classes
+        self.classes = self.explainer.classes
         self.targets = _targets_for(config, self.data, self.count, self.classes)
         self.provider = self.explainer.provider_name
         fingerprint = {"graph_sha256": sha256(graph), "data": self.data.identity(),
@@ -273,14 +273,11 @@ class Job:
         targets = self.targets(start, stop)
         rows = np.flatnonzero(valid)
         chosen = None if targets is None else [targets[i] for i in rows]
-        found = None
-        if self.detector is not None and len(rows):
-            found, chosen = self._detection_targets(x[rows], chosen)
+        if self.detector is not None:
+            found, chosen = self._detection_targets(x[rows], chosen) if len(rows) else ([], chosen)
             arrays.update(self._detection_arrays(found, rows, n))
         elif chosen is not None and len(self.explainer.output_shape) > 1 and len(rows):
             chosen = self._segmentation_targets(x[rows], chosen)
-        elif self.detector is not None:
-            arrays.update(self._detection_arrays([], rows, n))
         result = None
         if len(rows):
             result = self.explainer(x[rows], targets=chosen, methods=config.methods,
@@ -290,7 +287,8 @@ class Job:
         if result is not None:
             outputs[rows] = result.outputs
             # -1: a concept, or a detector's own detections (--targets pred)
-            classes[rows] = ([-1 if targets is None else targets[i] for i in rows] if found is not None
+            classes[rows] = ([-1 if targets is None else targets[i] for i in rows]
+                             if self.detector is not None
                              else [getattr(t, "category", -1) for t in result.targets])
         if self.detector is None:  # a detector's rows per anchor are summarised as detections/
             arrays[f"outputs/{self.explainer.output_name}"] = outputs
