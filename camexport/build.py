@@ -9,9 +9,7 @@ failed build leaves nothing behind and never clobbers a previous artifact half-w
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,23 +18,21 @@ from pathlib import Path
 import onnx
 
 from camexport import __version__, detection
+from camexport.artifact import AUGMENTED_FILE, set_manifest, write_artifact
 from camexport.export import to_onnx
-from camexport.graph.augment import augment, get_manifest, set_manifest
+from camexport.graph.augment import augment
 from camexport.graph.builder import GraphFacts
-from camexport.graph.fuse import EIGEN_SQUARINGS, HEADS
+from camexport.graph.fuse import EIGEN_SQUARINGS
 from camexport.graph.fuse import fuse as fuse_heads
 from camexport.graph.locate import AUTO_LAYER, resolve
+from camexport.graph.outputs import graph_outputs
 from camexport.graph.rules import MAXPOOL_WITHOUT_INDICES
 from camexport.layout import infer_layout
 from camexport.load import Loaded, load
-from camexport.methods import METHODS, canonical_methods
+from camexport.methods import FUSABLE, METHODS, canonical_methods
 from camexport.precision import PRECISIONS, measure_drift, to_float16
 
 log = logging.getLogger(__name__)
-
-AUGMENTED_FILE = "model.cam.onnx"
-PLAIN_FILE = "model.plain.onnx"
-MANIFEST_FILE = "manifest.json"
 
 
 @dataclass
@@ -82,9 +78,9 @@ def build(
     clock = time.perf_counter()
 
     fused_methods = canonical_methods(fuse) if fuse else []
-    if any(m not in HEADS for m in fused_methods):
-        raise ValueError(f"cannot fuse {[m for m in fused_methods if m not in HEADS]}; "
-                         f"fusable methods: {', '.join(HEADS)}")
+    if any(m not in FUSABLE for m in fused_methods):
+        raise ValueError(f"cannot fuse {[m for m in fused_methods if m not in FUSABLE]}; "
+                         f"fusable methods: {', '.join(FUSABLE)}")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
 
@@ -134,10 +130,7 @@ def build(
     progress("writing artifact")
     clock = time.perf_counter()
     directory = Path(out_dir) if out_dir else Path("artifacts") / loaded.name
-    directory.mkdir(parents=True, exist_ok=True)
-    _write_atomic(directory / PLAIN_FILE, plain.SerializeToString())
-    _write_atomic(directory / AUGMENTED_FILE, augmented.SerializeToString())
-    _write_atomic(directory / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+    write_artifact(directory, plain, augmented, manifest)
     timings["write"] = time.perf_counter() - clock
     return BuildResult(directory, manifest, timings)
 
@@ -181,11 +174,8 @@ def make_augmented(
     tensors = dict(resolved)
     if len(tensors) != len(layers):
         raise ValueError(f"--layer values {layers} name the same layer more than once")
-    needs = set().union(*(METHODS[m].needs for m in methods)) if methods else set()
-    augmented = augment(plain, tensors, score=score, output=output,
-                        input_gradient="input_gradients" in needs,
-                        bias_gradients="bias_gradients" in needs, guided="guided" in needs,
-                        tangents="tangents" in needs,
+    needs = set().union(*(METHODS[m].graph_needs for m in methods)) if methods else set()
+    augmented = augment(plain, tensors, score=score, output=output, extras=graph_outputs(needs),
                         overrides=None if maxpool_indices else MAXPOOL_WITHOUT_INDICES,
                         forward_only=tuple(aliases))
     manifest = {
@@ -207,23 +197,3 @@ def make_augmented(
         manifest["detection"] = detector.as_dict()
     set_manifest(augmented, manifest)
     return augmented, manifest
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.partial")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
-def read_artifact(path: str | Path) -> tuple[onnx.ModelProto, dict]:
-    """The augmented graph and manifest of an artifact directory (or its .onnx file)."""
-    path = Path(path)
-    graph_path = path / AUGMENTED_FILE if path.is_dir() else path
-    model = onnx.load(str(graph_path))
-    manifest = get_manifest(model)
-    if manifest is None:
-        raise ValueError(f"{graph_path} carries no camexport manifest; build it with camexport build")
-    return model, manifest

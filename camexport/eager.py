@@ -75,12 +75,13 @@ def activations_and_gradients(
 
 
 def eager_inputs(module, x: np.ndarray, layers: Sequence[str], targets=None):
-    """:class:`~camexport.methods.base.CamInputs` from torch eager (float32 hooks and autograd),
+    """:class:`~camexport.methods.inputs.CamInputs` from torch eager (float32 hooks and autograd),
     so the same method code runs on the source model: the eager side of parity."""
     import torch
 
     from camexport.layout import infer_layout
-    from camexport.methods.base import CamInputs, to_channel_first
+    from camexport.methods.inputs import CamInputs
+    from camexport.methods.pipeline import to_channel_first
     from camexport.targets import as_targets, target_weights
 
     module = module.eval()

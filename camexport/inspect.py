@@ -6,9 +6,10 @@ from pathlib import Path
 
 import onnx
 
-from camexport.build import AUGMENTED_FILE, export_plain
+from camexport.artifact import AUGMENTED_FILE, get_manifest
+from camexport.build import export_plain
 from camexport.detection import layer_aliases
-from camexport.graph.augment import get_manifest, upgrade_opset
+from camexport.graph.augment import upgrade_opset
 from camexport.graph.builder import GraphFacts
 from camexport.graph.locate import AUTO_LAYER, module_outputs, resolve
 from camexport.graph.rules import NO_GRADIENT, REFUSED, find_rule

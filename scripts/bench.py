@@ -230,7 +230,7 @@ def camexport_side(spec: dict) -> tuple[dict, dict]:
 
 
 def _reshape_transform(layout: dict):
-    """pgc's reshape_transform for a layer layout (as camexport.methods.base.to_channel_first)."""
+    """pgc's reshape_transform for a layer layout (as camexport.methods.pipeline.to_channel_first)."""
     if layout["kind"] == "tokens":
         (height, width), prefix = layout["grid"], layout["prefix_tokens"]
         return lambda t: t[:, prefix:, :].reshape(t.size(0), height, width, t.size(2)).permute(0, 3, 1, 2)

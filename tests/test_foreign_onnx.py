@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 from rule_harness import _reference
 
-from camexport.build import AUGMENTED_FILE
+from camexport.artifact import AUGMENTED_FILE
 from camexport.cli import main
 from camexport.eager import activations_and_gradients
 from camexport.export import pin_input_shape

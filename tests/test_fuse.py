@@ -20,13 +20,16 @@ import torchvision
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from camexport.build import build, read_artifact
+from camexport.artifact import read_artifact
+from camexport.build import build
 from camexport.cli import main
 from camexport.explain import Explainer
-from camexport.graph.fuse import HEADS, cam_name, fuse, is_head_node
+from camexport.graph.fuse import cam_name, fuse, is_head_node
 from camexport.layout import infer_layout
 from camexport.methods import method
-from camexport.methods.base import CamInputs, aggregate, layer_map, to_channel_first
+from camexport.methods import FUSABLE as HEADS
+from camexport.methods.inputs import CamInputs
+from camexport.methods.pipeline import aggregate, layer_map, to_channel_first
 from camexport.precision import measure_drift, to_float16
 from camexport.runtime import session
 
@@ -81,11 +84,11 @@ def _single_layer(inputs: CamInputs, layer: int) -> CamInputs:
 def test_heads_table_matches_the_methods():
     """Fused heads use the registry's names and the offline methods' epsilons."""
     from camexport.graph import fuse as heads
-    from camexport.methods import METHODS, base, gradient
+    from camexport.methods import METHODS, gradient, pipeline
 
     assert set(HEADS) <= set(METHODS)
     assert (heads.NORM_EPS, heads.GRADCAM_PP_EPS, heads.XGRADCAM_EPS) == (
-        base.NORM_EPS, gradient.GRADCAM_PP_EPS, gradient.XGRADCAM_EPS)
+        pipeline.NORM_EPS, gradient.GRADCAM_PP_EPS, gradient.XGRADCAM_EPS)
 
 
 def test_manifest_and_graph(fused):

@@ -12,7 +12,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from camexport.build import build
 from camexport.explain import Explainer
 from camexport.layout import infer_layout
-from camexport.methods.base import to_channel_first
+from camexport.methods.pipeline import to_channel_first
 
 
 @pytest.mark.parametrize("shape,size,expected", [

@@ -13,7 +13,8 @@ import torchvision
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from camexport.build import AUGMENTED_FILE, MANIFEST_FILE, PLAIN_FILE, build
+from camexport.artifact import AUGMENTED_FILE, MANIFEST_FILE, PLAIN_FILE
+from camexport.build import build
 from camexport.cli import main
 from camexport.eager import activations_and_gradients
 from camexport.graph import GradientError, augment, get_manifest

@@ -281,7 +281,7 @@ def test_random_cam_with_the_same_draws_matches_pgc(tmp_root):
 
     model, single, _, x = prepared("resnet18", tmp_root)
     inputs = single.inputs(x, list(CLASSES))
-    inputs.extras["rng"] = np.random.RandomState(0)
+    inputs.rng = np.random.RandomState(0)
     ours = make("randomcam")(inputs)
     np.random.seed(0)
     theirs = _pgc(pgc.RandomCAM, model, [model.layer4], x,
@@ -609,7 +609,7 @@ def test_fullgrad_pairs_bias_and_gradient_by_graph_node(tmp_root):
 
 
 def _synthetic_inputs(acts, grads):
-    from camexport.methods.base import CamInputs
+    from camexport.methods.inputs import CamInputs
 
     batch = len(acts)
     return CamInputs(x=np.zeros((batch, 3, 40, 40), np.float32),

@@ -1,12 +1,12 @@
 """Graph-level work: locating layers, reverse-mode differentiation, augmentation."""
 
+from camexport.artifact import get_manifest
 from camexport.graph.augment import (
     SCORE,
     SCORE_FUNCTIONS,
     TARGET_WEIGHTS,
     activation_name,
     augment,
-    get_manifest,
     gradient_name,
 )
 from camexport.graph.autodiff import GradientError

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import onnx
 
 from camexport.graph.builder import Builder, GraphFacts
+from camexport.graph.cut import computed_from, computed_into
 from camexport.graph.rules import NO_GRADIENT, REFUSED, Rule, find_rule
 
 
@@ -20,8 +21,8 @@ class GradientError(Exception):
     """A node on the differentiated path could not be differentiated."""
 
 
-def _float_values(facts: GraphFacts, names) -> list[str]:
-    return [n for n in names if n and facts.is_float(n)]
+def _differentiable(node: onnx.NodeProto) -> bool:
+    return node.op_type not in NO_GRADIENT
 
 
 def differentiate(
@@ -43,12 +44,8 @@ def differentiate(
     labels = dict(labels or {})
     overrides = dict(overrides or {})
 
-    depends = _forward_closure(nodes, facts, set(wrt))
-    reaches = set(seeds)
-    for node in reversed(nodes):
-        if node.op_type not in NO_GRADIENT and any(o in reaches for o in node.output):
-            reaches.update(_float_values(facts, node.input))
-    active = depends & reaches
+    active = (computed_from(nodes, wrt, _differentiable, facts.is_float)
+              & computed_into(nodes, seeds, _differentiable, facts.is_float))
     missing = [w for w in wrt if w not in active]
     if missing:
         names = ", ".join(labels.get(w, w) for w in missing)
@@ -81,14 +78,6 @@ def differentiate(
     return {w: _total(builder, contributions[w]) for w in wrt}
 
 
-def _forward_closure(nodes, facts: GraphFacts, start: set[str]) -> set[str]:
-    reached = set(start)
-    for node in nodes:
-        if node.op_type not in NO_GRADIENT and any(i in reached for i in node.input):
-            reached.update(_float_values(facts, node.output))
-    return reached
-
-
 def _total(builder: Builder, grads: list[str] | None) -> str | None:
     """The sum of the cotangent contributions of one value (fan-out accumulated by Add)."""
     if not grads:
@@ -102,7 +91,8 @@ def _total(builder: Builder, grads: list[str] | None) -> str | None:
 
 
 def _missing_rule_message(node, facts, nodes, wrt, labels) -> str:
-    needing = [labels.get(w, w) for w in wrt if set(node.input) & _forward_closure(nodes, facts, {w})]
+    needing = [labels.get(w, w) for w in wrt
+               if set(node.input) & computed_from(nodes, [w], _differentiable, facts.is_float)]
     why = REFUSED.get(node.op_type, "no gradient rule is registered for this op")
     return (f"cannot differentiate node {node.name!r}: op {node.op_type!r} "
             f"(domain {node.domain or 'ai.onnx'!r}, opset {facts.opset}) lies between layer(s) "

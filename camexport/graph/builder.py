@@ -32,7 +32,7 @@ class GraphFacts:
     """
 
     def __init__(self, model: onnx.ModelProto):
-        inferred = onnx.shape_inference.infer_shapes(_without_weights(model), data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(without_weights(model), data_prop=True)
         graph = inferred.graph
         self.opset = next(
             (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0
@@ -102,7 +102,7 @@ class GraphFacts:
 _INFERENCE_BYTES = 4096
 
 
-def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with large initializers turned into declared inputs: shape inference then
     needs no copy of the weights (seconds saved on VGG-size models), and data propagation
     still sees the small integer constants that shapes are made of."""

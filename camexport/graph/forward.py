@@ -16,6 +16,7 @@ from onnx import helper
 
 from camexport.graph.autodiff import GradientError
 from camexport.graph.builder import Builder, GraphFacts
+from camexport.graph.cut import computed_into
 from camexport.graph.rules import NO_GRADIENT, attr, find_rule
 
 JVP_RULES: dict = {}
@@ -143,10 +144,7 @@ def linearize(model: onnx.ModelProto, facts: GraphFacts, builder: Builder,
               seeds: Mapping[str, str], output: str) -> str:
     """The tangent of ``output`` given tangents ``seeds`` (value -> tangent name)."""
     tangents = dict(seeds)
-    reaches = {output}
-    for node in reversed(model.graph.node):
-        if any(o in reaches for o in node.output):
-            reaches.update(node.input)
+    reaches = computed_into(model.graph.node, [output])
     for node in model.graph.node:
         if node.op_type in NO_GRADIENT or not any(o in reaches for o in node.output):
             continue

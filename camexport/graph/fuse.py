@@ -31,15 +31,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from camexport.graph.augment import activation_name, gradient_name
 from camexport.graph.builder import Builder, GraphFacts
+from camexport.graph.outputs import activation_name, gradient_name
 
-#: pytorch-grad-cam's epsilon in both min-max normalisations (reference §2.3, Q6).
-NORM_EPS = 1e-7
-#: GradCAM++ denominator epsilon (pgc, reference §3.2, Q10).
-GRADCAM_PP_EPS = 1e-6
-#: XGradCAM denominator epsilon on the signed activation sum (pgc, reference §3.3, Q11).
-XGRADCAM_EPS = 1e-7
+# the numpy methods' own constants: a head and its method cannot drift apart
+from camexport.methods.gradient import GRADCAM_PP_EPS, XGRADCAM_EPS
+from camexport.methods.pipeline import NORM_EPS
+
 #: Guards 0/0 in the power method for an all-zero (or NaN-only) activation; ours, far below
 #: any float32 value a non-zero Gram matrix holds.
 TINY = 1e-30
@@ -72,23 +70,23 @@ class LayerValues:
 
 # raw maps M (B, h, w), one function per method ------------------------------------------------
 
-def _gradcam(b: Builder, v: LayerValues) -> str:
+def gradcam_head(b: Builder, v: LayerValues) -> str:
     """GradCAM: M = sum_c mean_s(G) A."""
     weights = b.reduce("ReduceMean", v.grads, SPATIAL, keepdims=True)
     return _channel_sum(b, b.op("Mul", weights, v.acts))
 
 
-def _hirescam(b: Builder, v: LayerValues) -> str:
+def hirescam_head(b: Builder, v: LayerValues) -> str:
     """HiResCAM: M = sum_c G A."""
     return _channel_sum(b, b.op("Mul", v.grads, v.acts))
 
 
-def _gradcam_elementwise(b: Builder, v: LayerValues) -> str:
+def gradcam_elementwise_head(b: Builder, v: LayerValues) -> str:
     """GradCAMElementWise: M = sum_c relu(G A)."""
     return _channel_sum(b, b.op("Relu", b.op("Mul", v.grads, v.acts)))
 
 
-def _gradcam_plus_plus(b: Builder, v: LayerValues) -> str:
+def gradcam_plus_plus_head(b: Builder, v: LayerValues) -> str:
     """GradCAM++ as pgc: alpha = G^2 / (2 G^2 + S G^3 + 1e-6), 0 where G = 0, S = sum_s A;
     w = sum_s relu(G) alpha; M = sum_c w A."""
     g2 = b.op("Mul", v.grads, v.grads)
@@ -102,19 +100,19 @@ def _gradcam_plus_plus(b: Builder, v: LayerValues) -> str:
     return _channel_sum(b, b.op("Mul", weights, v.acts))
 
 
-def _xgradcam(b: Builder, v: LayerValues) -> str:
+def xgradcam_head(b: Builder, v: LayerValues) -> str:
     """XGradCAM: w = sum_s G A / (sum_s A + 1e-7); M = sum_c w A."""
     sums = b.reduce("ReduceSum", v.acts, SPATIAL, keepdims=True)
     ratio = b.op("Div", b.op("Mul", v.grads, v.acts), b.op("Add", sums, _f32(b, XGRADCAM_EPS)))
     return _channel_sum(b, b.op("Mul", b.reduce("ReduceSum", ratio, SPATIAL), v.acts))
 
 
-def _layercam(b: Builder, v: LayerValues) -> str:
+def layercam_head(b: Builder, v: LayerValues) -> str:
     """LayerCAM: M = sum_c relu(G) A."""
     return _channel_sum(b, b.op("Mul", b.op("Relu", v.grads), v.acts))
 
 
-def _eigencam(b: Builder, v: LayerValues) -> str:
+def eigencam_head(b: Builder, v: LayerValues) -> str:
     """EigenCAM: M = Y v, v the first right-singular vector of the centred Y (h w x C), by
     repeated squaring of the smaller Gram matrix; sign such that sum_c v_c >= 0."""
     positions = v.height * v.width
@@ -151,16 +149,9 @@ def _top_eigenvector(b: Builder, gram: str, size: int, squarings: int) -> str:
     return b.op("MatMul", power, b.unsqueeze(pick, [2]))
 
 
-#: The fusable methods, by their registry names (camexport.methods.METHODS).
-HEADS: dict[str, Callable[[Builder, LayerValues], str]] = {
-    "gradcam": _gradcam,
-    "hirescam": _hirescam,
-    "gradcamelementwise": _gradcam_elementwise,
-    "gradcam++": _gradcam_plus_plus,
-    "xgradcam": _xgradcam,
-    "layercam": _layercam,
-    "eigencam": _eigencam,
-}
+#: A fused head: the raw map M (B, h, w) of one layer's values, emitted through the builder.
+#: Each method's registry row (camexport.methods.registry) points at its head.
+Head = Callable[[Builder, LayerValues], str]
 
 
 # shared pieces -----------------------------------------------------------------------------
@@ -197,7 +188,7 @@ def _resize(b: Builder, maps: str, size: str) -> str:
 
 def _channel_first(b: Builder, tensor: str, layout: Mapping, label: str) -> tuple[str, int, int, int]:
     """A layer tensor as float32 (B, C, h, w) and its static (C, h, w), as pgc's reshape
-    transforms make it (camexport.methods.base.to_channel_first)."""
+    transforms make it (camexport.methods.pipeline.to_channel_first)."""
     shape = b.facts.shape(tensor)
     kind = layout.get("kind")
     if b.facts.dtype(tensor) != TensorProto.FLOAT:
@@ -236,9 +227,11 @@ def fuse(
 ) -> tuple[onnx.ModelProto, dict]:
     """A copy of the augmented ``model`` with fused CAM heads for ``methods`` on ``layers``
     (the manifest's layer records), and the manifest entry describing them."""
-    unknown = [m for m in methods if m not in HEADS]
+    from camexport.methods.registry import FUSABLE  # the registry imports our heads
+
+    unknown = [m for m in methods if m not in FUSABLE]
     if unknown:
-        raise ValueError(f"cannot fuse {unknown}; fusable methods: {', '.join(HEADS)}")
+        raise ValueError(f"cannot fuse {unknown}; fusable methods: {', '.join(FUSABLE)}")
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph = result.graph
@@ -268,7 +261,7 @@ def fuse(
         per_layer = []
         for layer, value in zip(layers, values):
             builder.owner = cam_name(method, layer["name"])
-            raw = HEADS[method](builder, value)
+            raw = FUSABLE[method](builder, value)
             per_layer.append(_resize(builder, _min_max(builder, builder.op("Relu", raw)), size))
             heads[cam_name(method, layer["name"])] = _min_max(builder, per_layer[-1])
         if len(per_layer) > 1:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import onnx
 
 from camexport.graph.builder import GraphFacts
+from camexport.graph.cut import computed_from, computed_into
 
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 
@@ -130,14 +131,9 @@ def pick_layer(model: onnx.ModelProto, facts: GraphFacts | None = None,
     nodes = list(model.graph.node)
     output = output or model.graph.output[0].name
     weights = {t.name for t in model.graph.initializer}
-    depends = {next(i.name for i in model.graph.input if i.name not in weights)}
-    for node in nodes:
-        if any(i in depends for i in node.input):
-            depends.update(o for o in node.output if facts.is_float(o))
-    reaches = {output}
-    for node in reversed(nodes):
-        if any(o in reaches for o in node.output):
-            reaches.update(node.input)
+    image = next(i.name for i in model.graph.input if i.name not in weights)
+    depends = computed_from(nodes, [image], keep=facts.is_float)
+    reaches = computed_into(nodes, [output])
     outputs = {o.name for o in model.graph.output}
     found = [v for node in nodes for v in node.output
              if v in depends and v in reaches and v not in outputs

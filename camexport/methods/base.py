@@ -1,168 +1,72 @@
-"""The shared CAM pipeline: layer layouts, per-layer post-processing and layer aggregation.
+"""The method base class: a raw map per layer, then the shared pipeline of :mod:`.pipeline`.
 
-Mirrors pytorch-grad-cam 1.5.7 (reference §2.3): for each layer l and image b,
-``Q_l = R(n(relu(M_l)))`` (min-max with eps 1e-7, then bilinear resize to the input size), then
-``CAM = n(mean_l relu(Q_l))``. ``n(X) = (X - min X) / (max(X - min X) + 1e-7)`` per map.
+A *weight* method defines ``weights(A, G, inputs, layer) -> (B, C)`` and gets
+``M = sum_c w A`` (or ``P(w A)`` with eigen_smooth); an *element* method defines
+``elements(A, G) -> (B, C, *spatial)`` and gets ``M = sum_c E`` (or ``P(E)``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from functools import lru_cache
-
-import cv2
 import numpy as np
 
-#: pytorch-grad-cam's epsilon in every min-max normalisation (reference §2.3, Q6).
-NORM_EPS = 1e-7
-
-def to_channel_first(tensor: np.ndarray, layout: dict) -> np.ndarray:
-    """A layer tensor as (B, C, *spatial), as pgc's reshape transforms make it (reference §5).
-
-    Channel-last layouts come back as a strided view, like torch's permute: numpy's pairwise
-    sums follow memory order, and near-zero denominators (XGradCAM) notice the difference."""
-    kind = layout.get("kind")
-    if kind in ("NCHW", "NCDHW", "vector"):
-        return tensor
-    if kind == "NHWC":
-        return np.moveaxis(tensor, -1, 1)
-    if kind == "tokens":
-        grid, prefix = layout.get("grid"), layout.get("prefix_tokens")
-        if grid is None:
-            raise ValueError(f"token layer of shape {tensor.shape} has no square grid; "
-                             f"give the grid and prefix token count explicitly")
-        b, _, d = tensor.shape
-        spatial = tensor[:, prefix:, :].reshape(b, grid[0], grid[1], d)
-        return np.moveaxis(spatial, -1, 1)
-    raise ValueError(f"unsupported layer layout {layout}")
+from camexport.methods.inputs import CamInputs
+from camexport.methods.pipeline import aggregate, eigen_projection, layer_map, weighted_sum
 
 
-def spatial_axes(a: np.ndarray) -> tuple[int, ...]:
-    return tuple(range(2, a.ndim))
+class Method:
+    """One CAM method. Subclasses set ``name`` and override ``raw`` (or a hook below)."""
+
+    name = ""
+    #: False for methods whose map does not depend on the target (EigenCAM, FEM, ...)
+    uses_targets = True
+
+    def __init__(self, **options):
+        """Options override the method's class-level settings, e.g.
+        ``AblationCAM(ratio_channels_to_ablate=0.5)``; an unknown option is an error."""
+        for key, value in options.items():
+            if key.startswith("_") or not hasattr(type(self), key) or callable(getattr(type(self), key)):
+                settable = sorted(k for k, v in vars(type(self)).items()
+                                  if not k.startswith("_") and not callable(v) and k != "name")
+                raise TypeError(f"{type(self).__name__} has no option {key!r}; options: {settable}")
+            setattr(self, key, value)
+
+    def retarget(self, outputs: np.ndarray, targets):
+        """The targets this method explains, given the model ``outputs`` and the caller's
+        ``targets``: the caller's (FinerCAM picks its own contrasts when they are None)."""
+        return targets
+
+    def raw(self, inputs: CamInputs, layer: int, eigen_smooth: bool) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, inputs: CamInputs, eigen_smooth: bool = False) -> np.ndarray:
+        maps = [layer_map(self.raw(inputs, layer, eigen_smooth), inputs.size)
+                for layer in range(len(inputs.activations))]
+        return aggregate(maps)
+
+    @staticmethod
+    def gradients(inputs: CamInputs, layer: int) -> np.ndarray:
+        grads = inputs.gradients[layer]
+        if grads is None:
+            raise ValueError("this method needs gradients; the artifact has none for this layer")
+        return grads
 
 
-def min_max(maps: np.ndarray) -> np.ndarray:
-    """n(X) per map over all but the first axis, eps added after subtracting the min."""
-    axes = tuple(range(1, maps.ndim))
-    shifted = maps - maps.min(axis=axes, keepdims=True)
-    return shifted / (shifted.max(axis=axes, keepdims=True) + maps.dtype.type(NORM_EPS))
+class WeightMethod(Method):
+    def weights(self, inputs: CamInputs, layer: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def raw(self, inputs, layer, eigen_smooth):
+        acts = inputs.activations[layer]
+        weights = self.weights(inputs, layer)
+        if eigen_smooth:
+            return eigen_projection(weights.reshape(weights.shape + (1,) * (acts.ndim - 2)) * acts)
+        return weighted_sum(weights, acts)
 
 
-def resize(maps: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Each (h, w) map to ``size`` = (H, W): OpenCV INTER_LINEAR (half-pixel, no antialias).
-    Volumes (d, h, w) to (D, H, W) as pgc's 3-D path (reference §2.4, Q8): scipy's cubic
-    B-spline ``zoom`` (order 3, corner-aligned, mode 'constant'), which overshoots [0, 1]."""
-    maps = np.asarray(maps, dtype=np.float32)
-    if maps.shape[1:] == tuple(size):
-        return maps.copy()
-    if len(size) == 3:
-        from scipy.ndimage import zoom
+class ElementMethod(Method):
+    def elements(self, acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
-        factors = [n / m for n, m in zip(size, maps.shape[1:])]
-        return np.stack([zoom(m, factors, order=3, mode="constant") for m in maps])
-    height, width = size
-    return np.stack([cv2.resize(m, (width, height), interpolation=cv2.INTER_LINEAR) for m in maps])
-
-
-def layer_map(raw: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Q_l = R(n(relu(M_l))) for one layer's raw maps (B, h, w)."""
-    return resize(min_max(np.maximum(raw, 0)), size)
-
-
-def aggregate(layer_maps: Sequence[np.ndarray]) -> np.ndarray:
-    """CAM = n(mean_l relu(Q_l)), float32 (B, H, W)."""
-    if len(layer_maps) == 1 and layer_maps[0].dtype == np.float32 and layer_maps[0].ndim == 3:
-        # Q = R(n(.)) >= 0 (a bilinear resize of non-negative maps; not the cubic volume zoom)
-        # and a mean of one value is that value: the same numbers without three full-size copies
-        return min_max(layer_maps[0])
-    stacked = np.maximum(np.stack(layer_maps, axis=1), 0)
-    return min_max(stacked.mean(axis=1)).astype(np.float32)
-
-
-def weighted_sum(weights: np.ndarray, activations: np.ndarray) -> np.ndarray:
-    """M = sum_c w_bc A_bc, for w (B, C)."""
-    expanded = weights.reshape(weights.shape + (1,) * (activations.ndim - 2))
-    return (expanded * activations).sum(axis=1)
-
-
-@lru_cache(maxsize=1)
-def _blas_pools():
-    import scipy.linalg  # noqa: F401 (scipy's own OpenBLAS, used by scikit-learn, is loaded too)
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()
-
-
-def one_blas_thread():
-    """Context: numpy's and scipy's BLAS/LAPACK on one thread. The per-image decompositions
-    (an SVD of a positions x channels matrix) are too small to gain from threads, and BLAS
-    threads left spinning after them slow the next onnxruntime run on the same cores:
-    EigenCAM on EfficientNet-Lite0, 8 images, 2 cores: 0.19 s -> 0.066 s (forward 0.040 s)."""
-    return _blas_pools().limit(limits=1, user_api="blas")
-
-
-def eigen_projection(tensor: np.ndarray, sign_correction: bool = False) -> np.ndarray:
-    """P(X) per image: centred (positions x channels) matrix projected on its first right
-    singular vector, numpy's LAPACK sign kept (reference §2.7, Q9). float32 (B, *spatial).
-    ``sign_correction`` (SegEigenCAM's P+-): negate a map whose |min| exceeds its max."""
-    tensor = np.nan_to_num(tensor, nan=0.0)
-    projections = []
-    with one_blas_thread():
-        for item in tensor:
-            rows = item.reshape(item.shape[0], -1).T
-            rows = rows - rows.mean(axis=0)
-            _, _, vt = np.linalg.svd(rows, full_matrices=False)
-            projection = (rows @ vt[0]).reshape(item.shape[1:])
-            if sign_correction and abs(projection.min()) > abs(projection.max()):
-                projection = -projection
-            projections.append(projection)
-    return np.asarray(projections, dtype=np.float32)
-
-
-def _at_least_float32(tensor: np.ndarray | None) -> np.ndarray | None:
-    if tensor is None or tensor.dtype in (np.float32, np.float64):
-        return tensor
-    return tensor.astype(np.float32)
-
-
-@dataclass
-class CamInputs:
-    """Everything a method may read, for one batch of B images.
-
-    ``activations``/``gradients`` are channel-first (B, C, *spatial), one entry per layer;
-    ``raw_activations`` are the same tensors in the graph's own layout. ``targets`` holds one
-    target per image (:mod:`camexport.targets`). ``forward(x)`` runs the plain model on a batch of
-    inputs and ``tail(layer, tensors, b)`` runs the model from a layer's tensors (raw layout) that
-    come from image b (None: from no one image; refused where the model after the layer also reads
-    values computed before it); both
-    return model outputs; ``backward(layer, weights)`` is the gradient at a layer (channel-first)
-    for other ``target_weights`` rows; ``rerun(x, targets)`` gives the inputs of another batch
-    (SESS's patches). Methods never see a session.
-    """
-
-    x: np.ndarray
-    outputs: np.ndarray
-    targets: list
-    activations: list[np.ndarray]
-    gradients: list[np.ndarray | None]
-    raw_activations: list[np.ndarray] = field(default_factory=list)
-    layouts: list[dict] = field(default_factory=list)
-    forward: Callable[[np.ndarray], np.ndarray] | None = None
-    tail: Callable[..., np.ndarray] | None = None
-    backward: Callable[[int, np.ndarray], np.ndarray] | None = None
-    rerun: Callable[[np.ndarray, list], CamInputs] | None = None
-    extras: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        # reference Q31 fix: float16 (and narrower) tensors are post-processed in float32
-        self.activations = [_at_least_float32(a) for a in self.activations]
-        self.gradients = [_at_least_float32(g) for g in self.gradients]
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return tuple(self.x.shape[2:])
-
-    def scores(self, b: int, outputs: np.ndarray) -> np.ndarray:
-        """Target b's score on each row of ``outputs`` (float32)."""
-        return np.asarray(self.targets[b].values(outputs), dtype=np.float32)
+    def raw(self, inputs, layer, eigen_smooth):
+        elements = self.elements(inputs.activations[layer], self.gradients(inputs, layer))
+        return eigen_projection(elements) if eigen_smooth else elements.sum(axis=1)

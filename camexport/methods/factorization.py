@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from camexport.methods.base import min_max, resize
-from camexport.methods.core import Method
+from camexport.methods.base import Method
+from camexport.methods.pipeline import min_max, resize
 
 
 @dataclass

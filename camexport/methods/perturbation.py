@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from camexport.methods.base import eigen_projection
-from camexport.methods.core import WeightMethod
+from camexport.methods.base import WeightMethod
+from camexport.methods.pipeline import eigen_projection
 
 #: ScoreCAM's per-channel mask normalisation epsilon (pytorch-grad-cam, reference §3.7, Q13).
 SCORECAM_EPS = 1e-8

@@ -1,19 +1,26 @@
-"""The one table of CAM method names, as users type them, with their accepted aliases.
+"""The one table of CAM methods: names as users type them, aliases, and what each needs.
 
-``needs`` tells the build step what each method asks of the graph: ``gradients`` (the VJP
-subgraph), ``forwards`` (extra forward passes of the plain model), ``tail`` (the tail as its own
-graph), ``input_gradients`` and ``bias_gradients`` (FullGrad), ``guided`` (guided ReLU), ``tangents`` (ShapleyCAM's J A).
+A row says what the method reads beyond the layer activations: ``gradients`` (the layer
+gradients of the reverse pass), ``extras`` (optional graph outputs, records of
+:mod:`camexport.graph.outputs` that the build emits and the Explainer collects), ``runs``
+(model runs beyond the graph's outputs: ``forwards`` of the plain model, the ``tail`` after a
+layer, a ``rerun`` of the graph on other targets or inputs), and ``head``, its fused ONNX head
+(:mod:`camexport.graph.fuse`), for the methods that have one. The CLI choices, the build, the
+manifest, ``camexport run``'s checks and ``camexport recompute`` all read this table.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from camexport.methods import factorization, fullgrad, gradient, perturbation, sess
-from camexport.methods.core import Method
+from camexport.errors import CamexportError
+from camexport.graph import fuse
+from camexport.graph.outputs import BIAS_GRADIENTS, GUIDED, INPUT_GRADIENTS, TANGENTS, GraphOutput
+from camexport.methods import activation, composite, factorization, gradient, input_gradient, perturbation
+from camexport.methods.base import Method
 
 
-class MethodError(ValueError):
+class MethodError(CamexportError, ValueError):
     """An unknown method name."""
 
 
@@ -21,41 +28,74 @@ class MethodError(ValueError):
 class MethodInfo:
     name: str
     title: str
-    needs: frozenset[str]
+    implementation: type[Method]
+    gradients: bool = False
+    extras: tuple[GraphOutput, ...] = ()
+    runs: frozenset[str] = frozenset()
     aliases: tuple[str, ...] = ()
-    implementation: type[Method] | None = None
+    head: fuse.Head | None = None
+
+    @property
+    def graph_needs(self) -> frozenset[str]:
+        """What the augmented graph must hold for this method (manifest words)."""
+        return frozenset(["gradients"] * self.gradients + [record.key for record in self.extras])
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """Everything the method needs: the graph's parts and the model runs."""
+        return self.graph_needs | self.runs
+
+    @property
+    def recomputable(self) -> bool:
+        """Whether stored activations, gradients and outputs alone give this method."""
+        return not self.extras and not self.runs
 
 
-def _m(name: str, title: str, needs: str = "", aliases: tuple[str, ...] = (),
-       implementation: type[Method] | None = None) -> MethodInfo:
-    return MethodInfo(name, title, frozenset(needs.split()), aliases, implementation)
+def _m(name: str, title: str, implementation: type[Method], gradients: bool = True,
+       extras: tuple[GraphOutput, ...] = (), runs: str = "", aliases: tuple[str, ...] = (),
+       head: fuse.Head | None = None) -> MethodInfo:
+    return MethodInfo(name, title, implementation, gradients, extras, frozenset(runs.split()),
+                      aliases, head)
 
 
 METHODS: dict[str, MethodInfo] = {m.name: m for m in [
-    _m("gradcam", "GradCAM", "gradients", ("grad-cam",), gradient.GradCAM),
-    _m("hirescam", "HiResCAM", "gradients", ("hires-cam",), gradient.HiResCAM),
-    _m("gradcamelementwise", "GradCAMElementWise", "gradients", ("gradcam-elementwise",), gradient.GradCAMElementWise),
-    _m("gradcam++", "GradCAM++", "gradients", ("gradcampp", "gradcamplusplus", "grad-cam++"), gradient.GradCAMPlusPlus),
-    _m("xgradcam", "XGradCAM", "gradients", ("xgrad-cam",), gradient.XGradCAM),
-    _m("ablationcam", "AblationCAM", "tail", ("ablation-cam",), perturbation.AblationCAM),
-    _m("scorecam", "ScoreCAM", "forwards", ("score-cam",), perturbation.ScoreCAM),
-    _m("eigencam", "EigenCAM", "", ("eigen-cam",), gradient.EigenCAM),
-    _m("eigengradcam", "EigenGradCAM", "gradients", ("eigen-grad-cam",), gradient.EigenGradCAM),
-    _m("layercam", "LayerCAM", "gradients", ("layer-cam",), gradient.LayerCAM),
-    _m("fullgrad", "FullGrad", "gradients input_gradients bias_gradients", ("full-grad",), fullgrad.FullGrad),
-    _m("dff", "Deep Feature Factorization", "tail", ("deepfeaturefactorization",),
-       factorization.DeepFeatureFactorization),
-    _m("kpcacam", "KPCA-CAM", "", ("kpca-cam", "kpca"), gradient.KPCACAM),
-    _m("fem", "FEM", "", (), gradient.FEM),
-    _m("shapleycam", "ShapleyCAM", "gradients tangents", ("shapley-cam",), gradient.ShapleyCAM),
-    _m("finercam", "FinerCAM", "gradients", ("finer-cam",), gradient.FinerCAM),
-    _m("randomcam", "RandomCAM", "gradients", ("random-cam", "random"), gradient.RandomCAM),
-    _m("segeigencam", "SegEigenCAM", "gradients", ("seg-eigen-cam",), gradient.SegEigenCAM),
-    _m("refinecam", "RefineCAM", "gradients", ("refine-cam",), gradient.RefineCAM),
-    _m("sess", "SESS", "gradients forwards", (), sess.SESS),
-    _m("guidedbackprop", "Guided Backprop", "guided input_gradients",
-       ("guided-backprop", "guidedbp", "gbp"), fullgrad.GuidedBackprop),
+    _m("gradcam", "GradCAM", gradient.GradCAM, aliases=("grad-cam",), head=fuse.gradcam_head),
+    _m("hirescam", "HiResCAM", gradient.HiResCAM, aliases=("hires-cam",), head=fuse.hirescam_head),
+    _m("gradcamelementwise", "GradCAMElementWise", gradient.GradCAMElementWise,
+       aliases=("gradcam-elementwise",), head=fuse.gradcam_elementwise_head),
+    _m("gradcam++", "GradCAM++", gradient.GradCAMPlusPlus,
+       aliases=("gradcampp", "gradcamplusplus", "grad-cam++"), head=fuse.gradcam_plus_plus_head),
+    _m("xgradcam", "XGradCAM", gradient.XGradCAM, aliases=("xgrad-cam",), head=fuse.xgradcam_head),
+    _m("ablationcam", "AblationCAM", perturbation.AblationCAM, False, runs="tail",
+       aliases=("ablation-cam",)),
+    _m("scorecam", "ScoreCAM", perturbation.ScoreCAM, False, runs="forwards", aliases=("score-cam",)),
+    _m("eigencam", "EigenCAM", activation.EigenCAM, False, aliases=("eigen-cam",),
+       head=fuse.eigencam_head),
+    _m("eigengradcam", "EigenGradCAM", gradient.EigenGradCAM, aliases=("eigen-grad-cam",)),
+    _m("layercam", "LayerCAM", gradient.LayerCAM, aliases=("layer-cam",), head=fuse.layercam_head),
+    _m("fullgrad", "FullGrad", input_gradient.FullGrad, extras=(INPUT_GRADIENTS, BIAS_GRADIENTS),
+       aliases=("full-grad",)),
+    _m("dff", "Deep Feature Factorization", factorization.DeepFeatureFactorization, False,
+       runs="tail", aliases=("deepfeaturefactorization",)),
+    _m("kpcacam", "KPCA-CAM", activation.KPCACAM, False, aliases=("kpca-cam", "kpca")),
+    _m("fem", "FEM", activation.FEM, False),
+    _m("shapleycam", "ShapleyCAM", gradient.ShapleyCAM, extras=(TANGENTS,), aliases=("shapley-cam",)),
+    # with no targets, FinerCAM runs the graph again on the contrast targets it picks
+    _m("finercam", "FinerCAM", composite.FinerCAM, runs="rerun", aliases=("finer-cam",)),
+    # RandomCAM reads no gradient; the graph computes them anyway, as pgc's RandomCAM does
+    _m("randomcam", "RandomCAM", activation.RandomCAM, aliases=("random-cam", "random")),
+    _m("segeigencam", "SegEigenCAM", gradient.SegEigenCAM, aliases=("seg-eigen-cam",)),
+    _m("refinecam", "RefineCAM", composite.RefineCAM, aliases=("refine-cam",)),
+    _m("sess", "SESS", composite.SESS, runs="forwards rerun"),
+    _m("guidedbackprop", "Guided Backprop", input_gradient.GuidedBackprop, False,
+       extras=(GUIDED, INPUT_GRADIENTS), aliases=("guided-backprop", "guidedbp", "gbp")),
 ]}
+
+#: Methods with a fused ONNX head (``camexport build --fuse``), in table order.
+FUSABLE: dict[str, fuse.Head] = {m.name: m.head for m in METHODS.values() if m.head is not None}
+
+#: Methods computable from a result file's stored tensors alone (``camexport recompute``).
+RECOMPUTABLE: tuple[str, ...] = tuple(m.name for m in METHODS.values() if m.recomputable)
 
 _LOOKUP = {alias: m.name for m in METHODS.values() for alias in (m.name, *m.aliases)}
 
@@ -80,7 +120,30 @@ def method(name: str, **options) -> Method:
     """A ready instance of the method called ``name`` (aliases accepted), with ``options``
     overriding its settings (``method("ablationcam", ratio_channels_to_ablate=0.5)``)."""
     (canonical,) = canonical_methods(name)
-    info = METHODS[canonical]
-    if info.implementation is None:
-        raise MethodError(f"{info.title} is not implemented yet in this camexport version")
-    return info.implementation(**options)
+    return METHODS[canonical].implementation(**options)
+
+
+def method_objects(methods) -> dict[str, Method]:
+    """Names (aliases accepted) or configured method objects, by canonical name."""
+    if isinstance(methods, (str, Method)):
+        methods = [methods]
+    found: dict[str, Method] = {}
+    for entry in methods:
+        if isinstance(entry, Method):
+            found.setdefault(entry.name, entry)
+        else:
+            for name in canonical_methods(entry):
+                found.setdefault(name, method(name))
+    return found
+
+
+def needs_of(implementations: dict[str, Method]) -> frozenset[str] | None:
+    """What the graph must provide for these methods; None (everything) for a method the
+    registry does not describe."""
+    needs: set[str] = set()
+    for impl in implementations.values():
+        info = METHODS.get(impl.name)
+        if info is None or type(impl) is not info.implementation:
+            return None
+        needs |= info.needs
+    return frozenset(needs)

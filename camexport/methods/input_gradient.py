@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from camexport.methods.base import eigen_projection, min_max, resize
-from camexport.methods.core import Method
+from camexport.methods.base import Method
+from camexport.methods.pipeline import eigen_projection, min_max, resize
 
 
 def _scaled(maps: np.ndarray, size) -> np.ndarray:
@@ -27,8 +27,8 @@ class FullGrad(Method):
 
     def terms(self, inputs) -> np.ndarray:
         size = inputs.size
-        grad_x = inputs.extras.get("input_gradient")
-        layers = inputs.extras.get("bias_layers")
+        grad_x = inputs.input_gradient
+        layers = inputs.bias_layers
         if grad_x is None or layers is None:
             raise ValueError("FullGrad needs an artifact built with --methods fullgrad")
         parts = [_scaled(np.abs(grad_x * inputs.x), size)]
@@ -58,7 +58,7 @@ class GuidedBackprop(Method):
     name = "guidedbackprop"
 
     def __call__(self, inputs, eigen_smooth=False):
-        guided = inputs.extras.get("guided_gradient")
+        guided = inputs.guided_gradient
         if guided is None:
             raise ValueError("Guided Backprop needs an artifact built with --methods guidedbackprop")
         return np.ascontiguousarray(np.moveaxis(guided, 1, -1)).astype(np.float32)

@@ -1,13 +1,58 @@
-"""SESS: Saliency Enhancing with Scaling and Sliding (Tyagi et al. 2022), as pgc 1.5.7 (reference §3.14)."""
+"""Composite methods: a base method run on other targets (FinerCAM), per layer (RefineCAM) or on
+patches of the input (SESS: Saliency Enhancing with Scaling and Sliding, Tyagi et al. 2022),
+as pgc 1.5.7 (reference §3.11, §3.13, §3.14)."""
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
 
-from camexport.methods.base import min_max
-from camexport.methods.core import Method
-from camexport.methods.gradient import GradCAM
+from camexport.methods.base import Method
+from camexport.methods.gradient import GradCAM, GradCAMPlusPlus
+from camexport.methods.pipeline import aggregate, layer_map, min_max
+
+
+class FinerCAM(Method):
+    """Zhang et al. 2025, as pgc 1.5.7 (reference §3.11): with targets given, the base method
+    (GradCAM) with those targets. With targets None, per image: order = argsort |z - max z|
+    (numpy's default sort), main = order[0], comparisons = order[j] for j in (1, 2, 3) (j <= K-1),
+    target = FinerWeightedTarget(main, comparisons, alpha) whose gradient flows through softmax."""
+
+    name = "finercam"
+    alpha = 1.0
+    positions = (1, 2, 3)
+    base = GradCAM
+
+    def retarget(self, outputs: np.ndarray, targets):
+        from camexport.targets import FinerWeightedTarget
+
+        if targets is not None:
+            return targets
+        result = []
+        for row in outputs.reshape(outputs.shape[0], -1):
+            order = np.argsort(np.abs(row - row.max()))
+            comparisons = tuple(int(order[j]) for j in self.positions if j <= len(row) - 1)
+            result.append(FinerWeightedTarget(int(order[0]), comparisons, self.alpha))
+        return result
+
+    def raw(self, inputs, layer, eigen_smooth):
+        return self.base().raw(inputs, layer, eigen_smooth)
+
+class RefineCAM(Method):
+    """pgc 1.5.5+ (reference §3.13): the base method (GradCAM++) run on each layer alone, the
+    per-layer final maps multiplied pixel-wise, then min-max normalised (eps 1e-7).
+    ``eigen_smooth`` means eigen smoothing here (pgc runs aug_smooth instead, Q23)."""
+
+    name = "refinecam"
+    base = GradCAMPlusPlus
+
+    def __call__(self, inputs, eigen_smooth=False):
+        base = self.base()
+        product = None
+        for layer in range(len(inputs.activations)):
+            final = aggregate([layer_map(base.raw(inputs, layer, eigen_smooth), inputs.size)])
+            product = final if product is None else product * final
+        return min_max(product).astype(np.float32)
 
 
 def window_starts(length: int, window: int, step: int) -> list[int]:

@@ -1,0 +1,213 @@
+"""Graph surgery on ONNX models: closures over the dataflow, pruning, and cuts.
+
+- :func:`computed_from` / :func:`computed_into`: the one "depends on X" / "reaches Y" closure
+  that the reverse-mode driver, the forward linearisation, layer location and the cuts share;
+- :func:`prune`: the model computing only some outputs;
+- :func:`split_by_targets`: the augmented graph cut at ``target_weights`` into a head (forward,
+  activations) and a tail (score block and reverse pass), for K targets on one forward;
+- :func:`layer_tail`: the model from one layer's tensor to its output, with the values from
+  before the layer that the rest still reads (AblationCAM).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import onnx
+from onnx import helper
+
+from camexport.graph.builder import without_weights
+from camexport.graph.outputs import TARGET_WEIGHTS
+
+
+def computed_from(nodes: Iterable[onnx.NodeProto], sources: Iterable[str],
+                  through: Callable[[onnx.NodeProto], bool] = lambda node: True,
+                  keep: Callable[[str], bool] = lambda value: True) -> set[str]:
+    """``sources`` and every value computed from them (``nodes`` in topological order), going
+    only through nodes that ``through`` accepts and values that ``keep`` accepts."""
+    found = set(sources)
+    for node in nodes:
+        if through(node) and any(name in found for name in node.input if name):
+            found.update(name for name in node.output if name and keep(name))
+    return found
+
+
+def computed_into(nodes: Sequence[onnx.NodeProto], sinks: Iterable[str],
+                  through: Callable[[onnx.NodeProto], bool] = lambda node: True,
+                  keep: Callable[[str], bool] = lambda value: True) -> set[str]:
+    """``sinks`` and every value they are computed from (``nodes`` in topological order), going
+    only through nodes that ``through`` accepts and values that ``keep`` accepts."""
+    found = set(sinks)
+    for node in reversed(nodes):
+        if through(node) and any(name in found for name in node.output):
+            found.update(name for name in node.input if name and keep(name))
+    return found
+
+
+def target_dependent(model: onnx.ModelProto, source: str = TARGET_WEIGHTS) -> set[str]:
+    """Every value of the graph computed from ``source`` (default ``target_weights``)."""
+    return computed_from(model.graph.node, [source])
+
+
+#: Outputs whose values encode positions in the whole batch (MaxPool's flattened indices count
+#: across images), so they cannot be repeated for more rows: the tail recomputes them.
+POSITION_OUTPUTS = (("MaxPool", 1),)
+
+
+@dataclass
+class TargetSplit:
+    """The augmented graph cut in two. The *head* computes everything that does not depend on
+    ``target_weights`` (model outputs, activations, tangents); the *tail* is the score block and
+    the reverse-mode subgraph. They meet at the *frontier*: the batch-major head values the
+    tail reads (layer tensors, ReLU masks, pooling inputs...). Values the tail reads that are
+    not batch-major (shapes, constants) are recomputed in the tail from where they come from."""
+
+    head: onnx.ModelProto
+    tail: onnx.ModelProto
+    frontier: list[str]
+
+    @property
+    def head_outputs(self) -> list[str]:
+        return [o.name for o in self.head.graph.output]
+
+    @property
+    def tail_outputs(self) -> list[str]:
+        return [o.name for o in self.tail.graph.output]
+
+
+def _ancestors(graph: onnx.GraphProto, names) -> list[int]:
+    """Indices (in graph order) of the nodes that the values ``names`` are computed from."""
+    producer = {out: k for k, node in enumerate(graph.node) for out in node.output}
+    found, pending, seen = set(), list(names), set()
+    while pending:
+        name = pending.pop()
+        if name in seen or name not in producer:
+            continue
+        seen.add(name)
+        found.add(producer[name])
+        pending.extend(graph.node[producer[name]].input)
+    return sorted(found)
+
+
+def prune(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
+    """The model computing only ``outputs`` (onnxruntime runs every node of a graph, whatever
+    is fetched): e.g. GradCAM alone from an artifact also built for FullGrad and Guided Backprop."""
+    graph = model.graph
+    nodes = _ancestors(graph, outputs)
+    used = {name for k in nodes for name in graph.node[k].input} | set(outputs)
+    declared = {o.name: o for o in graph.output}
+    return _submodel(model, nodes, [i for i in graph.input if i.name in used],
+                     [declared[name] for name in outputs], "pruned")
+
+
+def split_by_targets(model: onnx.ModelProto, outputs: Sequence[str] | None = None) -> TargetSplit | None:
+    """The :class:`TargetSplit` of an augmented graph (for its ``outputs`` only, default all),
+    or None when the tail would need the image itself (a static batch axis, a graph with
+    subgraphs): then the cut saves nothing."""
+    if outputs is not None:
+        model = prune(model, outputs)
+    graph = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for node in graph.node for a in node.attribute):
+        return None
+    image = next(i.name for i in graph.input if i.name != TARGET_WEIGHTS)
+    info = _value_info(without_weights(model))
+    batch = info[image].type.tensor_type.shape.dim[0].dim_param
+    if not batch:
+        return None
+
+    dependent = target_dependent(model)
+    positions = {node.output[k] for node in graph.node for op, k in POSITION_OUTPUTS
+                 if node.op_type == op and len(node.output) > k}
+    outputs = [o.name for o in graph.output]
+    tail_outputs = [name for name in outputs if name in dependent]
+    tail_nodes, frontier = _walk_tail(graph, TARGET_WEIGHTS, tail_outputs, dependent,
+                                      lambda name: name not in positions and _batch_major(info, name, batch))
+    if frontier == [image] or not frontier:
+        return None
+    head_outputs = list(dict.fromkeys([n for n in outputs if n not in dependent] + frontier))
+    declared = {o.name: o for o in graph.output}
+    head = _submodel(model, _ancestors(graph, head_outputs), [info[image]],
+                     [declared.get(n) or info[n] for n in head_outputs], "head")
+    inputs = [info[TARGET_WEIGHTS]] + [info[n] for n in frontier]
+    tail = _submodel(model, tail_nodes, inputs, [declared[n] for n in tail_outputs], "tail")
+    return TargetSplit(head, tail, frontier)
+
+
+def _value_info(model: onnx.ModelProto) -> dict:
+    """Every value's inferred type by name (inputs and outputs included)."""
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
+    return {v.name: v for v in [*inferred.value_info, *inferred.input, *inferred.output]}
+
+
+def _batch_major(info: dict, name: str, batch: str) -> bool:
+    value = info.get(name)
+    dims = value.type.tensor_type.shape.dim if value is not None else ()
+    return len(dims) > 0 and dims[0].dim_param == batch
+
+
+def _walk_tail(graph: onnx.GraphProto, source: str, outputs: Sequence[str], dependent: set[str],
+               batch_major) -> tuple[list[int], list[str]]:
+    """The nodes (graph order) computing ``outputs`` from the value ``source``, and their
+    *frontier*: the batch-major values they read that are not computed from ``source`` (fed
+    from a run before, one row per row of ``source``). Values that are not batch-major (shapes,
+    constants) are recomputed from what they come from."""
+    initializers = {t.name for t in graph.initializer}
+    producer = {out: k for k, node in enumerate(graph.node) for out in node.output}
+    nodes, frontier, seen = set(), [], set()
+    pending = list(outputs)
+    while pending:
+        name = pending.pop()
+        if not name or name in seen or name == source or name in initializers:
+            continue
+        seen.add(name)
+        if name in dependent or (name in producer and not batch_major(name)):
+            nodes.add(producer[name])
+            pending.extend(graph.node[producer[name]].input)
+        else:
+            frontier.append(name)
+    return sorted(nodes), frontier
+
+
+@dataclass
+class LayerTail:
+    """The model from one layer's tensor to its output, as a graph whose inputs are the layer
+    tensor and the ``frontier``: values computed before the layer that the rest of the model
+    still reads (a residual stream around a ViT block's norm1, the image's shape...)."""
+
+    model: onnx.ModelProto
+    frontier: list[str]
+    #: the plain model computing the frontier from the image; None when the frontier is empty
+    before: onnx.ModelProto | None
+
+
+def layer_tail(plain: onnx.ModelProto, tensor: str, output: str) -> LayerTail:
+    """:class:`LayerTail` of ``plain`` (a graph with a symbolic batch axis) from value ``tensor``
+    to ``output``."""
+    graph = plain.graph
+    info = _value_info(plain)
+    image = graph.input[0].name
+    batch = info[image].type.tensor_type.shape.dim[0].dim_param
+    nodes, frontier = _walk_tail(graph, tensor, [output], target_dependent(plain, tensor),
+                                 lambda name: bool(batch) and _batch_major(info, name, batch))
+    declared = {o.name: o for o in graph.output}
+    tail = _submodel(plain, nodes, [info[tensor]] + [info[n] for n in frontier],
+                     [declared.get(output) or info[output]], "layer-tail")
+    before = None
+    computed = [n for n in frontier if n != image]
+    if computed:
+        before = _submodel(plain, _ancestors(graph, computed), [info[image]],
+                           [info[n] for n in computed], "before-layer")
+    return LayerTail(tail, frontier, before)
+
+
+def _submodel(model: onnx.ModelProto, nodes: list[int], inputs: list, outputs: list,
+              name: str) -> onnx.ModelProto:
+    chosen = [model.graph.node[k] for k in nodes]
+    used = {value for node in chosen for value in node.input}
+    graph = helper.make_graph(chosen, f"{model.graph.name}/{name}", inputs, outputs,
+                              [t for t in model.graph.initializer if t.name in used])
+    result = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    result.functions.extend(model.functions)
+    return result

@@ -1,0 +1,261 @@
+"""One Task per kind of model: what differs between a classifier, a segmentation model, an
+embedding explained against concepts, a detector and a 3-D model, in one place.
+
+The kind is picked once (:func:`task_for`, from the artifact's manifest and output, and the run's
+``--targets``); :class:`camexport.explain.Explainer` and :class:`camexport.run.Job` then call the
+same hooks on every kind and never ask which kind they run:
+
+- ``classes``, ``has_top_class``, ``bind(targets)``, ``detection``: what the Explainer needs;
+- ``check(job)``: refuse a run this kind cannot do, naming the fix;
+- ``run_targets(job)``: a function (start, stop) -> the targets asked for on those samples;
+- ``prepare(job, x, chosen)``: the targets to explain on a batch and the kind's own arrays
+  (a detector's detections);
+- ``stored_classes``, ``output_arrays``, ``metric_targets``: what goes into the result file.
+
+A new kind of model (a two-stage detector, YOLO, keypoints) is a new Task class here and a line
+in :func:`task_for`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from camexport.errors import CamexportError
+from camexport.store import StoreError
+from camexport.targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
+
+
+class RunError(CamexportError, ValueError):
+    """A run that cannot start as asked, with what to change."""
+
+
+class Task:
+    """A classifier: (K,) logits per image; targets are classes, the default its top class."""
+
+    #: whether each sample has a top class to explain by default (a (K,) output)
+    has_top_class = True
+    #: a detector's post-processing (camexport.detection.DetectorSpec), None for other kinds
+    detection = None
+
+    def __init__(self, manifest: dict, output_shape: tuple[int, ...]):
+        self.manifest = manifest
+        self.output_shape = output_shape
+
+    @property
+    def classes(self) -> int:
+        """K: classes (or values) per image of the explained output."""
+        return self.output_shape[0]
+
+    def bind(self, targets):
+        """The caller's targets, completed with what this kind knows (a detector's spec)."""
+        return targets
+
+    # -- camexport run ---------------------------------------------------------------------
+    def check(self, job) -> None:
+        """Refuse a run this kind cannot do, naming the fix."""
+
+    def run_targets(self, job) -> Callable[[int, int], list | None]:
+        """A function (start, stop) -> targets of those samples (None: each one's top class)."""
+        return class_targets(job.config, job.data, job.count, self.classes)
+
+    def prepare(self, job, x: np.ndarray, chosen: list | None, rows: np.ndarray,
+                n: int) -> tuple[list | None, dict]:
+        """The targets to explain on the valid images ``x`` (rows ``rows`` of a batch of ``n``),
+        given the targets asked for them, and this kind's own arrays for the result file
+        (``n`` rows each)."""
+        return chosen, {}
+
+    def stored_classes(self, asked: list | None, resolved: list) -> list[int]:
+        """What ``/targets`` holds for each explained sample."""
+        return [getattr(t, "category", -1) for t in resolved]
+
+    def output_arrays(self, name: str, outputs: np.ndarray) -> dict[str, np.ndarray]:
+        """The model outputs as they are stored."""
+        return {f"outputs/{name}": outputs}
+
+    def metric_targets(self, config, classes: np.ndarray, chosen: list | None) -> list:
+        """The targets the metrics score: the explained class, softmax or logit."""
+        kind = ClassifierOutputSoftmaxTarget if config.metric_score == "softmax" else ClassifierOutputTarget
+        return [kind(int(c)) for c in classes]
+
+
+class VolumeTask(Task):
+    """A classifier of 3-D inputs (clips, volumes): CAMs are volumes; no metrics."""
+
+    def check(self, job) -> None:
+        size = tuple(job.prep["size"])
+        text = "x".join(map(str, size))
+        if not job.data.preprocessed:
+            raise StoreError(
+                f"the artifact takes {len(size)}-D inputs ({text}): store them in "
+                f"{job.config.data}:/images as (N, 3, {', '.join(map(str, size))}) float32, "
+                f"preprocessed")
+        if job.config.metrics:
+            raise RunError(f"metrics ({', '.join(job.config.metrics)}) work on 2-D images; the artifact "
+                           f"takes {len(size)}-D inputs ({text}): run without --metrics")
+
+
+class ConceptTask(Task):
+    """An embedding model explained against concept embeddings (``--targets concept:FILE``):
+    the cosine similarity to the concept is the target and what the metrics score."""
+
+    def run_targets(self, job):
+        return concept_targets(str(job.config.targets).split(":", 1)[1], job.count, self.classes)
+
+    def metric_targets(self, config, classes, chosen):
+        return chosen  # the similarity itself, whatever --metric-score says
+
+
+class SegmentationTask(Task):
+    """A (K, H, W) output: a class is explained through the pixels the model assigns to it,
+    as pgc's SemanticSegmentationTarget tutorial; there is no top class."""
+
+    has_top_class = False
+
+    def check(self, job) -> None:
+        if str(job.config.targets) == "pred" or job.config.metrics:
+            raise RunError(f"the model output is {self.output_shape} per sample (segmentation): "
+                           f"give --targets CLASS or label (the pixels the model assigns to that class "
+                           f"are explained), and no --metrics")
+
+    def prepare(self, job, x, chosen, rows, n):
+        """Class c: the pixels assigned to c (SemanticSegmentationTarget(c, argmax == c));
+        one plain forward."""
+        from camexport.targets import SemanticSegmentationTarget
+
+        if chosen is None or not len(rows):
+            return chosen, {}
+        predicted = job.explainer.forward(x).argmax(axis=1)
+        return [SemanticSegmentationTarget(int(c), np.float32(p == c)) for c, p in zip(chosen, predicted)], {}
+
+
+class DetectorTask(Task):
+    """A torchvision RetinaNet/FCOS split at its head outputs (camexport.detection): rows per
+    anchor; each image explains its detections scoring at least --detection-threshold."""
+
+    has_top_class = False
+
+    def __init__(self, manifest, output_shape):
+        from camexport.detection import DetectorSpec
+
+        super().__init__(manifest, output_shape)
+        self.detection = DetectorSpec.from_dict(manifest["detection"])
+
+    @property
+    def classes(self) -> int:
+        return self.detection.classes
+
+    def bind(self, targets):
+        from camexport.detection import bind
+
+        return bind(targets, self.detection)
+
+    def prepare(self, job, x, chosen, rows, n):
+        """Each image's detections and, as pgc's tutorial, its target: the detections scoring
+        at least --detection-threshold (of the --targets class, if one); one plain forward."""
+        from camexport.detection import detection_targets
+
+        if not len(rows):
+            return chosen, self._detection_arrays([], rows, n)
+        found = job.explainer.detect(x)
+        classes = chosen or [None] * len(x)
+        targets = [detection_targets(f, job.config.detection_threshold, c, spec=self.detection)
+                   for f, c in zip(found, classes)]
+        return targets, self._detection_arrays(found, rows, n)
+
+    def _detection_arrays(self, found: list, rows: np.ndarray, n: int) -> dict[str, np.ndarray]:
+        """Per image, the detections padded to detections_per_img (NaN, label -1 past count)."""
+        most = self.detection.detections_per_img
+        arrays = {"detections/boxes": np.full((n, most, 4), np.nan, np.float32),
+                  "detections/scores": np.full((n, most), np.nan, np.float32),
+                  "detections/labels": np.full((n, most), -1, np.int32),
+                  "detections/count": np.zeros(n, np.int32)}
+        for row, f in zip(rows, found):
+            arrays["detections/boxes"][row, :len(f)] = f.boxes
+            arrays["detections/scores"][row, :len(f)] = f.scores
+            arrays["detections/labels"][row, :len(f)] = f.labels
+            arrays["detections/count"][row] = len(f)
+        return arrays
+
+    def stored_classes(self, asked, resolved):
+        # -1: the detector's own detections (--targets pred)
+        return [-1] * len(resolved) if asked is None else list(asked)
+
+    def output_arrays(self, name, outputs):
+        return {}  # rows per anchor are summarised as /detections
+
+    def metric_targets(self, config, classes, chosen):
+        return chosen
+
+
+def task_for(manifest: dict, output_shape: tuple[int, ...], targets: str | None = None) -> Task:
+    """The Task of an artifact (its manifest and per-sample output shape) and, for a run, its
+    ``--targets``."""
+    if "detection" in manifest:
+        return DetectorTask(manifest, output_shape)
+    if len(output_shape) > 1:
+        return SegmentationTask(manifest, output_shape)
+    if len(manifest["preprocessing"]["size"]) != 2:
+        return VolumeTask(manifest, output_shape)
+    if str(targets).startswith("concept:"):
+        return ConceptTask(manifest, output_shape)
+    return Task(manifest, output_shape)
+
+
+# -- targets of a run -------------------------------------------------------------------------
+def class_targets(config, data, count: int, classes: int):
+    """--targets pred, label or a class index: a function (start, stop) -> targets."""
+    mode = str(config.targets)
+    if mode == "pred":
+        return lambda start, stop: None
+    if mode == "label":
+        labels = data.labels
+        if labels is None:
+            raise RunError(f"--targets label, but {data.path} has no /labels; use --targets pred "
+                           f"or a class index, or pack with --labels")
+        labels = labels[:count]
+        bad = np.flatnonzero((labels < 0) | (labels >= classes))
+        if len(bad):
+            raise RunError(f"--targets label: {len(bad)} samples (first: {bad[0]}) have no valid "
+                           f"label in 0..{classes - 1}; use --targets pred")
+        return lambda start, stop: [int(v) for v in labels[start:stop]]
+    try:
+        category = int(mode)
+    except ValueError:
+        raise RunError(f"--targets must be pred, label, a class index or concept:FILE.npy, "
+                       f"not {mode!r}") from None
+    if not 0 <= category < classes:
+        raise RunError(f"--targets {category} is out of range for a model with {classes} classes")
+    return lambda start, stop: [category] * (stop - start)
+
+
+def concept_targets(path: str, count: int, size: int):
+    """Targets from a concept embedding file: (D,) for every sample or (N, D), one per sample."""
+    from camexport.targets import SimilarityToConceptTarget, TargetError
+
+    try:
+        concepts = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise RunError(f"--targets concept:{path}: not a readable .npy file ({err})") from err
+    if concepts.ndim == 1:
+        concepts = np.broadcast_to(concepts, (count, len(concepts)))
+    if concepts.ndim != 2 or concepts.shape[1] != size or len(concepts) < count:
+        raise RunError(f"--targets concept:{path} holds an array of shape {concepts.shape}; expected "
+                       f"({size},) for every sample or ({count}, {size}), one concept per sample, "
+                       f"for a model output of {size} values")
+    try:
+        targets = [SimilarityToConceptTarget(c) for c in concepts[:count]]
+    except TargetError as err:
+        raise RunError(f"--targets concept:{path}: {err}") from err
+    return lambda start, stop: targets[start:stop]
+
+
+def concept_sha256(targets: str) -> str | None:
+    """The concept file's hash: a run with another concept in the same file is another run."""
+    from camexport.load import sha256
+
+    path = Path(targets.split(":", 1)[1]) if targets.startswith("concept:") else None
+    return sha256(path) if path and path.is_file() else None
