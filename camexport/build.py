@@ -12,6 +12,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import onnx
 
 from camexport import __version__, detection
 from camexport.artifact import AUGMENTED_FILE, set_manifest, write_artifact
+from camexport.errors import CamexportError
 from camexport.export import to_onnx
 from camexport.graph.augment import augment
 from camexport.graph.builder import GraphFacts
@@ -33,6 +35,10 @@ from camexport.methods import FUSABLE, METHODS, canonical_methods
 from camexport.precision import PRECISIONS, measure_drift, to_float16
 
 log = logging.getLogger(__name__)
+
+
+class BuildError(CamexportError, ValueError):
+    """A build that cannot be done as asked, with what to change."""
 
 
 @dataclass
@@ -74,65 +80,67 @@ def build(
         layers = [AUTO_LAYER]
         progress("no --layer given: the last spatial map before pooling will be the layer")
     method_names = canonical_methods(methods)
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
     fused_methods = canonical_methods(fuse) if fuse else []
     if any(m not in FUSABLE for m in fused_methods):
-        raise ValueError(f"cannot fuse {[m for m in fused_methods if m not in FUSABLE]}; "
+        raise BuildError(f"cannot fuse {[m for m in fused_methods if m not in FUSABLE]}; "
                          f"fusable methods: {', '.join(FUSABLE)}")
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+        raise BuildError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    clock = _Clock(progress)
+    with clock.step("load", "loading model"):
+        loaded = load(model, arch=arch, trust_pickle=trust_pickle)
+        if input_size:
+            loaded.preprocessing.size = tuple(input_size)
+    with clock.step("export", "exporting to ONNX"):
+        plain, detector = export_plain(loaded)
+    with clock.step("augment", "locating layers and differentiating the tail"):
+        augmented, manifest = make_augmented(loaded, plain, layers, method_names, score, output,
+                                             maxpool_indices, detector)
+    fuse_options = {"uint8": fuse_uint8, "squarings": eigen_squarings,
+                    "image_layout": manifest["preprocessing"]["layout"]}
+    augmented = _finish(augmented, manifest, precision, fused_methods, fuse_options, clock)
+    with clock.step("write", "writing artifact"):
+        directory = Path(out_dir) if out_dir else Path("artifacts") / loaded.name
+        write_artifact(directory, plain, augmented, manifest)
+    return BuildResult(directory, manifest, clock.timings)
 
-    progress("loading model")
-    loaded = load(model, arch=arch, trust_pickle=trust_pickle)
-    if input_size:
-        loaded.preprocessing.size = tuple(input_size)
-    timings["load"] = time.perf_counter() - clock
 
-    progress("exporting to ONNX")
-    clock = time.perf_counter()
-    plain, detector = export_plain(loaded)
-    timings["export"] = time.perf_counter() - clock
+class _Clock:
+    """Progress messages and the seconds of each build step."""
 
-    progress("locating layers and differentiating the tail")
-    clock = time.perf_counter()
-    augmented, manifest = make_augmented(loaded, plain, layers, method_names, score, output,
-                                         maxpool_indices, detector)
-    timings["augment"] = time.perf_counter() - clock
+    def __init__(self, progress: Callable[[str], None]):
+        self.progress = progress
+        self.timings: dict[str, float] = {}
 
+    @contextmanager
+    def step(self, key: str, message: str):
+        self.progress(message)
+        start = time.perf_counter()
+        yield
+        self.timings[key] = time.perf_counter() - start
+
+
+def _finish(augmented: onnx.ModelProto, manifest: dict, precision: str, fused: list[str],
+            options: dict, clock: _Clock) -> onnx.ModelProto:
+    """The augmented graph in float16 (``precision``) and with fused heads, the manifest
+    updated (precision, heads, float16 drift)."""
     reference = None
     if precision == "fp16":
-        progress("converting to float16")
-        clock = time.perf_counter()
-        reference, augmented = augmented, to_float16(augmented)
-        manifest["precision"] = "fp16"
-        timings["fp16"] = time.perf_counter() - clock
-    if fused_methods:
+        with clock.step("fp16", "converting to float16"):
+            reference, augmented = augmented, to_float16(augmented)
+            manifest["precision"] = "fp16"
+    if fused:
         # heads come after the float16 conversion: they read its float32 outputs and stay float32
-        progress(f"fusing CAM heads: {', '.join(fused_methods)}")
-        clock = time.perf_counter()
-        options = {"uint8": fuse_uint8, "squarings": eigen_squarings,
-                   "image_layout": manifest["preprocessing"]["layout"]}
-        augmented, manifest["fused"] = fuse_heads(augmented, manifest["layers"], fused_methods,
-                                                  **options)
-        if reference is not None:
-            reference, _ = fuse_heads(reference, manifest["layers"], fused_methods, **options)
-        timings["fuse"] = time.perf_counter() - clock
+        with clock.step("fuse", f"fusing CAM heads: {', '.join(fused)}"):
+            augmented, manifest["fused"] = fuse_heads(augmented, manifest["layers"], fused, **options)
+            if reference is not None:
+                reference, _ = fuse_heads(reference, manifest["layers"], fused, **options)
     if reference is not None:
-        progress("measuring the float16 drift")
-        clock = time.perf_counter()
-        manifest["fp16_drift"] = measure_drift(reference, augmented)
-        timings["drift"] = time.perf_counter() - clock
-    if fused_methods or reference is not None:
+        with clock.step("drift", "measuring the float16 drift"):
+            manifest["fp16_drift"] = measure_drift(reference, augmented)
+    if fused or reference is not None:
         set_manifest(augmented, manifest)
-
-    progress("writing artifact")
-    clock = time.perf_counter()
-    directory = Path(out_dir) if out_dir else Path("artifacts") / loaded.name
-    write_artifact(directory, plain, augmented, manifest)
-    timings["write"] = time.perf_counter() - clock
-    return BuildResult(directory, manifest, timings)
+    return augmented
 
 
 def export_plain(loaded: Loaded) -> tuple[onnx.ModelProto, detection.DetectorSpec | None]:
@@ -163,7 +171,7 @@ def make_augmented(
     facts = GraphFacts(plain)
     scored = output or plain.graph.output[0].name
     if len(facts.shape_or_none(scored) or ()) == 1:
-        raise ValueError(
+        raise BuildError(
             f"the model output {scored!r} holds one value per image (batch,): camexport needs "
             f"(batch, K). Export a model that returns out.unsqueeze(1) (a one-logit output, explained "
             f"by default or with BinaryClassifierOutputTarget, as pgc's binary classifiers)")
@@ -173,7 +181,7 @@ def make_augmented(
         detection.check_layers(resolved, methods)
     tensors = dict(resolved)
     if len(tensors) != len(layers):
-        raise ValueError(f"--layer values {layers} name the same layer more than once")
+        raise BuildError(f"--layer values {layers} name the same layer more than once")
     needs = set().union(*(METHODS[m].graph_needs for m in methods)) if methods else set()
     augmented = augment(plain, tensors, score=score, output=output, extras=graph_outputs(needs),
                         overrides=None if maxpool_indices else MAXPOOL_WITHOUT_INDICES,

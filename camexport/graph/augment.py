@@ -80,31 +80,10 @@ def augment(
         if reserved in outputs or reserved in [i.name for i in graph.input]:
             raise ValueError(f"model already has a value named {reserved!r}; is it augmented?")
 
-    facts = GraphFacts(result)
     out_info = next(o for o in graph.output if o.name == output)
-    weights_info = onnx.ValueInfoProto()
-    weights_info.CopyFrom(out_info)
-    weights_info.name = TARGET_WEIGHTS
-    del weights_info.metadata_props[:]
-    graph.input.append(weights_info)
-
     taken = {v for node in graph.node for v in (*node.input, *node.output)}
     taken |= {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    builder = Builder(facts, taken)
-    builder.owner = SCORE
-    rank = facts.rank(output)
-    scored = output
-    if score == "softmax":
-        scored = builder.op("Softmax", output, axis=-1)
-    elif score == "log_softmax":
-        scored = builder.op("LogSoftmax", output, axis=-1)
-    weights = _argmax_when_zero(builder, output, rank) if rank == 2 else TARGET_WEIGHTS
-    weighted = builder.op("Mul", scored, weights)
-    builder.reduce("ReduceSum", weighted, list(range(1, rank)), keepdims=False, name=SCORE)
-    score_nodes = builder.nodes
-    graph.node.extend(score_nodes)
-    graph.initializer.extend(builder.initializers)
-
+    scored, weights = _score_block(result, output, out_info, score, taken)
     # differentiate through the score function too: facts must know its values
     facts = GraphFacts(result)
     builder = Builder(facts, taken)
@@ -122,20 +101,52 @@ def augment(
 
     graph.output.append(helper.make_tensor_value_info(SCORE, facts.dtype(output),
                                                       [dim_of(out_info, 0)]))
-    for label, tensor in layers.items():
-        pairs = [(activation_name(label), tensor)]
-        if label not in forward_only:
-            pairs.append((gradient_name(label), grads[tensor]))
-        for name, source in pairs:
-            graph.node.append(helper.make_node("Identity", [source], [name], name=f"{name}/output"))
-            graph.output.append(helper.make_tensor_value_info(name, *ctx.like(tensor)))
-    for name, source, dtype, shape in named:
-        graph.node.append(helper.make_node("Identity", [source], [name], name=f"{name}/output"))
-        graph.output.append(helper.make_tensor_value_info(name, dtype, shape))
+    _add_outputs(graph, ctx, grads, forward_only, named)
     if manifest is not None:
         set_manifest(result, manifest)
     onnx.checker.check_model(result)
     return result
+
+
+def _add_outputs(graph: onnx.GraphProto, ctx: Augmenting, grads: Mapping[str, str],
+                 forward_only: Collection[str], named: list) -> None:
+    """``activation/<layer>``, ``gradient/<layer>`` and the records' outputs, each an Identity
+    of the value it exposes."""
+    pairs = []
+    for label, tensor in ctx.layers.items():
+        pairs.append((activation_name(label), tensor, *ctx.like(tensor)))
+        if label not in forward_only:
+            pairs.append((gradient_name(label), grads[tensor], *ctx.like(tensor)))
+    for name, source, dtype, shape in [*pairs, *named]:
+        graph.node.append(helper.make_node("Identity", [source], [name], name=f"{name}/output"))
+        graph.output.append(helper.make_tensor_value_info(name, dtype, shape))
+
+
+def _score_block(model: onnx.ModelProto, output: str, out_info: onnx.ValueInfoProto, score: str,
+                 taken: set[str]) -> tuple[str, str]:
+    """Add the input ``target_weights`` and ``score = sum(target_weights * f(output))`` to
+    ``model`` (in place); returns (f(output), the effective weights) by name."""
+    graph = model.graph
+    weights_info = onnx.ValueInfoProto()
+    weights_info.CopyFrom(out_info)
+    weights_info.name = TARGET_WEIGHTS
+    del weights_info.metadata_props[:]
+    graph.input.append(weights_info)
+    facts = GraphFacts(model)
+    builder = Builder(facts, taken)
+    builder.owner = SCORE
+    rank = facts.rank(output)
+    scored = output
+    if score == "softmax":
+        scored = builder.op("Softmax", output, axis=-1)
+    elif score == "log_softmax":
+        scored = builder.op("LogSoftmax", output, axis=-1)
+    weights = _argmax_when_zero(builder, output, rank) if rank == 2 else TARGET_WEIGHTS
+    weighted = builder.op("Mul", scored, weights)
+    builder.reduce("ReduceSum", weighted, list(range(1, rank)), keepdims=False, name=SCORE)
+    graph.node.extend(builder.nodes)
+    graph.initializer.extend(builder.initializers)
+    return scored, weights
 
 
 def _argmax_when_zero(builder: Builder, output: str, rank: int) -> str:

@@ -245,17 +245,8 @@ def fuse(
     first = 2 if image_layout == "NCHW" else 1
     size = builder.op("Slice", builder.shape_of(image), builder.ints([first]), builder.ints([first + 2]))
 
-    values = []
-    for layer in layers:
-        label = layer["name"]
-        builder.owner = f"cam/{label}"
-        acts, channels, height, width = _channel_first(builder, activation_name(label),
-                                                       layer["layout"], label)
-        grads = None
-        if any(method != "eigencam" for method in methods):
-            grads, *_ = _channel_first(builder, gradient_name(label), layer["layout"], label)
-        values.append(LayerValues(acts, grads, channels, height, width, squarings))
-
+    with_gradients = any(method != "eigencam" for method in methods)
+    values = [_layer_values(builder, layer, with_gradients, squarings) for layer in layers]
     heads = {}
     for method in methods:
         per_layer = []
@@ -270,14 +261,39 @@ def fuse(
             mean = builder.reduce("ReduceMean", builder.op("Relu", stacked), [1], keepdims=False)
             heads[cam_name(method)] = _min_max(builder, mean)
 
+    if uint8:
+        heads = {name: _as_uint8(builder, name, source) for name, source in heads.items()}
+    _emit(result, builder, heads, uint8)
+    entry = {"methods": list(methods), "outputs": list(heads), "dtype": "uint8" if uint8 else "float32",
+             "eigen_squarings": squarings if "eigencam" in methods else None,
+             "eigen_sign": "sum_c v_c >= 0" if "eigencam" in methods else None}
+    return result, entry
+
+
+def _layer_values(builder: Builder, layer: Mapping, with_gradients: bool, squarings: int) -> LayerValues:
+    """One layer's activation (and gradient) channel first, with its sizes."""
+    label = layer["name"]
+    builder.owner = f"cam/{label}"
+    acts, channels, height, width = _channel_first(builder, activation_name(label), layer["layout"], label)
+    grads = None
+    if with_gradients:
+        grads, *_ = _channel_first(builder, gradient_name(label), layer["layout"], label)
+    return LayerValues(acts, grads, channels, height, width, squarings)
+
+
+def _as_uint8(builder: Builder, name: str, source: str) -> str:
+    """round(255 * cam) as uint8."""
+    builder.owner = name
+    scaled = builder.op("Round", builder.op("Mul", source, _f32(builder, 255.0)))
+    return builder.op("Cast", builder.op("Clip", scaled, _f32(builder, 0.0), _f32(builder, 255.0)),
+                      to=TensorProto.UINT8)
+
+
+def _emit(result: onnx.ModelProto, builder: Builder, heads: dict[str, str], uint8: bool) -> None:
+    """Append the builder's nodes and the heads as graph outputs (B, height, width); check."""
+    graph = result.graph
     batch = graph.input[0].type.tensor_type.shape.dim[0]
     batch = batch.dim_param or (batch.dim_value or "batch")
-    for name, source in list(heads.items()):
-        if uint8:
-            builder.owner = name
-            scaled = builder.op("Round", builder.op("Mul", source, _f32(builder, 255.0)))
-            heads[name] = builder.op("Cast", builder.op("Clip", scaled, _f32(builder, 0.0),
-                                                        _f32(builder, 255.0)), to=TensorProto.UINT8)
     graph.node.extend(builder.nodes)
     for name, source in heads.items():
         node = helper.make_node("Identity", [source], [name], name=f"{name}/output")
@@ -288,7 +304,3 @@ def fuse(
             name, TensorProto.UINT8 if uint8 else TensorProto.FLOAT, [batch, "height", "width"]))
     graph.initializer.extend(builder.initializers)
     onnx.checker.check_model(result)
-    entry = {"methods": list(methods), "outputs": list(heads), "dtype": "uint8" if uint8 else "float32",
-             "eigen_squarings": squarings if "eigencam" in methods else None,
-             "eigen_sign": "sum_c v_c >= 0" if "eigencam" in methods else None}
-    return result, entry
