@@ -17,6 +17,7 @@ import numpy as np
 from camexport import __version__
 from camexport.build import AUGMENTED_FILE
 from camexport.data import preprocess
+from camexport.errors import CamexportError
 from camexport.explain import Explainer
 from camexport.load import sha256
 from camexport.methods import METHODS, canonical_methods
@@ -28,7 +29,7 @@ PUBLISH_EVERY = 1.0
 METRIC_SCORES = ("softmax", "logit")
 
 
-class RunError(ValueError):
+class RunError(CamexportError, ValueError):
     """A run that cannot start as asked, with what to change."""
 
 

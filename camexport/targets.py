@@ -14,11 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from camexport.errors import CamexportError
+
 #: FinerWeightedTarget's denominator epsilon (pytorch-grad-cam, reference §4).
 FINER_EPS = 1e-9
 
 
-class TargetError(ValueError):
+class TargetError(CamexportError, ValueError):
     """Targets that do not fit the batch or the model output."""
 
 

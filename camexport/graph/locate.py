@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 import onnx
 
+from camexport.errors import CamexportError
 from camexport.graph.builder import GraphFacts
 
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 
 
-class LayerError(ValueError):
+class LayerError(CamexportError, ValueError):
     """A layer name that does not resolve to exactly one tensor."""
 
 

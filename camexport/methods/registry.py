@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from camexport.errors import CamexportError
 from camexport.methods import factorization, fullgrad, gradient, perturbation, sess
 from camexport.methods.core import Method
 
 
-class MethodError(ValueError):
+class MethodError(CamexportError, ValueError):
     """An unknown method name."""
 
 
