@@ -314,8 +314,3 @@ def target_weights(targets: Sequence, outputs: np.ndarray | None, classes) -> np
             raise TargetError(f"the target of image {b} gives non-finite weights {row}")
         rows.append(row)
     return np.asarray(rows, dtype=np.float32).reshape(len(rows), *shape)
-
-
-def target_values(targets: Sequence, outputs_per_target: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """t_b evaluated on each row of its own batch of outputs."""
-    return [np.asarray(t.values(z), dtype=np.float32) for t, z in zip(targets, outputs_per_target)]
