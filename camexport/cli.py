@@ -48,7 +48,7 @@ class _LibraryChoice(click.Choice):
 class _Main(click.Group):
     """The camexport group: the one place where errors become what the user sees."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
