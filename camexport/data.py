@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from camexport.errors import CamexportError
+
 
 @dataclass
 class Photo:
@@ -66,7 +68,7 @@ def preprocess(image: np.ndarray, size, mean, std) -> np.ndarray:
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-class ImageError(ValueError):
+class ImageError(CamexportError, ValueError):
     """An image file that cannot be read, or a folder with none."""
 
 

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from camexport.errors import CamexportError
 from camexport.targets import TargetError
 
 #: The layer name of the stacked FPN levels (pgc's tutorial: target_layers=[model.backbone]).
@@ -30,7 +31,7 @@ DETECTIONS, STACK = "detections", "fpn_stack"
 BOX = 4
 
 
-class DetectionError(ValueError):
+class DetectionError(CamexportError, ValueError):
     """A detector camexport cannot export, or a detection request that does not fit."""
 
 

@@ -12,6 +12,7 @@ import warnings
 
 import onnx
 
+from camexport.errors import CamexportError
 from camexport.load import Loaded
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 OPSET = 20
 
 
-class ExportError(Exception):
+class ExportError(CamexportError):
     """torch could not export the model to ONNX."""
 
 

@@ -15,6 +15,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from camexport.errors import CamexportError
+
 log = logging.getLogger(__name__)
 
 BUILTIN = "efficientnet-lite0"
@@ -23,7 +25,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class LoadError(Exception):
+class LoadError(CamexportError):
     """A model file that cannot be loaded, with what to do about it."""
 
 

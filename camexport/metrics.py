@@ -50,6 +50,7 @@ import numpy as np
 import scipy.sparse
 from scipy.sparse.linalg import splu
 
+from camexport.errors import CamexportError
 from camexport.targets import ClassifierOutputTarget
 
 #: NoisyLinearImputer's noise: absolute standard deviation in normalised units (reference §7.3).
@@ -77,7 +78,7 @@ Perturbation = Callable[[int, np.random.Generator], Plan]
 made in a fixed order."""
 
 
-class MetricError(ValueError):
+class MetricError(CamexportError, ValueError):
     """An unknown metric, a bad parameter, or inputs that do not fit together."""
 
 

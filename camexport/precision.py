@@ -16,10 +16,15 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
+from camexport.errors import CamexportError
 from camexport.graph.augment import TARGET_WEIGHTS
 from camexport.graph.fuse import is_head_node
 
 PRECISIONS = ("fp32", "fp16")
+
+
+class PrecisionError(CamexportError, ValueError):
+    """A float16 conversion that cannot be made as asked."""
 
 
 def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -27,10 +32,10 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         from onnxruntime.transformers.float16 import convert_float_to_float16
     except ImportError as err:  # pragma: no cover - onnxruntime is a build extra
-        raise ValueError("--precision fp16 needs onnxruntime (pip install -e .[cpu])") from err
+        raise PrecisionError("--precision fp16 needs onnxruntime (pip install -e .[cpu])") from err
     if any(is_head_node(node) for node in model.graph.node):
         # the converter rounds every value between two float32 nodes through float16
-        raise ValueError("convert to float16 before fusing CAM heads, not after")
+        raise PrecisionError("convert to float16 before fusing CAM heads, not after")
     source = onnx.ModelProto()
     source.CopyFrom(model)
     half = convert_float_to_float16(source, keep_io_types=True)

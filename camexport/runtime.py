@@ -7,6 +7,8 @@ from pathlib import Path
 
 import onnx
 
+from camexport.errors import CamexportError
+
 log = logging.getLogger(__name__)
 
 PROVIDERS = {
@@ -16,7 +18,7 @@ PROVIDERS = {
 }
 
 
-class ProviderError(RuntimeError):
+class ProviderError(CamexportError, RuntimeError):
     """An execution provider that this onnxruntime cannot give."""
 
 

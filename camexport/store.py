@@ -48,12 +48,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from camexport.errors import CamexportError
+
 #: Samples per chunk of a 1-D per-sample dataset (one chunk per sample would waste space).
 VECTOR_CHUNK = 4096
 COMPRESSIONS = ("gzip", "lzf")
 
 
-class StoreError(ValueError):
+class StoreError(CamexportError, ValueError):
     """An input or output file that cannot be used, with what to do about it."""
 
 

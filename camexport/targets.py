@@ -14,11 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from camexport.errors import CamexportError
+
 #: FinerWeightedTarget's denominator epsilon (pytorch-grad-cam, reference §4).
 FINER_EPS = 1e-9
 
 
-class TargetError(ValueError):
+class TargetError(CamexportError, ValueError):
     """Targets that do not fit the batch or the model output."""
 
 
@@ -312,8 +314,3 @@ def target_weights(targets: Sequence, outputs: np.ndarray | None, classes) -> np
             raise TargetError(f"the target of image {b} gives non-finite weights {row}")
         rows.append(row)
     return np.asarray(rows, dtype=np.float32).reshape(len(rows), *shape)
-
-
-def target_values(targets: Sequence, outputs_per_target: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """t_b evaluated on each row of its own batch of outputs."""
-    return [np.asarray(t.values(z), dtype=np.float32) for t, z in zip(targets, outputs_per_target)]

@@ -295,8 +295,10 @@ def scaling_side(spec: dict) -> tuple[dict, dict]:
                 x, targets=None, methods=["gradcam"]).cams["gradcam"])
             forward, _ = phases(f"forward [{batch}]", lambda x=x: explainer.forward(x))
             points.append({"size": size, "batch": batch, "gradcam": gradcam, "forward": forward,
-                           "gradcam_images_per_s": batch / gradcam["median_s"] if gradcam["median_s"] else None,
-                           "forward_images_per_s": batch / forward["median_s"] if forward["median_s"] else None})
+                           "gradcam_images_per_s":
+                               batch / gradcam["median_s"] if gradcam["median_s"] else None,
+                           "forward_images_per_s":
+                               batch / forward["median_s"] if forward["median_s"] else None})
         return points
 
     return {"points": [point for size, artifact in spec["artifacts"].items()
@@ -371,8 +373,10 @@ def model_rows(methods: list[str], ours: dict, theirs: dict, our_cams: dict, the
             diff = _max_diff(our_cams, their_cams, [(f"{SIX}:{m}", m) for m in GRADIENT_FAMILY])
             note = "one camexport call, six maps; pgc column: the sum of its six medians"
         else:
-            other, diff, note = theirs["methods"].get(name), _max_diff(our_cams, their_cams, [(name, name)]), None
-        rows.append(_row(name, images[key], ours["methods"].get(name), other, ours["forward"][key], diff, note))
+            other, note = theirs["methods"].get(name), None
+            diff = _max_diff(our_cams, their_cams, [(name, name)])
+        rows.append(_row(name, images[key], ours["methods"].get(name), other, ours["forward"][key], diff,
+                         note))
     return rows
 
 
@@ -395,7 +399,8 @@ def print_table(results: dict) -> None:
         for row in model["rows"]:
             runs = f"{_fmt(row['pgc_runs'], 'd')}/{_fmt(row['camexport_runs'], 'd')}"
             print(f"{name:<19}{row['method']:<20}{row['images']:>4}{_fmt(row['pgc_s'], '10.3f'):>10}"
-                  f"{_fmt(row['camexport_s'], '12.3f'):>12}{_fmt(row['ratio'], '.1f') + ('x' if row['ratio'] else ''):>9}"
+                  f"{_fmt(row['camexport_s'], '12.3f'):>12}"
+                  f"{_fmt(row['ratio'], '.1f') + ('x' if row['ratio'] else ''):>9}"
                   f"{_times(row['x_forward']):>8}  {row['target'] or '-':<13}{row['result'] or 'n/a':<7}"
                   f"{_fmt(row['max_abs_diff'], '9.1e'):>9}{_fmt(row['pgc_peak_rss_mb'], '8.0f'):>8}"
                   f"{_fmt(row['camexport_peak_rss_mb'], '7.0f'):>7}  {runs}")
@@ -447,7 +452,8 @@ def save(results: dict, path: str) -> None:
 
 
 def parse() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: %(default)s")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: %(default)s")
     parser.add_argument("--batch-size", type=int, help="images per call, GradCAM family and EigenCAM "
@@ -520,7 +526,8 @@ def main() -> None:
                 "threads": {"torch": f"set_num_threads({threads}) (= cores)",
                             "onnxruntime": "default intra-op threads"}}
     load_start = os.getloadavg()
-    where = "CPU" if args.provider == "cpu" else f"pgc on torch CUDA, camexport on onnxruntime {args.provider}"
+    where = ("CPU" if args.provider == "cpu"
+             else f"pgc on torch CUDA, camexport on onnxruntime {args.provider}")
     info = machine()
     print(f"camexport vs pytorch-grad-cam {info['versions'].get('grad-cam', '?')}: {where}; "
           f"{info['cpu']}, {threads} cores; torch.set_num_threads({threads}), onnxruntime at its "
@@ -529,7 +536,8 @@ def main() -> None:
         log(f"warning: 1-min load average {load_start[0]:.1f} on {threads} cores: other work is running. "
             f"A multi-threaded forward stalls when another process holds one of its cores (torch "
             f"resnet50 with 2 threads: 2.2 s instead of 0.04 s, measured here), so timings are noise")
-    results = {"benchmark": "scripts/bench.py", "created": datetime.datetime.now().isoformat(timespec="seconds"),
+    results = {"benchmark": "scripts/bench.py",
+               "created": datetime.datetime.now().isoformat(timespec="seconds"),
                "machine": info, "settings": settings, "models": {}, "scaling": None,
                "memory": "peak MB: peak RSS (VmHWM) of that side's child process during that method's "
                          "calls, reset before each method: whole process, not the increment; "
@@ -540,7 +548,8 @@ def main() -> None:
         runs = Path(temporary)
         for name in args.models:
             size = args.size if MODELS[name].resizable else MODELS[name].native_size
-            methods = [m for m in args.methods if m != SIX] + (list(GRADIENT_FAMILY) if SIX in args.methods else [])
+            methods = ([m for m in args.methods if m != SIX]
+                       + (list(GRADIENT_FAMILY) if SIX in args.methods else []))
             spec = prepare(name, size, list(dict.fromkeys(methods)), work)
             images = {"batch": args.batch_size}
             if any(m in SLOW for m in args.methods):

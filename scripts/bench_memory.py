@@ -54,7 +54,8 @@ def peak_rss_mb(arguments: list[str]) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 2000])
     parser.add_argument("--methods", default="gradcam,eigencam")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -77,7 +78,8 @@ def main() -> None:
             rss, seconds = peak_rss_mb(command)
             rows.append({"images": count, "peak_rss_mb": round(rss, 1), "seconds": round(seconds, 1),
                          "images_per_s": round(count / seconds, 2)})
-            print(f"{count:>6} images: peak RSS {rss:8.1f} MB, {seconds:7.1f} s ({count / seconds:.1f} img/s)")
+            print(f"{count:>6} images: peak RSS {rss:8.1f} MB, {seconds:7.1f} s "
+                  f"({count / seconds:.1f} img/s)")
     ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
     print(f"peak RSS {rows[-1]['images']} / {rows[0]['images']} images: {ratio:.3f} "
           f"({'flat' if ratio <= 1.10 else 'NOT flat'}: target within 10 %)")

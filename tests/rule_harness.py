@@ -117,7 +117,8 @@ def backward_model(case: Case, dtype) -> tuple[onnx.ModelProto, list[str], list[
     graph.initializer.extend(builder.initializers)
     for out in list(graph.output):
         shape = facts.shape(out.name)
-        graph.input.append(helper.make_tensor_value_info(seeds[out.name], out.type.tensor_type.elem_type, list(shape)))
+        graph.input.append(helper.make_tensor_value_info(seeds[out.name], out.type.tensor_type.elem_type,
+                                                         list(shape)))
     for k, w in enumerate(wrt):
         graph.node.append(helper.make_node("Identity", [grads[w]], [f"grad{k}"]))
         graph.output.append(helper.make_tensor_value_info(

@@ -75,7 +75,8 @@ def test_image_to_image_similarity_matches_pgc(method, root):
     n = 1 if method in ("scorecam", "ablationcam") else 2  # 512 model runs per image: one image
     ours = explainer(x[:n], targets=[SimilarityToConceptTarget(concepts[0])] * n, methods=[method])
     with METHODS[method](model=model, target_layers=[layer]) as cam:
-        theirs = cam(input_tensor=torch.tensor(x[:n]), targets=[TutorialTarget(torch.tensor(concepts[0]))] * n)
+        theirs = cam(input_tensor=torch.tensor(x[:n]),
+                     targets=[TutorialTarget(torch.tensor(concepts[0]))] * n)
     diff = np.abs(ours.cams[method] - theirs).max()
     print(f"resnet18 embedding {method}: max |diff| {diff:.2e}")
     assert diff <= TOLERANCE, f"{method}: max |diff| {diff:.2e}"
@@ -143,5 +144,5 @@ def test_run_explains_a_dataset_against_a_concept_file(root):
         np.testing.assert_allclose(h5["cams/gradcam++"][()], expected, atol=1e-6)
         assert (h5["targets"][()] == -1).all()
         scores = h5["metrics/drop-in-confidence/gradcam++"][()]
-    np.testing.assert_allclose(scores, evaluate("drop-in-confidence", x, expected, targets, explainer.forward),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        scores, evaluate("drop-in-confidence", x, expected, targets, explainer.forward), atol=1e-5)

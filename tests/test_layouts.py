@@ -17,7 +17,8 @@ from camexport.methods.pipeline import to_channel_first
 
 @pytest.mark.parametrize("shape,size,expected", [
     ((None, 197, 384), (224, 224), {"kind": "tokens", "grid": [14, 14], "prefix_tokens": 1}),
-    ((None, 198, 192), (224, 224), {"kind": "tokens", "grid": [14, 14], "prefix_tokens": 2}),  # DeiT distilled
+    # DeiT distilled
+    ((None, 198, 192), (224, 224), {"kind": "tokens", "grid": [14, 14], "prefix_tokens": 2}),
     ((None, 281, 192), (224, 320), {"kind": "tokens", "grid": [14, 20], "prefix_tokens": 1}),
     ((None, 50, 768), (224, 224), {"kind": "tokens", "grid": [7, 7], "prefix_tokens": 1}),  # patch 32
     ((None, 196, 64), None, {"kind": "tokens", "grid": [14, 14], "prefix_tokens": 0}),

@@ -82,7 +82,8 @@ def test_build_each_format(kind, options, layer, label, files, resnet18, tmp_pat
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest == get_manifest(onnx.load(str(out / AUGMENTED_FILE)))
     assert manifest["layers"][0]["name"] == label
-    assert manifest["source"]["kind"] == {"program": "exported_program", "pickle": "pickled_module"}.get(kind, kind)
+    expected = {"program": "exported_program", "pickle": "pickled_module"}.get(kind, kind)
+    assert manifest["source"]["kind"] == expected
     _check_against_torch(out / AUGMENTED_FILE, resnet18, label, "layer4")
 
 
@@ -166,7 +167,8 @@ def _tiny_graph(op: str) -> onnx.ModelProto:
         helper.make_node("ReduceMean", ["bent", "axes"], ["pooled"], keepdims=0, name="pool"),
         helper.make_node("Gemm", ["pooled", "fc"], ["logits"], name="head"),
     ]
-    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+    graph = helper.make_graph(nodes, "tiny",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
 
@@ -238,7 +240,8 @@ def test_build_without_maxpool_indices_gives_the_same_gradients(files, tmp_path)
     ran = [session(built[key]).run(["gradient/input"], {"x": x, "target_weights": weights})[0]
            for key in (False, True)]
     assert np.abs(ran[0]).max() > 0
-    print(f"maxpool by comparison: max |diff| {np.abs(ran[1] - ran[0]).max():.1e} of {np.abs(ran[0]).max():.1e}")
+    print(f"maxpool by comparison: max |diff| {np.abs(ran[1] - ran[0]).max():.1e} "
+          f"of {np.abs(ran[0]).max():.1e}")
     np.testing.assert_allclose(ran[1], ran[0], rtol=0, atol=1e-6 * np.abs(ran[0]).max())
 
 

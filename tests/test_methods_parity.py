@@ -378,7 +378,8 @@ def test_ablation_on_a_layer_the_residual_stream_bypasses_matches_pgc(kind, tmp_
     with pgc.AblationCAM(model=model, target_layers=[layer], reshape_transform=_reshape("deit_tiny"),
                          ablation_layer=AblationLayerVit()) as cam:
         theirs = cam(input_tensor=torch.tensor(x), targets=theirs_t)
-    _compare(ours, theirs, f"deit_tiny ablationcam targets={kind}", LOOSER.get(("deit_tiny", "ablationcam"), TOLERANCE))
+    _compare(ours, theirs, f"deit_tiny ablationcam targets={kind}",
+             LOOSER.get(("deit_tiny", "ablationcam"), TOLERANCE))
 
 
 @pytest.mark.xdist_group("deit_tiny")

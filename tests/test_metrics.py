@@ -99,7 +99,8 @@ PARITY = [
     ("road-morf:65", lambda: road.ROADMostRelevantFirst(65), SCORE_TOL, "same-draws"),
     ("road-lerf:35", lambda: road.ROADLeastRelevantFirst(35), SCORE_TOL, "same-draws"),
     ("road-morf-average:30,70", lambda: road.ROADMostRelevantFirstAverage([30, 70]), SCORE_TOL, "same-draws"),
-    ("road-lerf-average:30,70", lambda: road.ROADLeastRelevantFirstAverage([30, 70]), SCORE_TOL, "same-draws"),
+    ("road-lerf-average:30,70", lambda: road.ROADLeastRelevantFirstAverage([30, 70]), SCORE_TOL,
+     "same-draws"),
     ("road-combined", road.ROADCombined, SCORE_TOL, "same-draws"),
     ("road-combined:30,70", lambda: road.ROADCombined([30, 70]), SCORE_TOL, "zero"),
 ]
@@ -127,7 +128,8 @@ def _removal_mean_fill(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # additions: our name, a reference computed through the library's perturbation machinery
 ADDITIONS = [
     ("remove-morf", lambda: PerturbationConfidenceMetric(RemoveMostRelevantFirst(80, _removal_mean_fill))),
-    ("remove-lerf:40", lambda: PerturbationConfidenceMetric(RemoveLeastRelevantFirst(40, _removal_mean_fill))),
+    ("remove-lerf:40",
+     lambda: PerturbationConfidenceMetric(RemoveLeastRelevantFirst(40, _removal_mean_fill))),
 ]
 
 
@@ -300,13 +302,17 @@ def test_model_calls_are_batched_and_chunked(monkeypatch):
 
 @pytest.mark.parametrize("spec, expected", [
     ("road-combined,drop-in-confidence", ["road-combined", "drop-in-confidence"]),
-    (["ROADCombined", "roadcombined", "DropInConfidence", "road_combined"], ["road-combined", "drop-in-confidence"]),
+    (["ROADCombined", "roadcombined", "DropInConfidence", "road_combined"],
+     ["road-combined", "drop-in-confidence"]),
     ("camMultImageConfidenceChange, ROADMostRelevantFirstAverage",
      ["cam-mult-image-confidence-change", "road-morf-average"]),
     ("road-morf:80,road-lerf:20,deletion-auc:20", ["road-morf", "road-lerf", "deletion-auc"]),
-    ("road-morf:70.0,road-lerf:Auto,remove-morf:12.5", ["road-morf:70", "road-lerf:auto", "remove-morf:12.5"]),
-    ("road-combined:20,40,60,80,increase-in-confidence", ["road-combined:20,40,60,80", "increase-in-confidence"]),
-    (["road-combined:20", "40", "deletion", "insertion:50"], ["road-combined:20,40", "deletion-auc", "insertion-auc:50"]),
+    ("road-morf:70.0,road-lerf:Auto,remove-morf:12.5",
+     ["road-morf:70", "road-lerf:auto", "remove-morf:12.5"]),
+    ("road-combined:20,40,60,80,increase-in-confidence",
+     ["road-combined:20,40,60,80", "increase-in-confidence"]),
+    (["road-combined:20", "40", "deletion", "insertion:50"],
+     ["road-combined:20,40", "deletion-auc", "insertion-auc:50"]),
 ])
 def test_metric_names(spec, expected):
     assert metric_names(spec) == expected

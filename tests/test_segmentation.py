@@ -120,7 +120,8 @@ def test_segmentation_needs_explicit_targets(root):
     with pytest.raises(TargetError, match="has no top class"):
         explainer(x, methods=["gradcam"])
     with pytest.raises(TargetError, match="give a mask of the output's"):
-        explainer(x[:1], targets=[SemanticSegmentationTarget(categories[0], masks[0][:10])], methods=["gradcam"])
+        explainer(x[:1], targets=[SemanticSegmentationTarget(categories[0], masks[0][:10])],
+                  methods=["gradcam"])
 
 
 def test_run_explains_a_segmentation_dataset(root):

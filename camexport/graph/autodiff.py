@@ -12,12 +12,13 @@ from collections.abc import Mapping, Sequence
 
 import onnx
 
+from camexport.errors import CamexportError
 from camexport.graph.builder import Builder, GraphFacts
 from camexport.graph.cut import computed_from, computed_into
 from camexport.graph.rules import NO_GRADIENT, REFUSED, Rule, find_rule
 
 
-class GradientError(Exception):
+class GradientError(CamexportError):
     """A node on the differentiated path could not be differentiated."""
 
 

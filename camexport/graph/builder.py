@@ -170,13 +170,6 @@ class Builder:
         self._taken.add(name)
         return name
 
-    def reserve(self, name: str) -> str:
-        """Claim an exact name, or a numbered variant when it is taken."""
-        if name not in self._taken:
-            self._taken.add(name)
-            return name
-        return self.fresh(name)
-
     # nodes --------------------------------------------------------------------------
     def op(self, op_type: str, *inputs: str, outputs: int = 1, name: str | None = None,
            **attrs) -> str | list[str]:

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 
 import onnx
 
+from camexport.errors import CamexportError
 from camexport.graph.builder import GraphFacts
 from camexport.graph.cut import computed_from, computed_into
 
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 
 
-class LayerError(ValueError):
+class LayerError(CamexportError, ValueError):
     """A layer name that does not resolve to exactly one tensor."""
 
 
