@@ -307,7 +307,8 @@ def pack(images, out, size, labels, skip_unreadable, quiet):
 @click.option("--limit", type=int, help="Only the first N samples.")
 @click.option("--eigen-smooth", is_flag=True)
 @click.option("--aug-smooth", is_flag=True)
-@click.option("--cam-dtype", type=_LibraryChoice("camexport.run", "CAM_DTYPES"), default="float32", show_default=True)
+@click.option("--cam-dtype", type=_LibraryChoice("camexport.run", "CAM_DTYPES"), default="float32",
+              show_default=True)
 @click.option("--compression", type=_LibraryChoice("camexport.store", "COMPRESSIONS"), default="gzip",
               show_default=True)
 @click.option("--metric-score", type=_LibraryChoice("camexport.run", "METRIC_SCORES"), default="softmax",

@@ -23,6 +23,7 @@ from camexport.graph.builder import Builder, GraphFacts
 from camexport.graph.outputs import (
     SCORE,
     TARGET_WEIGHTS,
+    AugmentError,
     Augmenting,
     GraphOutput,
     activation_name,
@@ -68,17 +69,17 @@ def augment(
     stacked FPN levels, which do not lead to the score).
     """
     if score not in SCORE_FUNCTIONS:
-        raise ValueError(f"unknown score function {score!r}; choose one of {SCORE_FUNCTIONS}")
+        raise AugmentError(f"unknown score function {score!r}; choose one of {SCORE_FUNCTIONS}")
     result = onnx.ModelProto()
     result.CopyFrom(upgrade_opset(model))
     graph = result.graph
     outputs = [o.name for o in graph.output]
     output = output or outputs[0]
     if output not in outputs:
-        raise ValueError(f"model has no output {output!r}; outputs are {outputs}")
+        raise AugmentError(f"model has no output {output!r}; outputs are {outputs}")
     for reserved in (TARGET_WEIGHTS, SCORE):
         if reserved in outputs or reserved in [i.name for i in graph.input]:
-            raise ValueError(f"model already has a value named {reserved!r}; is it augmented?")
+            raise AugmentError(f"model already has a value named {reserved!r}; is it augmented?")
 
     out_info = next(o for o in graph.output if o.name == output)
     taken = {v for node in graph.node for v in (*node.input, *node.output)}

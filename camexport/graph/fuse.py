@@ -32,7 +32,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from camexport.graph.builder import Builder, GraphFacts
-from camexport.graph.outputs import activation_name, gradient_name
+from camexport.graph.outputs import AugmentError, activation_name, gradient_name
 
 # the numpy methods' own constants: a head and its method cannot drift apart
 from camexport.methods.gradient import GRADCAM_PP_EPS, XGRADCAM_EPS
@@ -205,10 +205,10 @@ def _channel_first(b: Builder, tensor: str, layout: Mapping, label: str) -> tupl
         tensor = b.op("Transpose", b.op("Reshape", tensor, b.ints([-1, height, width, channels])),
                       perm=[0, 3, 1, 2])
     else:
-        raise ValueError(f"layer {label!r} has layout {dict(layout)}: fused heads support NCHW, "
+        raise AugmentError(f"layer {label!r} has layout {dict(layout)}: fused heads support NCHW, "
                          f"NHWC and token layers with a square grid")
     if None in (channels, height, width):
-        raise ValueError(f"layer {label!r} has shape {shape}: fused heads need static C, h and w")
+        raise AugmentError(f"layer {label!r} has shape {shape}: fused heads need static C, h and w")
     return tensor, channels, height, width
 
 
@@ -231,7 +231,7 @@ def fuse(
 
     unknown = [m for m in methods if m not in FUSABLE]
     if unknown:
-        raise ValueError(f"cannot fuse {unknown}; fusable methods: {', '.join(FUSABLE)}")
+        raise AugmentError(f"cannot fuse {unknown}; fusable methods: {', '.join(FUSABLE)}")
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph = result.graph

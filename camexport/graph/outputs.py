@@ -27,8 +27,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from camexport.errors import CamexportError
 from camexport.graph.builder import Builder, GraphFacts
 from camexport.graph.rules import GUIDED_RULES, Rule
+
+
+class AugmentError(CamexportError, ValueError):
+    """A model or layer the augmentation (or a fused head) cannot take, with the fix."""
+
 
 TARGET_WEIGHTS = "target_weights"
 SCORE = "score"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from camexport.methods.inputs import CamInputs
+from camexport.methods.inputs import CamInputs, MethodInputError
 from camexport.methods.pipeline import aggregate, eigen_projection, layer_map, weighted_sum
 
 
@@ -47,7 +47,7 @@ class Method:
     def gradients(inputs: CamInputs, layer: int) -> np.ndarray:
         grads = inputs.gradients[layer]
         if grads is None:
-            raise ValueError("this method needs gradients; the artifact has none for this layer")
+            raise MethodInputError("this method needs gradients; the artifact has none for this layer")
         return grads
 
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from camexport.methods.base import Method
 from camexport.methods.gradient import GradCAM, GradCAMPlusPlus
+from camexport.methods.inputs import MethodInputError
 from camexport.methods.pipeline import aggregate, layer_map, min_max
 
 
@@ -87,7 +88,7 @@ class SESS(Method):
 
     def __call__(self, inputs, eigen_smooth=False):
         if inputs.rerun is None:
-            raise ValueError("SESS needs the graph on new inputs")
+            raise MethodInputError("SESS needs the graph on new inputs")
         return min_max(np.stack([self.single(inputs, b, eigen_smooth)
                                  for b in range(len(inputs.x))])).astype(np.float32)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from camexport.methods.base import ElementMethod, Method, WeightMethod
+from camexport.methods.inputs import MethodInputError
 from camexport.methods.pipeline import (
     eigen_projection,
     spatial_axes,
@@ -116,7 +117,7 @@ class ShapleyCAM(WeightMethod):
         grads = self.gradients(inputs, layer)
         tangents = inputs.tangents
         if tangents is None:
-            raise ValueError("ShapleyCAM needs an artifact built with --methods shapleycam")
+            raise MethodInputError("ShapleyCAM needs an artifact built with --methods shapleycam")
         rows = np.asarray([t.hessian_vector(z, v) for t, z, v in
                            zip(inputs.targets, inputs.outputs.astype(np.float64),
                                tangents[layer].astype(np.float64))], dtype=np.float32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from camexport.methods.base import Method
+from camexport.methods.inputs import MethodInputError
 from camexport.methods.pipeline import eigen_projection, min_max, resize
 
 
@@ -30,7 +31,7 @@ class FullGrad(Method):
         grad_x = inputs.input_gradient
         layers = inputs.bias_layers
         if grad_x is None or layers is None:
-            raise ValueError("FullGrad needs an artifact built with --methods fullgrad")
+            raise MethodInputError("FullGrad needs an artifact built with --methods fullgrad")
         parts = [_scaled(np.abs(grad_x * inputs.x), size)]
         for bias, grad in layers:
             weighted = np.abs(bias.reshape((1, -1) + (1,) * (grad.ndim - 2)) * grad)
@@ -60,5 +61,5 @@ class GuidedBackprop(Method):
     def __call__(self, inputs, eigen_smooth=False):
         guided = inputs.guided_gradient
         if guided is None:
-            raise ValueError("Guided Backprop needs an artifact built with --methods guidedbackprop")
+            raise MethodInputError("Guided Backprop needs an artifact built with --methods guidedbackprop")
         return np.ascontiguousarray(np.moveaxis(guided, 1, -1)).astype(np.float32)

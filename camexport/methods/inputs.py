@@ -8,6 +8,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from camexport.errors import CamexportError
+
+
+class MethodInputError(CamexportError, ValueError):
+    """A method asked for what the artifact or the call does not provide, with the fix."""
+
 
 def _at_least_float32(tensor: np.ndarray | None) -> np.ndarray | None:
     if tensor is None or tensor.dtype in (np.float32, np.float64):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from camexport.methods.base import WeightMethod
+from camexport.methods.inputs import MethodInputError
 from camexport.methods.pipeline import eigen_projection
 
 #: ScoreCAM's per-channel mask normalisation epsilon (pytorch-grad-cam, reference §3.7, Q13).
@@ -48,10 +49,10 @@ class ScoreCAM(WeightMethod):
 
     def weights(self, inputs, layer):
         if inputs.forward is None:
-            raise ValueError("ScoreCAM needs forward passes of the model")
+            raise MethodInputError("ScoreCAM needs forward passes of the model")
         acts = inputs.activations[layer]
         if acts.ndim != 4:
-            raise ValueError("ScoreCAM works on 2-D feature maps")
+            raise MethodInputError("ScoreCAM works on 2-D feature maps")
         weights = []
         for b in range(acts.shape[0]):
             up = upsample_align_corners(acts[b], inputs.size)
@@ -139,7 +140,7 @@ class AblationCAM(WeightMethod):
 
     def weights(self, inputs, layer):
         if inputs.tail is None:
-            raise ValueError("AblationCAM needs the tail of the model")
+            raise MethodInputError("AblationCAM needs the tail of the model")
         raw = inputs.raw_activations[layer]
         acts = inputs.activations[layer]
         layout = inputs.layouts[layer] if inputs.layouts else {"kind": "NCHW"}

@@ -13,6 +13,13 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
+from camexport.errors import CamexportError
+
+
+class LayoutError(CamexportError, ValueError):
+    """A layer layout the methods cannot read as channel-first maps."""
+
+
 #: pytorch-grad-cam's epsilon in every min-max normalisation (reference §2.3, Q6).
 NORM_EPS = 1e-7
 
@@ -29,12 +36,12 @@ def to_channel_first(tensor: np.ndarray, layout: dict) -> np.ndarray:
     if kind == "tokens":
         grid, prefix = layout.get("grid"), layout.get("prefix_tokens")
         if grid is None:
-            raise ValueError(f"token layer of shape {tensor.shape} has no square grid; "
+            raise LayoutError(f"token layer of shape {tensor.shape} has no square grid; "
                              f"give the grid and prefix token count explicitly")
         b, _, d = tensor.shape
         spatial = tensor[:, prefix:, :].reshape(b, grid[0], grid[1], d)
         return np.moveaxis(spatial, -1, 1)
-    raise ValueError(f"unsupported layer layout {layout}")
+    raise LayoutError(f"unsupported layer layout {layout}")
 
 
 def spatial_axes(a: np.ndarray) -> tuple[int, ...]:
