@@ -211,7 +211,7 @@ def inspect(model, arch, trust_pickle, as_json, check, layer, input_size):
         if missing:
             raise click.ClickException(
                 f"no gradient rule for {', '.join(missing)} on the tail of {report['tensor']}: "
-                f"pick a later --layer, or add a rule in camexport/graph/rules.py")
+                f"pick a later --layer, or add a rule in camexport/graph/rules/")
         return
     if is_artifact(model):
         info = describe_artifact(model)

@@ -73,7 +73,7 @@ class Case:
     rtol: float = 1e-6   # float64 dot-product identity
     ort_rtol: float = 1e-5  # onnxruntime float32 against the float64 reference
     name: str = ""
-    overrides: dict | None = None  # a rule table replacing the standard one (rules.py)
+    overrides: dict | None = None  # a rule table replacing the standard one (camexport.graph.rules)
 
     @property
     def id(self) -> str:

@@ -98,4 +98,4 @@ def _missing_rule_message(node, facts, nodes, wrt, labels) -> str:
     return (f"cannot differentiate node {node.name!r}: op {node.op_type!r} "
             f"(domain {node.domain or 'ai.onnx'!r}, opset {facts.opset}) lies between layer(s) "
             f"{', '.join(needing)} and the score: {why}. Choose a later layer, or add a rule "
-            f"in camexport/graph/rules.py")
+            f"in camexport/graph/rules/")

@@ -1,0 +1,16 @@
+"""Reverse-mode (VJP) rules, one per ONNX op, in one table (:mod:`.table`).
+
+A rule takes ``(b, node, dys)``: the builder, the primal node and one cotangent name per node
+output (None where nothing flows back), and returns exactly one cotangent per node input (None
+where nothing flows, or where ``b.needs(input)`` is false). Rules only emit default-domain ONNX
+ops through the builder; each rule's docstring is its formula. The rules live by op family in
+:mod:`.elementwise`, :mod:`.linear` and :mod:`.shape`; this package imports them, which fills the
+table; :mod:`.exceptions` holds the tables that replace standard rules.
+"""
+
+from camexport.graph.rules import elementwise, linear, shape  # noqa: F401 (each fills RULES)
+from camexport.graph.rules.exceptions import GUIDED_RULES, MAXPOOL_WITHOUT_INDICES
+from camexport.graph.rules.table import NO_GRADIENT, REFUSED, RULES, Rule, attr, find_rule, rule
+
+__all__ = ["GUIDED_RULES", "MAXPOOL_WITHOUT_INDICES", "NO_GRADIENT", "REFUSED", "RULES", "Rule", "attr",
+           "find_rule", "rule"]
