@@ -26,8 +26,8 @@ from camexport.cli import main
 from camexport.explain import Explainer
 from camexport.graph.fuse import cam_name, fuse, is_head_node
 from camexport.layout import infer_layout
-from camexport.methods import method
 from camexport.methods import FUSABLE as HEADS
+from camexport.methods import method
 from camexport.methods.inputs import CamInputs
 from camexport.methods.pipeline import aggregate, layer_map, to_channel_first
 from camexport.precision import measure_drift, to_float16
