@@ -20,7 +20,7 @@ from pytorch_grad_cam.metrics.perturbation_confidence import (
 )
 from pytorch_grad_cam.utils import model_targets
 
-from camexport import metrics
+from camexport import imputation, metrics
 from camexport.metrics import METRICS, MetricError, evaluate, metric_names, noisy_linear_impute, removal_mask
 from camexport.targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 
@@ -217,7 +217,7 @@ def test_imputation_is_the_weighted_mean_of_neighbours():
     filled = noisy_linear_impute(image, removed, noise=0).astype(np.float64)
     padded = np.pad(filled, ((0, 0), (1, 1), (1, 1)))
     inside = np.pad(np.ones((9, 11)), 1)
-    weights = {(dy, dx): w for (dy, dx), w in metrics.NEIGHBOURS}
+    weights = {(dy, dx): w for (dy, dx), w in imputation.NEIGHBOURS}
     total = sum(w * padded[:, 1 + dy:10 + dy, 1 + dx:12 + dx] for (dy, dx), w in weights.items())
     share = sum(w * inside[1 + dy:10 + dy, 1 + dx:12 + dx] for (dy, dx), w in weights.items())
     np.testing.assert_allclose((total / share)[:, removed], filled[:, removed], atol=1e-6)
