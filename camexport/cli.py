@@ -74,13 +74,7 @@ class _Main(click.Group):
             if err.errno == errno.EPIPE:  # click's main exits quietly on a closed pipe
                 raise
             raise click.ClickException(str(err)) from err
-        except ValueError as err:
-            # transitional: bare ValueErrors left in explain/run/build
-            raise click.ClickException(str(err)) from err
         except Exception as err:
-            if isinstance(err, IndexError) and ctx.invoked_subcommand == "render":
-                # transitional: render.py raises IndexError for a sample not in the results
-                raise click.ClickException(str(err)) from err
             raise click.ClickException(_bug_report(ctx, err)) from err
 
 

@@ -182,7 +182,8 @@ class Explainer:
                 extra = remembered[2]  # AblationCAM asks again for each chunk of one image
             else:
                 computed = [n for n in cut.frontier if n != self.input_name]
-                extra = dict(zip(computed, before.run(computed, {self.input_name: image}))) if computed else {}
+                extra = (dict(zip(computed, before.run(computed, {self.input_name: image})))
+                         if computed else {})
                 extra.update({n: image for n in cut.frontier if n == self.input_name})
                 self._frontier = (layer, image.copy(), extra)
         parts = []

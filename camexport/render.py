@@ -5,6 +5,12 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from camexport.errors import CamexportError
+
+
+class RenderError(CamexportError, ValueError):
+    """A render that cannot be done as asked (a sample not in the results, a bad weight)."""
+
 
 def overlay(image: np.ndarray, cam: np.ndarray, image_weight: float = 0.5,
             colormap: int = cv2.COLORMAP_JET) -> np.ndarray:
@@ -14,9 +20,9 @@ def overlay(image: np.ndarray, cam: np.ndarray, image_weight: float = 0.5,
     v / max(v); uint8(255 v) by truncation.
     """
     if image.max() > 1:
-        raise ValueError("the image must be float in [0, 1]")
+        raise RenderError("the image must be float in [0, 1]")
     if not 0 <= image_weight <= 1:
-        raise ValueError(f"image_weight must be in [0, 1], got {image_weight}")
+        raise RenderError(f"--image-weight must be in [0, 1], got {image_weight}")
     heat = cv2.applyColorMap(np.uint8(255 * cam), colormap)
     heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB).astype(np.float32) / 255
     blend = (1 - image_weight) * heat + image_weight * image
@@ -68,18 +74,15 @@ def draw_boxes(tile: np.ndarray, boxes: np.ndarray, names: list[str]) -> np.ndar
     return tile
 
 
-def _explained_detections(h5, i: int) -> tuple[np.ndarray, np.ndarray]:
+def _explained_detections(results, i: int) -> tuple[np.ndarray, np.ndarray]:
     """Boxes and labels of the detections sample ``i``'s CAMs explain: those scoring at least
-    the run's --detection-threshold (of the --targets class, if one)."""
-    import json
+    the run's --detection-threshold (of the --targets class, if one). ``results``: a
+    :class:`camexport.store.ResultReader`."""
+    from camexport.detection import detection_targets
 
-    from camexport.detection import Detections, detection_targets
-
-    threshold = json.loads(h5.attrs["fingerprint"])["parameters"]["detection_threshold"]
-    count = int(h5["detections/count"][i])
-    found = Detections(*(h5[f"detections/{k}"][i][:count] for k in ("boxes", "scores", "labels")),
-                       anchors=np.zeros(count, np.int64))
-    target = int(h5["targets"][i])
+    threshold = results.parameters["detection_threshold"]
+    found = results.detections(i)
+    target = int(results.targets(i))
     chosen = detection_targets(found, threshold, target if target >= 0 else None)
     return chosen.bounding_boxes, np.asarray(chosen.labels, np.int64)
 
@@ -96,24 +99,23 @@ def render_results(results, out_dir, indices=None, data=None, class_names=None,
 
     ``data`` overrides the input dataset recorded in the results; ``class_names`` is a list."""
     import html
-    import json
     from pathlib import Path
 
-    from camexport.store import InputData, open_results
+    from camexport.store import InputData, ResultReader
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    with open_results(results) as h5:
-        manifest = json.loads(h5.attrs["manifest"])
-        source = InputData.open(data or h5.attrs["data"])
-        done = h5["done"][()]
-        invalid = h5["invalid"][()]
+    with ResultReader(results) as stored:
+        manifest = stored.manifest
+        source = InputData.open(data or stored.attrs["data"])
+        done = stored.done
+        invalid = stored.invalid
         chosen = np.flatnonzero(done & ~invalid) if indices is None else np.asarray(indices)
-        methods = sorted(h5["cams"])
-        detector = "detections" in h5
-        output = None if detector else next(iter(h5["outputs"]))
-        metrics = sorted(h5.get("metrics", {}))
+        methods = stored.methods
+        detector = stored.detector
+        output = None if detector else stored.output_names[0]
+        metrics = sorted(stored.metrics)
         names = source.names
         labels = source.labels
 
@@ -123,17 +125,18 @@ def render_results(results, out_dir, indices=None, data=None, class_names=None,
         rows = []
         for i in chosen:
             if not 0 <= i < len(done) or not done[i]:
-                raise IndexError(f"sample {i} is not in the results (0..{len(done) - 1}, done only)")
+                raise RenderError(f"sample {i} is not in the results (0..{len(done) - 1}, done only): give "
+                                  f"--index with finished samples (`camexport show` counts them)")
             image = _display_image(source.images(i, i + 1)[0], manifest["preprocessing"])
             depth = _middle(manifest["preprocessing"])
-            tiles = [np.uint8(image * 255)] + [overlay(image, h5[f"cams/{m}"][i][depth].astype(np.float32),
+            tiles = [np.uint8(image * 255)] + [overlay(image, stored.cams(m, i)[depth].astype(np.float32),
                                                        image_weight) for m in methods]
             if detector:
-                boxes, found = _explained_detections(h5, i)
+                boxes, found = _explained_detections(stored, i)
                 tiles = [draw_boxes(t, boxes, [label_of(int(k)) for k in found]) for t in tiles]
                 headline = f"{len(boxes)} detections explained"
             else:
-                predicted = int(np.argmax(h5[f"outputs/{output}"][i]))
+                predicted = int(np.argmax(stored.outputs(output, i)))
                 headline = label_of(predicted)
             picture = grid(tiles, [headline] + methods)
             name = f"{i:06d}.png"
@@ -141,10 +144,10 @@ def render_results(results, out_dir, indices=None, data=None, class_names=None,
             written.append(out_dir / name)
             table = "".join(
                 "<tr><td>" + html.escape(m) + "</td>" +
-                "".join(f"<td>{h5[f'metrics/{k}/{m}'][i]:.4f}</td>" for k in metrics) + "</tr>"
+                "".join(f"<td>{stored.metric(k, m, i):.4f}</td>" for k in metrics) + "</tr>"
                 for m in methods) if metrics else ""
             header = "<tr><th>method</th>" + "".join(f"<th>{html.escape(k)}</th>" for k in metrics) + "</tr>"
-            target = int(h5["targets"][i])
+            target = int(stored.targets(i))
             caption = (f"#{i} {html.escape(names[i]) if names else ''} — " + (
                 f"<b>{html.escape(headline)}</b> (boxes drawn)" + (
                     f", class {html.escape(label_of(target))}" if target >= 0 else "")

@@ -263,16 +263,14 @@ class Job:
         self.writer.publish()
         return time.perf_counter() - begin
 
-    def _whole_datasets(self) -> dict[str, np.ndarray]:
-        import h5py
-
+    def _whole_datasets(self) -> dict:
         extra = {}
         labels = self.data.labels
         if labels is not None:
             extra["labels"] = labels[: self.count]
         names = self.data.names
         if names is not None:
-            extra["names"] = np.array(names[: self.count], dtype=h5py.string_dtype())
+            extra["names"] = list(names[: self.count])
         return extra
 
 
@@ -280,79 +278,5 @@ def run(config: RunConfig, progress=None) -> RunSummary:
     return Job(config).run(progress)
 
 
-#: Methods computable from stored activations, gradients and outputs alone (no model run).
-RECOMPUTABLE = ("gradcam", "hirescam", "gradcamelementwise", "gradcam++", "xgradcam", "eigencam",
-                "eigengradcam", "layercam", "kpcacam", "fem", "segeigencam", "randomcam")
-
-
-def recompute(results: str | Path, methods, eigen_smooth: bool = False, batch_size: int = 64) -> list[str]:
-    """Add (or replace) /cams/<method> in a finished result file from its saved tensors.
-
-    Works on a copy that replaces the file at the end, so an interruption loses nothing."""
-    import json
-    import os
-    import shutil
-
-    import h5py
-
-    from camexport.methods import method
-    from camexport.methods.base import CamInputs, to_channel_first
-    from camexport.store import open_results
-
-    results = Path(results)
-    names = canonical_methods(methods)
-    refused = [m for m in names if m not in RECOMPUTABLE]
-    if refused:
-        raise RunError(f"{', '.join(refused)} need the model; recompute handles {', '.join(RECOMPUTABLE)}; "
-                       f"use `camexport run` for the others")
-    with open_results(results) as h5:
-        if not h5.attrs.get("complete", False):
-            raise RunError(f"{results} is not finished; run the same `camexport run` command again first")
-        manifest = json.loads(h5.attrs["manifest"])
-        wants_gradients = any(METHODS[m].needs for m in names)
-        for layer in manifest["layers"]:
-            for group, needed in (("activations", True), ("gradients", wants_gradients)):
-                if needed and f"{group}/{layer['name']}" not in h5:
-                    raise RunError(f"{results} has no /{group}/{layer['name']}; run with "
-                                   f"--save-activations --save-gradients to recompute later")
-    temporary = results.with_name(f".{results.name}.partial")
-    shutil.copyfile(results, temporary)
-    try:
-        with h5py.File(temporary, "r+") as h5:
-            size = tuple(manifest["preprocessing"]["size"])
-            count = len(h5["done"])
-            usable = h5["done"][()] & ~h5["invalid"][()]
-            output = next(iter(h5["outputs"]))
-            layers = manifest["layers"]
-            for name in names:
-                if f"cams/{name}" in h5:
-                    del h5[f"cams/{name}"]
-                cams = h5.create_dataset(f"cams/{name}", (count, *size), np.float32,
-                                         chunks=(1, *size), compression="gzip")
-                implementation = method(name)
-                for start in range(0, count, batch_size):
-                    rows = np.flatnonzero(usable[start:start + batch_size]) + start
-                    if not len(rows):
-                        continue
-                    raw = [h5[f"activations/{layer['name']}"][rows] for layer in layers]
-                    grads = [h5[f"gradients/{layer['name']}"][rows] if f"gradients/{layer['name']}" in h5
-                             else None for layer in layers]
-                    layouts = [layer["layout"] for layer in layers]
-                    inputs = CamInputs(
-                        x=np.broadcast_to(np.zeros((), np.float32), (len(rows), 3, *size)),
-                        outputs=h5[f"outputs/{output}"][rows],
-                        targets=[ClassifierOutputTarget(int(t)) for t in h5["targets"][rows]],
-                        activations=[to_channel_first(a, lay) for a, lay in zip(raw, layouts)],
-                        gradients=[None if g is None else to_channel_first(g, lay)
-                                   for g, lay in zip(grads, layouts)],
-                        raw_activations=raw, layouts=layouts)
-                    cams[rows] = implementation(inputs, eigen_smooth)
-            done_before = json.loads(h5.attrs.get("recomputed", "[]"))
-            h5.attrs["recomputed"] = json.dumps(sorted(set(done_before) | set(names)))
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, results)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return names
+# `camexport recompute` lives in camexport.recompute; kept importable from here.
+from camexport.recompute import RECOMPUTABLE, recompute  # noqa: F401

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from camexport.cli import main
 from camexport.data import foolbox_files, preprocess, skimage_photos
 from camexport.explain import Explainer
+from camexport.store import ResultReader
 
 pytestmark = pytest.mark.xdist_group("lite0-run")
 
@@ -70,24 +71,25 @@ def test_pack_layout(workspace):
 
 
 def test_run_layout_and_api_parity(workspace, finished):
-    with h5py.File(finished) as h5:
-        assert h5.attrs["complete"]
-        assert h5["done"][()].all() and not h5["invalid"][()].any()
-        assert set(h5["cams"]) == set(METHODS.split(","))
-        outputs = h5["outputs/linear"][()]
+    with ResultReader(finished) as results:
+        assert results.attrs["complete"]
+        assert results.done.all() and not results.invalid.any()
+        assert set(results.methods) == set(METHODS.split(","))
+        outputs = results.outputs("linear")
         assert outputs.shape == (6, 1000)
-        targets = h5["targets"][()]
+        targets = results.targets()
         np.testing.assert_array_equal(targets, outputs.argmax(axis=1))
         assert 281 <= targets[0] <= 285  # Chelsea is a cat
         assert targets[1] == 967  # espresso
-        assert h5["cams/gradcam"].chunks == (1, 224, 224) and h5["cams/gradcam"].compression == "gzip"
-        assert not h5["cams/gradcam"].is_virtual
-        fingerprint = json.loads(h5.attrs["fingerprint"])
+        cams = results.storage("cams/gradcam")
+        assert cams.chunks == (1, 224, 224) and cams.compression == "gzip"
+        assert not cams.virtual
+        fingerprint = results.attrs["fingerprint"]
         assert fingerprint["parameters"]["methods"] == METHODS.split(",")
-        assert h5.attrs["provider"] == "CPUExecutionProvider"
-        assert h5["activations/bn2"].shape == (6, 1280, 7, 7)
-        stored = {m: h5[f"cams/{m}"][()] for m in h5["cams"]}
-        images = h5["labels"][()]
+        assert results.attrs["provider"] == "CPUExecutionProvider"
+        assert results.storage("activations/bn2").shape == (6, 1280, 7, 7)
+        stored = {m: results.cams(m) for m in results.methods}
+        images = results.labels
     assert list(images[:2]) == [281, 967]
     explainer = Explainer(workspace / "lite0")
     prep = explainer.manifest["preprocessing"]
@@ -116,9 +118,10 @@ def test_show_render_recompute(workspace, finished, tmp_path):
     copy = tmp_path / "copy.h5"
     shutil.copy(finished, copy)
     cli("recompute", copy, "--methods", "gradcam,layercam")
-    with h5py.File(copy) as h5, h5py.File(finished) as original:
-        np.testing.assert_array_equal(h5["cams/gradcam"][()], original["cams/gradcam"][()])
-        assert h5["cams/layercam"].shape == (6, 224, 224) and h5["cams/layercam"][()].max() > 0.99
+    with ResultReader(copy) as results, ResultReader(finished) as original:
+        np.testing.assert_array_equal(results.cams("gradcam"), original.cams("gradcam"))
+        assert results.storage("cams/layercam").shape == (6, 224, 224)
+        assert results.cams("layercam").max() > 0.99
     refused = cli("recompute", copy, "--methods", "scorecam", ok=False)
     assert refused.exit_code != 0 and "need the model" in refused.output
 
@@ -155,19 +158,19 @@ def test_resume_after_sigkill(workspace, finished, tmp_path):
         # readable after every kill; the live view (rewritten at most every second, so it may lag
         # behind the shards, e.g. when a run is killed before its first rewrite) shows only
         # finished samples, with their final values
-        with h5py.File(out) as h5, h5py.File(finished) as reference:
-            assert not h5.attrs["complete"]
-            done = h5["done"][()] if "done" in h5 else np.zeros(6, bool)
+        with ResultReader(out) as results, ResultReader(finished) as reference:
+            assert not results.attrs["complete"]
+            done = results.done if results.has("done") else np.zeros(6, bool)
             assert not (done & ~finished_rows).any()
             rows = np.flatnonzero(done)
             if len(rows):
-                np.testing.assert_array_equal(h5["cams/gradcam"][rows], reference["cams/gradcam"][rows])
+                np.testing.assert_array_equal(results.cams("gradcam", rows), reference.cams("gradcam", rows))
     assert subprocess.run(command, check=False).returncode == 0
-    with h5py.File(out) as h5, h5py.File(finished) as reference:
-        assert h5.attrs["complete"] and h5["done"][()].all()
-        np.testing.assert_array_equal(h5["outputs/linear"][()], reference["outputs/linear"][()])
+    with ResultReader(out) as results, ResultReader(finished) as reference:
+        assert results.attrs["complete"] and results.done.all()
+        np.testing.assert_array_equal(results.outputs("linear"), reference.outputs("linear"))
         for name in ("gradcam", "eigencam", "ablationcam"):
-            np.testing.assert_array_equal(h5[f"cams/{name}"][()], reference[f"cams/{name}"][()])
+            np.testing.assert_array_equal(results.cams(name), reference.cams(name))
     again = subprocess.run(command[:-1], capture_output=True, text=True, check=False)
     assert again.returncode == 0 and "already complete" in again.stdout
 
@@ -179,15 +182,16 @@ def test_other_parameters_refused_unless_overwrite(workspace, finished, tmp_path
             "--methods", "gradcam", "--limit", "2", "-q"]
     refused = cli(*args, ok=False)
     assert refused.exit_code != 0 and "--overwrite" in refused.output
-    with h5py.File(out) as h5:  # untouched
-        assert set(h5["cams"]) == set(METHODS.split(","))
+    with ResultReader(out) as results:  # untouched
+        assert set(results.methods) == set(METHODS.split(","))
     cli(*args, "--overwrite", "--cam-dtype", "float16", "--compression", "lzf")
-    with h5py.File(out) as h5, h5py.File(finished) as reference:
-        assert set(h5["cams"]) == {"gradcam"} and len(h5["done"]) == 2
-        cams = h5["cams/gradcam"]
+    with ResultReader(out) as results, ResultReader(finished) as reference:
+        assert set(results.methods) == {"gradcam"} and len(results.done) == 2
+        cams = results.storage("cams/gradcam")
         assert cams.dtype == np.float16 and cams.compression == "lzf"
         # float16 keeps 11 significant bits: at most half a unit in the last place of values <= 1
-        assert np.abs(cams[()].astype(np.float32) - reference["cams/gradcam"][:2]).max() <= 2 ** -12
+        stored = results.cams("gradcam").astype(np.float32)
+        assert np.abs(stored - reference.cams("gradcam", slice(None, 2))).max() <= 2 ** -12
 
 
 def test_nan_pixels_flagged_and_run_goes_on(workspace, tmp_path):
@@ -203,13 +207,14 @@ def test_nan_pixels_flagged_and_run_goes_on(workspace, tmp_path):
     out = tmp_path / "nan.h5"
     result = cli("run", workspace / "lite0", "--data", data, "--out", out, "--methods", "gradcam")
     assert "2 with NaN/Inf pixels" in result.output
-    with h5py.File(out) as h5:
-        np.testing.assert_array_equal(h5["invalid"][()], [False, True, True])
-        assert h5["done"][()].all()
-        assert np.isnan(h5["outputs/linear"][1]).all() and np.isfinite(h5["outputs/linear"][0]).all()
-        assert h5["targets"][1] == -1
+    with ResultReader(out) as results:
+        np.testing.assert_array_equal(results.invalid, [False, True, True])
+        assert results.done.all()
+        assert np.isnan(results.outputs("linear", 1)).all()
+        assert np.isfinite(results.outputs("linear", 0)).all()
+        assert results.targets(1) == -1
         expected = explainer(x[:1], methods=["gradcam"]).cams["gradcam"][0]
-        assert np.abs(h5["cams/gradcam"][0] - expected).max() <= CAM_TOLERANCE
+        assert np.abs(results.cams("gradcam", 0) - expected).max() <= CAM_TOLERANCE
 
 
 @pytest.mark.parametrize("images, message", [
@@ -281,8 +286,8 @@ def test_disk_full_keeps_finished_samples(workspace, finished, tmp_path, monkeyp
     assert _shards(out) == 2
     monkeypatch.setattr(store, "_replace", real)
     cli(*args)
-    with h5py.File(out) as h5, h5py.File(finished) as reference:
-        np.testing.assert_array_equal(h5["cams/gradcam"][()], reference["cams/gradcam"][()])
+    with ResultReader(out) as results, ResultReader(finished) as reference:
+        np.testing.assert_array_equal(results.cams("gradcam"), reference.cams("gradcam"))
 
 
 def test_metrics_match_the_library_on_the_same_session(workspace, tmp_path):
@@ -300,12 +305,12 @@ def test_metrics_match_the_library_on_the_same_session(workspace, tmp_path):
         x = np.stack([preprocess(i, prep["size"], prep["mean"], prep["std"]) for i in h5["images"][:2]])
     api = explainer(x, methods=["gradcam", "eigencam"])
     targets = [ClassifierOutputSoftmaxTarget(int(c)) for c in api.outputs.argmax(axis=1)]
-    with h5py.File(out) as h5:
-        assert set(h5["metrics"]) == {"road-morf", "drop-in-confidence", "road-combined:30,70"}
-        for metric in h5["metrics"]:
+    with ResultReader(out) as results:
+        assert set(results.metrics) == {"road-morf", "drop-in-confidence", "road-combined:30,70"}
+        for metric in results.metrics:
             for method in ("gradcam", "eigencam"):
                 expected = evaluate(metric, x, api.cams[method], targets, explainer.forward, seed=5)
-                stored = h5[f"metrics/{metric}/{method}"][()]
+                stored = results.metric(metric, method)
                 assert np.abs(stored - expected).max() <= 1e-5, (metric, method)
     shown = cli("show", out).output
     assert "road-combined:30,70" in shown and "drop-in-confidence" in shown

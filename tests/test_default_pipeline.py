@@ -6,9 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
+
+from camexport.store import ResultReader
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,22 +25,22 @@ def test_default_pipeline_explains_the_cat(tmp_path):
     methods = [m for line in (ROOT / "pipelines" / "efficientnet_lite0.sh").read_text().splitlines()
                if line.startswith("METHODS=") for m in line.split(":-")[1].rstrip("}").split(",")]
     assert len(methods) >= 14
-    with h5py.File(tmp_path / "results" / "default.h5") as h5:
-        assert h5.attrs["complete"] and h5["done"][()].all() and len(h5["done"]) == 3
-        names = [n.decode() for n in h5["names"][:]]
+    with ResultReader(tmp_path / "results" / "default.h5") as results:
+        assert results.attrs["complete"] and results.done.all() and len(results.done) == 3
+        names = results.names
         assert names == ["astronaut.png", "chelsea_281.png", "coffee_967.png"]
-        targets = h5["targets"][:]
+        targets = results.targets()
         assert 281 <= targets[1] <= 285  # a domestic cat class for Chelsea
         assert targets[2] == 967  # espresso
-        assert set(h5["cams"]) == set(methods)
+        assert set(results.methods) == set(methods)
         for method in methods:
-            cams = h5[f"cams/{method}"][:]
+            cams = results.cams(method)
             assert cams.shape == (3, 224, 224) and cams.dtype == np.float32, method
             assert cams.min() >= 0 and 0.99 <= cams.max() <= 1, method
-            road = h5[f"metrics/road-combined:20,40,60,80/{method}"][:]
+            road = results.metric("road-combined:20,40,60,80", method)
             assert road.shape == (3,) and np.isfinite(road).all(), method
         # the cat's CAM is on the cat: her face fills the photo's centre
-        gradcam = h5["cams/gradcam"][1]
+        gradcam = results.cams("gradcam", 1)
         assert gradcam[56:168, 56:168].mean() > 2 * gradcam[:, :28].mean()
     pictures = sorted((tmp_path / "results" / "default").glob("*.png"))
     assert len(pictures) == 3

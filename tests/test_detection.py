@@ -282,6 +282,7 @@ def test_run_stores_detections_and_explains_them(root):
 
     from camexport.cli import main
     from camexport.metrics import evaluate
+    from camexport.store import ResultReader
 
     _, explainer, x = prepared("retinanet", root)
     data = f"{root}/det.h5"
@@ -300,22 +301,23 @@ def test_run_stores_detections_and_explains_them(root):
         assert any(len(t.labels) for t in expected)
         cams = explainer(x, targets=expected, methods=["gradcam", "eigencam"]).cams
         drop = evaluate("drop-in-confidence", x, cams["gradcam"], expected, explainer.forward, seed=0)
-        with h5py.File(out, "r") as h5:
-            assert "outputs" not in h5
+        with ResultReader(out) as results:
+            assert not results.has("outputs")
             most = explainer.detection.detections_per_img
-            assert h5["detections/boxes"].shape == (2, most, 4)
+            assert results.storage("detections/boxes").shape == (2, most, 4)
             for b, f in enumerate(found):
-                count = h5["detections/count"][b]
+                count = results.read("detections/count", b)
                 assert count == len(f)
-                np.testing.assert_array_equal(h5["detections/boxes"][b, :count], f.boxes)
-                np.testing.assert_array_equal(h5["detections/scores"][b, :count], f.scores)
-                np.testing.assert_array_equal(h5["detections/labels"][b, :count], f.labels)
-                assert np.isnan(h5["detections/scores"][b, count:]).all()
-            assert (h5["targets"][()] == (-1 if category is None else category)).all()
+                stored = results.detections(b)
+                np.testing.assert_array_equal(stored.boxes, f.boxes)
+                np.testing.assert_array_equal(stored.scores, f.scores)
+                np.testing.assert_array_equal(stored.labels, f.labels)
+                assert np.isnan(results.read("detections/scores", b)[count:]).all()
+            assert (results.targets() == (-1 if category is None else category)).all()
             for name in ("gradcam", "eigencam"):
-                np.testing.assert_allclose(h5[f"cams/{name}"][()], cams[name], atol=1e-6)
+                np.testing.assert_allclose(results.cams(name), cams[name], atol=1e-6)
             # the metrics score the same target (IoU + score of the matched detections)
-            np.testing.assert_allclose(h5["metrics/drop-in-confidence/gradcam"][()], drop, rtol=1e-5)
+            np.testing.assert_allclose(results.metric("drop-in-confidence", "gradcam"), drop, rtol=1e-5)
     _renders_the_explained_boxes(out, root, expected[0], x.shape[-1])
 
 

@@ -121,6 +121,7 @@ def test_run_explains_a_dataset_against_a_concept_file(root):
 
     from camexport.cli import main
     from camexport.metrics import evaluate
+    from camexport.store import ResultReader
 
     _, explainer, _, x, concepts = prepared("resnet18-embedding", root)
     data, out, concept = f"{root}/embed.h5", f"{root}/embed-out.h5", f"{root}/concept.npy"
@@ -140,9 +141,9 @@ def test_run_explains_a_dataset_against_a_concept_file(root):
     assert ran.exit_code == 0, ran.output
     targets = [SimilarityToConceptTarget(concepts[0])] * 3
     expected = explainer(x, targets=targets, methods=["gradcam++"]).cams["gradcam++"]
-    with h5py.File(out, "r") as h5:
-        np.testing.assert_allclose(h5["cams/gradcam++"][()], expected, atol=1e-6)
-        assert (h5["targets"][()] == -1).all()
-        scores = h5["metrics/drop-in-confidence/gradcam++"][()]
+    with ResultReader(out) as results:
+        np.testing.assert_allclose(results.cams("gradcam++"), expected, atol=1e-6)
+        assert (results.targets() == -1).all()
+        scores = results.metric("drop-in-confidence", "gradcam++")
     np.testing.assert_allclose(
         scores, evaluate("drop-in-confidence", x, expected, targets, explainer.forward), atol=1e-5)

@@ -131,6 +131,7 @@ def test_run_explains_a_segmentation_dataset(root):
     from click.testing import CliRunner
 
     from camexport.cli import main
+    from camexport.store import ResultReader
 
     _, explainer, x, categories, _ = prepared("deeplabv3", root)
     data, out = f"{root}/seg.h5", f"{root}/seg-out.h5"
@@ -146,9 +147,9 @@ def test_run_explains_a_segmentation_dataset(root):
     predicted = explainer.forward(x).argmax(axis=1)
     expected = explainer(x, targets=[SemanticSegmentationTarget(category, np.float32(p == category))
                                      for p in predicted], methods=["gradcam", "layercam"])
-    with h5py.File(out, "r") as h5:
-        output = next(iter(h5["outputs"]))
-        assert h5[f"outputs/{output}"].shape == (2, 6, 64, 64)
-        assert (h5["targets"][()] == category).all()
+    with ResultReader(out) as results:
+        output = results.output_names[0]
+        assert results.outputs(output).shape == (2, 6, 64, 64)
+        assert (results.targets() == category).all()
         for name in ("gradcam", "layercam"):
-            np.testing.assert_allclose(h5[f"cams/{name}"][()], expected.cams[name], atol=1e-6)
+            np.testing.assert_allclose(results.cams(name), expected.cams[name], atol=1e-6)

@@ -88,6 +88,7 @@ def test_run_writes_volume_cams_to_hdf5(root):
     from click.testing import CliRunner
 
     from camexport.cli import main
+    from camexport.store import ResultReader
 
     _, explainer, _, x = prepared("r3d_18", root)
     data, out = f"{root}/clips.h5", f"{root}/clips-out.h5"
@@ -103,11 +104,11 @@ def test_run_writes_volume_cams_to_hdf5(root):
               "--batch-size", "3", "-q")
     assert ran.exit_code == 0, ran.output
     expected = explainer(np.concatenate([x, x[::-1]]), methods=["gradcam", "eigencam"])
-    with h5py.File(out, "r") as h5:
+    with ResultReader(out) as results:
         for name in ("gradcam", "eigencam"):
-            assert h5[f"cams/{name}"].shape == (4, *SIZE)
-            np.testing.assert_allclose(h5[f"cams/{name}"][()], expected.cams[name], atol=1e-6)
-        assert h5["done"][()].all()
+            assert results.storage(f"cams/{name}").shape == (4, *SIZE)
+            np.testing.assert_allclose(results.cams(name), expected.cams[name], atol=1e-6)
+        assert results.done.all()
     drawn = cli("render", out, "--out", f"{root}/render", "--index", "0,1")
     assert drawn.exit_code == 0, drawn.output
     assert sorted(p.name for p in Path(f"{root}/render").glob("*.png")) == ["000000.png", "000001.png"]
