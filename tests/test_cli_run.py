@@ -267,7 +267,7 @@ def test_disk_full_keeps_finished_samples(workspace, finished, tmp_path, monkeyp
     """ENOSPC on the third batch: a clear error, the first two batches kept, the rerun finishes."""
     from camexport import store
 
-    real = store._replace
+    real = store.replace_atomic
     calls = []
 
     def full(temporary, path):
@@ -277,14 +277,14 @@ def test_disk_full_keeps_finished_samples(workspace, finished, tmp_path, monkeyp
                 raise OSError(28, "No space left on device")
         real(temporary, path)
 
-    monkeypatch.setattr(store, "_replace", full)
+    monkeypatch.setattr(store, "replace_atomic", full)
     out = tmp_path / "full.h5"
     args = ["run", workspace / "lite0", "--data", workspace / "photos.h5", "--out", out,
             "--methods", "gradcam,eigencam", "--batch-size", "2", "-q"]
     result = cli(*args, ok=False)
     assert result.exit_code != 0 and "free space" in result.output
     assert _shards(out) == 2
-    monkeypatch.setattr(store, "_replace", real)
+    monkeypatch.setattr(store, "replace_atomic", real)
     cli(*args)
     with ResultReader(out) as results, ResultReader(finished) as reference:
         np.testing.assert_array_equal(results.cams("gradcam"), reference.cams("gradcam"))

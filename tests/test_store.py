@@ -81,7 +81,7 @@ def test_shard_write_is_atomic(tmp_path, monkeypatch):
     def full(temporary, path):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(store, "_replace", full)
+    monkeypatch.setattr(store, "replace_atomic", full)
     with pytest.raises(StoreError, match="free space"):
         writer.write(2, _arrays(2, 4))
     assert sorted(p.name for p in writer.parts.iterdir()) == ["run.json", "shard-000000000-000000002.h5"]
