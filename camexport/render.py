@@ -93,6 +93,34 @@ def read_class_names(path) -> list[str]:
         return [line.strip() for line in handle if line.strip()]
 
 
+def _metric_table(stored, i: int, methods: list[str], metrics: list[str]) -> str:
+    """An HTML table of sample i's metric scores per method ('' without metrics)."""
+    import html
+
+    if not metrics:
+        return ""
+    header = "<tr><th>method</th>" + "".join(f"<th>{html.escape(k)}</th>" for k in metrics) + "</tr>"
+    table = "".join("<tr><td>" + html.escape(m) + "</td>" +
+                    "".join(f"<td>{stored.metric(k, m, i):.4f}</td>" for k in metrics) + "</tr>"
+                    for m in methods)
+    return "<table>" + header + table + "</table>"
+
+
+def _caption(i: int, name: str, headline: str, detector: bool, target: int, label: int | None,
+             label_of) -> str:
+    """Sample i's caption: what the model said, what was explained, the dataset's label."""
+    import html
+
+    caption = (f"#{i} {html.escape(name)} — " + (
+        f"<b>{html.escape(headline)}</b> (boxes drawn)" + (
+            f", class {html.escape(label_of(target))}" if target >= 0 else "")
+        if detector else
+        f"predicted <b>{html.escape(headline)}</b>, explained for {html.escape(label_of(target))}"))
+    if label is not None:
+        caption += f", label {html.escape(label_of(label))}"
+    return caption
+
+
 def render_results(results, out_dir, indices=None, data=None, class_names=None,
                    image_weight: float = 0.5) -> list:
     """PNG grids (the image, then one overlay per method) and an index.html for a result file.
@@ -142,22 +170,11 @@ def render_results(results, out_dir, indices=None, data=None, class_names=None,
             name = f"{i:06d}.png"
             cv2.imwrite(str(out_dir / name), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
             written.append(out_dir / name)
-            table = "".join(
-                "<tr><td>" + html.escape(m) + "</td>" +
-                "".join(f"<td>{stored.metric(k, m, i):.4f}</td>" for k in metrics) + "</tr>"
-                for m in methods) if metrics else ""
-            header = "<tr><th>method</th>" + "".join(f"<th>{html.escape(k)}</th>" for k in metrics) + "</tr>"
             target = int(stored.targets(i))
-            caption = (f"#{i} {html.escape(names[i]) if names else ''} — " + (
-                f"<b>{html.escape(headline)}</b> (boxes drawn)" + (
-                    f", class {html.escape(label_of(target))}" if target >= 0 else "")
-                if detector else
-                f"predicted <b>{html.escape(headline)}</b>, explained for "
-                f"{html.escape(label_of(target))}"))
-            if labels is not None and labels[i] >= 0:
-                caption += f", label {html.escape(label_of(int(labels[i])))}"
+            label = int(labels[i]) if labels is not None and labels[i] >= 0 else None
+            caption = _caption(i, names[i] if names else "", headline, detector, target, label, label_of)
             rows.append(f"<section><p>{caption}</p><img src='{name}'>"
-                        f"{'<table>' + header + table + '</table>' if table else ''}</section>")
+                        f"{_metric_table(stored, i, methods, metrics)}</section>")
         source.close()
     page = ("<!doctype html><meta charset='utf-8'><title>camexport results</title>"
             "<style>body{font-family:sans-serif}img{max-width:100%}td,th{padding:0 8px}</style>"

@@ -1,0 +1,280 @@
+"""Reading and editing result files (the layout is drawn in :mod:`camexport.store`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import h5py
+import numpy as np
+
+from camexport.artifact import replace_atomic, temporary_path
+from camexport.store import StoreError, _chunks
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+
+# -- reading results -----------------------------------------------------------------------------
+def open_results(path: str | Path) -> h5py.File:
+    """A result file (finished, or the live view of a run going on) open read-only as h5py;
+    StoreError when it is missing, unreadable or no camexport result. Prefer :class:`ResultReader`."""
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"{path} does not exist; make it with `camexport run`")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as err:
+        raise StoreError(f"{path} is not a readable HDF5 file ({err})") from err
+    if "fingerprint" not in h5.attrs:
+        h5.close()
+        raise StoreError(f"{path} is not a camexport result file (no fingerprint attribute)")
+    return h5
+
+
+#: Root attributes of a result file stored as JSON text (:attr:`ResultReader.attrs` parses them).
+JSON_ATTRS = ("fingerprint", "manifest", "methods", "metrics", "layers", "recomputed")
+
+#: Rows of a per-sample dataset: an index, a slice or increasing indices.
+Rows = int | slice | np.ndarray | list
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How one dataset of a result file is stored."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: tuple[int, ...] | None
+    compression: str | None
+    virtual: bool
+
+
+def _decode_attr(key: str, value):
+    if isinstance(value, bytes):
+        value = value.decode()
+    if key in JSON_ATTRS and isinstance(value, str):
+        return json.loads(value)
+    return value.item() if isinstance(value, np.generic) else value
+
+
+class ResultReader:
+    """Reads a result file (the layout is in the module docstring): a finished one, or the live
+    view of a run going on, where rows not done yet hold fill values (check :attr:`done`).
+
+    ``with ResultReader(path) as results: results.cams("gradcam", rows)``. Every array read
+    takes ``rows`` (an index, a slice or increasing indices; all rows by default).
+    """
+
+    def __init__(self, path: str | Path, handle: h5py.File | None = None):
+        self.path = Path(path)
+        self._h5 = open_results(path) if handle is None else handle
+        self._attrs: dict | None = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._h5.close()
+
+    # what the file holds -----------------------------------------------------------------------
+    def has(self, path: str) -> bool:
+        """Whether the file holds this dataset or group, e.g. ``"gradients/layer4"``."""
+        return path in self._h5
+
+    def read(self, path: str, rows: Rows = slice(None)) -> np.ndarray:
+        """Rows of any per-sample dataset, e.g. ``read("detections/scores", 3)``."""
+        return self._h5[path][rows]
+
+    def storage(self, path: str) -> Storage:
+        """Shape, dtype, chunks, compression and whether a dataset is virtual (a live view)."""
+        dataset = self._h5[path]
+        return Storage(tuple(dataset.shape), dataset.dtype, dataset.chunks, dataset.compression,
+                       dataset.is_virtual)
+
+    @property
+    def attrs(self) -> dict:
+        """The root attributes, JSON ones (:data:`JSON_ATTRS`) parsed, numpy scalars as Python."""
+        if self._attrs is None:
+            self._attrs = {key: _decode_attr(key, value) for key, value in self._h5.attrs.items()}
+        return self._attrs
+
+    @property
+    def fingerprint(self) -> dict:
+        """What determines the results: graph sha256, data identity, count, parameters."""
+        return self.attrs["fingerprint"]
+
+    @property
+    def parameters(self) -> dict:
+        """The run's parameters (methods, targets, batch size, ... as RunConfig.parameters)."""
+        return self.fingerprint.get("parameters", {})
+
+    @property
+    def manifest(self) -> dict:
+        """The artifact's manifest the results were made with."""
+        return self.attrs["manifest"]
+
+    @property
+    def complete(self) -> bool:
+        """Every sample done and the file self-contained (not a live view)."""
+        return bool(self.attrs.get("complete", False))
+
+    @property
+    def done(self) -> np.ndarray:
+        """The completion mask (N,) bool; empty while a run has written no batch yet."""
+        return self._h5["done"][()] if "done" in self._h5 else np.zeros(0, bool)
+
+    @property
+    def count(self) -> int:
+        """Rows in the file: N (0 while a run has written no batch yet)."""
+        return len(self._h5["done"]) if "done" in self._h5 else 0
+
+    @property
+    def invalid(self) -> np.ndarray:
+        """Samples with NaN/Inf pixels (N,) bool, not explained; all False when not recorded."""
+        return self._h5["invalid"][()] if "invalid" in self._h5 else np.zeros(self.count, bool)
+
+    def _names(self, group: str) -> list[str]:
+        return list(self._h5[group]) if group in self._h5 else []
+
+    @property
+    def methods(self) -> list[str]:
+        """The methods with CAMs in /cams, sorted."""
+        return sorted(self._names("cams"))
+
+    @property
+    def metrics(self) -> dict[str, list[str]]:
+        """{metric: [methods it scored]} from /metrics."""
+        return {metric: self._names(f"metrics/{metric}") for metric in self._names("metrics")}
+
+    @property
+    def output_names(self) -> list[str]:
+        """The model outputs stored in /outputs (none for detectors)."""
+        return self._names("outputs")
+
+    @property
+    def detector(self) -> bool:
+        """Whether the results are a detector's (/detections instead of /outputs)."""
+        return "detections" in self._h5
+
+    # per-sample arrays -------------------------------------------------------------------------
+    def cams(self, method: str, rows: Rows = slice(None)) -> np.ndarray:
+        """/cams/<method> rows, as stored (float32 or float16)."""
+        return self._h5[f"cams/{method}"][rows]
+
+    def outputs(self, name: str | None = None, rows: Rows = slice(None)) -> np.ndarray:
+        """/outputs/<name> rows; ``name`` None: the first (usually only) output."""
+        if name is None:
+            if not self.output_names:
+                raise KeyError(f"{self.path} has no /outputs")
+            name = self.output_names[0]
+        return self._h5[f"outputs/{name}"][rows]
+
+    def targets(self, rows: Rows = slice(None)) -> np.ndarray:
+        """/targets rows: the class each sample was explained for (-1: none)."""
+        return self._h5["targets"][rows]
+
+    def metric(self, metric: str, method: str, rows: Rows = slice(None)) -> np.ndarray:
+        """/metrics/<metric>/<method> rows."""
+        return self._h5[f"metrics/{metric}/{method}"][rows]
+
+    def activations(self, layer: str, rows: Rows = slice(None)) -> np.ndarray:
+        """/activations/<layer> rows (graph layout)."""
+        return self._h5[f"activations/{layer}"][rows]
+
+    def gradients(self, layer: str, rows: Rows = slice(None)) -> np.ndarray:
+        """/gradients/<layer> rows (graph layout)."""
+        return self._h5[f"gradients/{layer}"][rows]
+
+    def detections(self, i: int):
+        """Image ``i``'s detections as a :class:`camexport.detection.Detections`, padding
+        dropped (anchors are not stored: zeros)."""
+        from camexport.detection import Detections
+
+        count = int(self._h5["detections/count"][i])
+        return Detections(*(self._h5[f"detections/{k}"][i][:count] for k in ("boxes", "scores", "labels")),
+                          anchors=np.zeros(count, np.int64))
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """/labels (copied from the input), or None."""
+        return self._h5["labels"][()] if "labels" in self._h5 else None
+
+    @property
+    def names(self) -> list[str] | None:
+        """/names (copied from the input) as str, or None."""
+        if "names" not in self._h5:
+            return None
+        return [n.decode() if isinstance(n, bytes) else str(n) for n in self._h5["names"][()]]
+
+
+def summary(path: str | Path) -> dict:
+    """Counts, methods, metric means per method, provenance: what ``camexport show`` prints."""
+    with ResultReader(path) as results:
+        done = results.done
+        invalid = results.invalid & done
+        ok = done & ~invalid
+        metrics = {}
+        for metric, methods in results.metrics.items():
+            metrics[metric] = {method: float(np.nanmean(results.metric(metric, method)[ok]))
+                               if ok.any() else float("nan")
+                               for method in methods}
+        attrs = results.attrs
+        return {
+            "path": str(path), "samples": len(done), "done": int(done.sum()),
+            "invalid": int(invalid.sum()), "complete": results.complete,
+            "methods": results.methods, "metrics": metrics,
+            "outputs": sorted(results.output_names),
+            "provider": attrs.get("provider", ""), "camexport_version": attrs.get("camexport_version", ""),
+            "parameters": results.parameters,
+        }
+
+
+# -- editing results -----------------------------------------------------------------------------
+class ResultEditor:
+    """A result file open for editing (see :func:`edit_results`); ``reader`` reads it."""
+
+    def __init__(self, path: Path, handle: h5py.File):
+        self._h5 = handle
+        self.reader = ResultReader(path, handle)
+
+    def replace_cams(self, method: str, shape: tuple[int, ...], dtype=np.float32,
+                     compression: str = "gzip") -> h5py.Dataset:
+        """A new, zero-filled /cams/<method> of ``shape`` (N, *input size) in place of any old
+        one, chunked one sample per chunk; assign rows to it (``cams[rows] = maps``)."""
+        name = f"cams/{method}"
+        if name in self._h5:
+            del self._h5[name]
+        return self._h5.create_dataset(name, shape, dtype, chunks=_chunks(shape), compression=compression)
+
+    def set_attr(self, key: str, value) -> None:
+        """Set a root attribute: str, bool and numbers as they are, anything else as JSON."""
+        self._h5.attrs[key] = value if isinstance(value, (str, bool, int, float)) else json.dumps(value)
+        self.reader._attrs = None
+
+
+@contextmanager
+def edit_results(path: str | Path) -> Iterator[ResultEditor]:
+    """Edit a result file safely: the edits go to a copy (``.NAME.partial``) that replaces the
+    file (fsync, rename) when the block ends; on any exception the copy goes and the file is
+    untouched."""
+    path = Path(path)
+    open_results(path).close()
+    temporary = temporary_path(path)
+    try:
+        shutil.copyfile(path, temporary)
+        with h5py.File(temporary, "r+") as h5:
+            yield ResultEditor(path, h5)
+        replace_atomic(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
