@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from camexport.artifact import read_artifact, read_plain
-from camexport.detection import DetectionError, Detections, postprocess
+from camexport.detection import Detections
 from camexport.errors import CamexportError
 from camexport.graph.cut import layer_tail, prune, split_by_targets, target_dependent
 from camexport.graph.outputs import TARGET_WEIGHTS, activation_name, gradient_name, graph_outputs
@@ -266,12 +266,8 @@ class Explainer:
     def detect(self, x: np.ndarray, outputs: np.ndarray | None = None) -> list[Detections]:
         """A detector artifact's detections per image (torchvision's post-processing of the
         graph's rows, :func:`camexport.detection.postprocess`); ``outputs``: rows already run."""
-        spec = self.task.detection
-        if spec is None:
-            raise DetectionError(f"{self.path} is not a detector artifact (built from a torchvision "
-                                 f"RetinaNet or FCOS)")
         outputs = self.forward(np.ascontiguousarray(x, np.float32)) if outputs is None else outputs
-        return [postprocess(rows, spec) for rows in outputs]
+        return self.task.detections(outputs, self.path)
 
     def inputs(self, x: np.ndarray, targets=None, needs=None, free: bool = False) -> CamInputs:
         """Run the graph once (twice for targets that need the outputs first) and gather what

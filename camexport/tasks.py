@@ -53,6 +53,13 @@ class Task:
         """The caller's targets, completed with what this kind knows (a detector's spec)."""
         return targets
 
+    def detections(self, outputs: np.ndarray, source) -> list:
+        """Per image, the detections in the model's ``outputs`` (detectors only)."""
+        from camexport.detection import DetectionError
+
+        raise DetectionError(f"{source} is not a detector artifact (built from a torchvision "
+                             f"RetinaNet or FCOS)")
+
     # -- camexport run ---------------------------------------------------------------------
     def check(self, job) -> None:
         """Refuse a run this kind cannot do, naming the fix."""
@@ -152,6 +159,12 @@ class DetectorTask(Task):
         from camexport.detection import bind
 
         return bind(targets, self.detection)
+
+    def detections(self, outputs, source):
+        """torchvision's post-processing of each image's rows (camexport.detection.postprocess)."""
+        from camexport.detection import postprocess
+
+        return [postprocess(rows, self.detection) for rows in outputs]
 
     def prepare(self, job, x, chosen, rows, n):
         """Each image's detections and, as pgc's tutorial, its target: the detections scoring

@@ -6,24 +6,44 @@ CPU at batch sizes 1 and 5:
 - activations equal torch eager's layer outputs (rtol 1e-4 of the layer's max |value|);
 - gradients equal torch.autograd gradients of the same score in float64 (model.double()):
   relative L2 <= 1e-5 and max |diff| <= 1e-4 max |g|.
+
+A float32 forward can put a ReLU input that lies within round-off of zero on the other side of
+the kink than float64 does (README, numerical notes), and then the two gradients are those of
+two different pieces of the function. Which inputs do that depends on the CPU's kernels (seeds
+that were clean on one machine flipped on another). So each case's input is the first draw of
+its seeded generator on which every ReLU input along the differentiated tail has the same sign
+in onnxruntime's float32 forward as in torch's float64 forward (each Relu node matched to its
+torch module by the exporter's name scopes): a stated property of the input, checked on the
+machine that runs the test, not a tolerance.
 """
 
 from __future__ import annotations
 
+import ast
+import copy
+
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import helper
 from zoo import ZOO, exported, module, one_model_at_a_time
 
 from camexport.build import make_augmented
 from camexport.eager import activations_and_gradients
 from camexport.graph import activation_name, gradient_name
+from camexport.graph.cut import computed_from
 from camexport.runtime import session
 
 OUTPUT_ATOL = 1e-5
 ACTIVATION_RTOL = 1e-4
 GRADIENT_REL_L2 = 1e-5
 GRADIENT_MAX_REL = 1e-4
+#: A ReLU input of no torch ReLU module (a functional relu) closer to 0 than this fraction of its
+#: node's max |value| could fall on either side of the kink in float32.
+KINK_MARGIN = 1e-6
+#: Draws of the case's generator tried for an input on which no tail ReLU flips.
+DRAWS = 40
 
 
 @one_model_at_a_time
@@ -37,6 +57,79 @@ def augmented_session(name: str, score: str):
     entry = next(m for m in ZOO if m.name == name)
     augmented, manifest = make_augmented(loaded, plain, [entry.usual, entry.mid], ["gradcam"], score)
     return session(augmented), manifest
+
+
+@one_model_at_a_time(maxsize=1)
+def kink_probe(name: str, score: str):
+    """(session, [(value, module path, call)]): the plain graph with, as outputs, the inputs of
+    every Relu computed from the layers' tensors (the differentiated tail); each with the torch
+    ReLU module it comes from (its name scope) and which call of that module it is, or None for
+    a functional relu."""
+    _, plain = exported(name)
+    _, manifest = augmented_session(name, score)
+    tail = computed_from(plain.graph.node, [layer["tensor"] for layer in manifest["layers"]])
+    modules = dict(module(name).named_modules())
+    calls: dict[str, int] = {}
+    found = []
+    for node in plain.graph.node:
+        if node.op_type != "Relu":
+            continue
+        scopes = next((ast.literal_eval(p.value) for p in node.metadata_props
+                       if p.key == "pkg.torch.onnx.name_scopes"), [])
+        path = scopes[-2] if len(scopes) >= 2 else None
+        owner = path if isinstance(modules.get(path), torch.nn.ReLU) else None
+        call = calls[owner] = calls.get(owner, -1) + 1
+        if node.input[0] in tail:
+            found.append((node.input[0], owner, call))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(plain)
+    del probe.graph.output[:]
+    probe.graph.output.extend(helper.make_tensor_value_info(value, onnx.TensorProto.FLOAT, None)
+                              for value in dict.fromkeys(v for v, _, _ in found))
+    return session(probe), found
+
+
+@one_model_at_a_time(maxsize=1)
+def float64_module(name: str):
+    return copy.deepcopy(module(name)).double()
+
+
+def _flips(name: str, score: str, x: np.ndarray) -> int:
+    """How many tail ReLU inputs onnxruntime's float32 forward puts on the other side of 0 than
+    torch's float64 forward (functional relus: how many lie within KINK_MARGIN of 0)."""
+    probe, found = kink_probe(name, score)
+    if not found:
+        return 0
+    names = list(dict.fromkeys(v for v, _, _ in found))
+    ours = dict(zip(names, probe.run(names, {probe.get_inputs()[0].name: x})))
+    model = float64_module(name)
+    seen: dict[str, list] = {}
+    hooks = [model.get_submodule(path).register_forward_pre_hook(
+        lambda _, args, path=path: seen.setdefault(path, []).append(args[0].detach().clone()))
+        for path in {owner for _, owner, _ in found if owner is not None}]
+    try:
+        with torch.no_grad():
+            model(torch.from_numpy(x).double())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    flips = 0
+    for value, owner, call in found:
+        v = ours[value]
+        if owner is None or len(seen.get(owner, [])) <= call:
+            flips += int((np.abs(v) <= KINK_MARGIN * np.abs(v).max()).sum())
+        else:
+            flips += int(((v > 0) != (seen[owner][call].numpy() > 0)).sum())
+    return flips
+
+
+def _input(name: str, score: str, batch: int, size: int, rng) -> np.ndarray:
+    """The first draw of ``rng`` on which no tail ReLU flips (module docstring)."""
+    for _ in range(DRAWS):
+        x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+        if _flips(name, score, x) == 0:
+            return x
+    raise AssertionError(f"{name}: every one of {DRAWS} inputs puts a ReLU input across its kink")
 
 
 def _weights(kind: str, batch: int, classes: int, rng) -> np.ndarray:
@@ -63,7 +156,7 @@ def test_augmented_graph_matches_torch(name, score, kind, batch):
     augmented, manifest = augmented_session(name, score)
     size = next(m.size for m in ZOO if m.name == name)
     rng = np.random.default_rng(batch * 7 + len(kind))
-    x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+    x = _input(name, score, batch, size, rng)
     input_name = augmented.get_inputs()[0].name
     out_name = manifest["score"]["output"]
     classes = augmented.get_outputs()[0].shape[1]
