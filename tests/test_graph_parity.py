@@ -32,6 +32,7 @@ from zoo import ZOO, exported, module, one_model_at_a_time
 from camexport.build import make_augmented
 from camexport.eager import activations_and_gradients
 from camexport.graph import activation_name, gradient_name
+from camexport.graph.builder import GraphFacts
 from camexport.graph.cut import computed_from
 from camexport.runtime import session
 
@@ -59,33 +60,54 @@ def augmented_session(name: str, score: str):
     return session(augmented), manifest
 
 
+def _kinks(node: onnx.NodeProto, facts: GraphFacts) -> list[float]:
+    """Where a piecewise-linear op's derivative jumps: ReLU at 0, Clip (ReLU6) at its bounds,
+    HardSwish at -3 and 3, HardSigmoid where alpha x + beta reaches 0 and 1."""
+    if node.op_type == "Relu":
+        return [0.0]
+    if node.op_type == "HardSwish":
+        return [-3.0, 3.0]
+    if node.op_type == "HardSigmoid":
+        alpha = next((a.f for a in node.attribute if a.name == "alpha"), 0.2)
+        beta = next((a.f for a in node.attribute if a.name == "beta"), 0.5)
+        return [-beta / alpha, (1 - beta) / alpha]
+    bounds = [facts.constant(n) for n in node.input[1:3] if n]
+    return [float(b) for b in bounds if b is not None]
+
+
+#: torch modules whose ONNX node is each piecewise-linear op
+KINK_MODULES = {"Relu": torch.nn.ReLU, "Clip": torch.nn.Hardtanh, "HardSwish": torch.nn.Hardswish,
+                "HardSigmoid": torch.nn.Hardsigmoid}
+
+
 @one_model_at_a_time(maxsize=1)
 def kink_probe(name: str, score: str):
-    """(session, [(value, module path, call)]): the plain graph with, as outputs, the inputs of
-    every Relu computed from the layers' tensors (the differentiated tail); each with the torch
-    ReLU module it comes from (its name scope) and which call of that module it is, or None for
-    a functional relu."""
+    """(session, [(value, module path, call, kinks)]): the plain graph with, as outputs, the
+    inputs of every piecewise-linear node (KINK_MODULES) computed from the layers' tensors (the
+    differentiated tail); each with the torch module it comes from (its name scope), which call of
+    that module it is (None: a functional op) and where its kinks lie."""
     _, plain = exported(name)
     _, manifest = augmented_session(name, score)
+    facts = GraphFacts(plain)
     tail = computed_from(plain.graph.node, [layer["tensor"] for layer in manifest["layers"]])
     modules = dict(module(name).named_modules())
     calls: dict[str, int] = {}
     found = []
     for node in plain.graph.node:
-        if node.op_type != "Relu":
+        if node.op_type not in KINK_MODULES:
             continue
         scopes = next((ast.literal_eval(p.value) for p in node.metadata_props
                        if p.key == "pkg.torch.onnx.name_scopes"), [])
         path = scopes[-2] if len(scopes) >= 2 else None
-        owner = path if isinstance(modules.get(path), torch.nn.ReLU) else None
+        owner = path if isinstance(modules.get(path), KINK_MODULES[node.op_type]) else None
         call = calls[owner] = calls.get(owner, -1) + 1
         if node.input[0] in tail:
-            found.append((node.input[0], owner, call))
+            found.append((node.input[0], owner, call, _kinks(node, facts)))
     probe = onnx.ModelProto()
     probe.CopyFrom(plain)
     del probe.graph.output[:]
     probe.graph.output.extend(helper.make_tensor_value_info(value, onnx.TensorProto.FLOAT, None)
-                              for value in dict.fromkeys(v for v, _, _ in found))
+                              for value in dict.fromkeys(v for v, *_ in found))
     return session(probe), found
 
 
@@ -95,18 +117,19 @@ def float64_module(name: str):
 
 
 def _flips(name: str, score: str, x: np.ndarray) -> int:
-    """How many tail ReLU inputs onnxruntime's float32 forward puts on the other side of 0 than
-    torch's float64 forward (functional relus: how many lie within KINK_MARGIN of 0)."""
+    """How many tail inputs of piecewise-linear nodes onnxruntime's float32 forward puts on the
+    other side of a kink than torch's float64 forward (functional ops: how many lie within
+    KINK_MARGIN of a kink)."""
     probe, found = kink_probe(name, score)
     if not found:
         return 0
-    names = list(dict.fromkeys(v for v, _, _ in found))
+    names = list(dict.fromkeys(v for v, *_ in found))
     ours = dict(zip(names, probe.run(names, {probe.get_inputs()[0].name: x})))
     model = float64_module(name)
     seen: dict[str, list] = {}
     hooks = [model.get_submodule(path).register_forward_pre_hook(
         lambda _, args, path=path: seen.setdefault(path, []).append(args[0].detach().clone()))
-        for path in {owner for _, owner, _ in found if owner is not None}]
+        for path in {owner for _, owner, *_ in found if owner is not None}]
     try:
         with torch.no_grad():
             model(torch.from_numpy(x).double())
@@ -114,12 +137,13 @@ def _flips(name: str, score: str, x: np.ndarray) -> int:
         for hook in hooks:
             hook.remove()
     flips = 0
-    for value, owner, call in found:
+    for value, owner, call, kinks in found:
         v = ours[value]
-        if owner is None or len(seen.get(owner, [])) <= call:
-            flips += int((np.abs(v) <= KINK_MARGIN * np.abs(v).max()).sum())
-        else:
-            flips += int(((v > 0) != (seen[owner][call].numpy() > 0)).sum())
+        for kink in kinks:
+            if owner is None or len(seen.get(owner, [])) <= call:
+                flips += int((np.abs(v - kink) <= KINK_MARGIN * np.abs(v).max()).sum())
+            else:
+                flips += int(((v > kink) != (seen[owner][call].numpy() > kink)).sum())
     return flips
 
 
