@@ -1,0 +1,1 @@
+"""pytorch_grad_cam.feature_factorization counterparts."""

@@ -1,0 +1,1 @@
+"""pytorch_grad_cam.utils counterparts."""
