@@ -53,7 +53,7 @@ class BuildResult:
 
 
 def build(
-    model: str,
+    model: str | Loaded,
     layers: list[str],
     methods: str | list[str] = "gradcam",
     arch: str | None = None,
@@ -69,7 +69,9 @@ def build(
     eigen_squarings: int = EIGEN_SQUARINGS,
     maxpool_indices: bool = True,
 ) -> BuildResult:
-    """Build the CAM-augmented graph of ``model`` for ``layers`` and write the artifact.
+    """Build the CAM-augmented graph of ``model`` (a model file or name, or an already
+    :class:`Loaded` model, e.g. :func:`camexport.load.from_module`) for ``layers`` and write
+    the artifact.
 
     ``fuse`` appends those methods' heads to the graph (:mod:`camexport.graph.fuse`), as uint8
     with ``fuse_uint8``; ``precision="fp16"`` writes a float16 graph with float32 inputs,
@@ -88,7 +90,7 @@ def build(
         raise BuildError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
     clock = _Clock(progress)
     with clock.step("load", "loading model"):
-        loaded = load(model, arch=arch, trust_pickle=trust_pickle)
+        loaded = model if isinstance(model, Loaded) else load(model, arch=arch, trust_pickle=trust_pickle)
         if input_size:
             loaded.preprocessing.size = tuple(input_size)
     with clock.step("export", "exporting to ONNX"):

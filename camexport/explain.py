@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -335,12 +335,17 @@ class Explainer:
         return inputs if chosen is targets else (rerun or inputs.rerun)(inputs.x, chosen)
 
     def __call__(self, x: np.ndarray, targets=None, methods: str | Sequence = ("gradcam",),
-                 eigen_smooth: bool = False, aug_smooth: bool = False) -> Explanation:
+                 eigen_smooth: bool = False, aug_smooth: bool = False,
+                 prepare: Callable[[CamInputs], CamInputs] | None = None) -> Explanation:
+        """CAMs of ``methods`` for the batch ``x``; ``prepare`` (optional) changes the CamInputs
+        of each pass before the methods read them (camexport.compat applies a user's
+        ``reshape_transform`` there)."""
         implementations = method_objects(methods)
+        gather = self.inputs if prepare is None else (lambda *args: prepare(self.inputs(*args)))
         needs = needs_of(implementations)
         free = not any(impl.uses_targets for impl in implementations.values())
         if not aug_smooth:
-            inputs = self.inputs(x, targets, needs, free)
+            inputs = gather(x, targets, needs, free)
             cams = {name: impl(self._retargeted(impl, inputs, targets), eigen_smooth)
                     for name, impl in implementations.items()}
             return Explanation(cams, inputs.outputs, inputs.targets, inputs)
@@ -350,7 +355,7 @@ class Explainer:
             varied = np.asarray(x, np.float32)
             varied = varied[..., ::-1] if flip else varied
             varied = varied * np.float32(factor) if factor != 1.0 else varied
-            inputs = self.inputs(np.ascontiguousarray(varied), targets, needs, free)
+            inputs = gather(np.ascontiguousarray(varied), targets, needs, free)
             if not flip and factor == 1.0:
                 unvaried = inputs
             for name, impl in implementations.items():

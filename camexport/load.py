@@ -159,12 +159,17 @@ def _torch_file(path: Path, arch: str | None, trust_pickle: bool) -> Loaded:
 
 def from_module(module, name: str, preprocessing: Preprocessing | None = None) -> Loaded:
     """Wrap an in-memory ``nn.Module`` (Python API and tests); its digest covers the weights."""
+    return Loaded("<module>", module_digest(module), "module", name, module=module.eval(),
+                  preprocessing=preprocessing or Preprocessing())
+
+
+def module_digest(module) -> str:
+    """sha256 over an ``nn.Module``'s state_dict: names and tensor bytes, in order."""
     digest = hashlib.sha256()
     for key, tensor in module.state_dict().items():
         digest.update(key.encode())
-        digest.update(tensor.detach().cpu().numpy().tobytes())
-    return Loaded("<module>", digest.hexdigest(), "module", name, module=module.eval(),
-                  preprocessing=preprocessing or Preprocessing())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def build_architecture(arch: str):
