@@ -35,7 +35,7 @@ def to_onnx(loaded: Loaded, example_batch: int = 2) -> onnx.ModelProto:
         return _dynamo(loaded.program, (), None)
     module = loaded.module
     # (H, W) for images, (D, H, W) for volumes and clips (a 5-D input)
-    example = torch.randn(example_batch, 3, *loaded.preprocessing.size)
+    example = torch.randn(example_batch, loaded.preprocessing.channels, *loaded.preprocessing.size)
     if isinstance(module, torch.jit.ScriptModule):
         return _legacy(module, example)
     batch = torch.export.Dim("batch", min=1, max=4096)

@@ -35,10 +35,15 @@ class Preprocessing:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     channel_order: str = "RGB"
+    #: input channels of the exported example (1 for grey or single-channel volumes)
+    channels: int = 3
 
     def as_dict(self) -> dict:
-        return {"size": list(self.size), "mean": list(self.mean), "std": list(self.std),
-                "channel_order": self.channel_order, "layout": "NCHW", "scale": "1/255"}
+        recorded = {"size": list(self.size), "mean": list(self.mean), "std": list(self.std),
+                    "channel_order": self.channel_order, "layout": "NCHW", "scale": "1/255"}
+        if self.channels != 3:
+            recorded["channels"] = self.channels
+        return recorded
 
 
 @dataclass

@@ -159,7 +159,8 @@ class Engine:
         if any(p.device.type != "cpu" for p in model.parameters()):
             model = copy.deepcopy(model).cpu()
         methods = ["gradcam", *dict.fromkeys(_PART_METHODS[p] for p in parts)]
-        loaded = from_module(model, type(model).__name__, Preprocessing(size=tuple(sample_shape[1:])))
+        loaded = from_module(model, type(model).__name__, Preprocessing(size=tuple(sample_shape[1:]),
+                                                                         channels=int(sample_shape[0])))
         log.info("camexport.compat: exporting %s for layers %s (cached in %s)",
                  type(model).__name__, ", ".join(self.layers), directory)
         try:

@@ -24,9 +24,9 @@ class Method:
         """Options override the method's class-level settings, e.g.
         ``AblationCAM(ratio_channels_to_ablate=0.5)``; an unknown option is an error."""
         for key, value in options.items():
-            if key.startswith("_") or not hasattr(type(self), key) or callable(getattr(type(self), key)):
+            if key.startswith("_") or not _setting(getattr(type(self), key, _setting)):
                 settable = sorted(k for k, v in vars(type(self)).items()
-                                  if not k.startswith("_") and not callable(v) and k != "name")
+                                  if not k.startswith("_") and _setting(v) and k != "name")
                 raise TypeError(f"{type(self).__name__} has no option {key!r}; options: {settable}")
             setattr(self, key, value)
 
@@ -49,6 +49,12 @@ class Method:
         if grads is None:
             raise MethodInputError("this method needs gradients; the artifact has none for this layer")
         return grads
+
+
+def _setting(value) -> bool:
+    """Whether a class attribute is a setting (a value, or a class such as a composite method's
+    ``base``), not a method."""
+    return isinstance(value, type) or not callable(value)
 
 
 class WeightMethod(Method):
