@@ -21,6 +21,7 @@ build, the Explainer and ``camexport recompute`` loop over the same records.
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -228,6 +229,8 @@ def _bias_layers(model: onnx.ModelProto, facts: GraphFacts, builder: Builder) ->
     folded Conv's bias is exactly pgc's BatchNorm2d effective bias beta - mu gamma / sqrt(var + eps))."""
     found = []
     for node in model.graph.node:
+        if not _pgc_bias_module(node):
+            continue
         if node.op_type == "Conv" and len(node.input) > 2 and node.input[2]:
             if facts.constant(node.input[2]) is None:
                 continue
@@ -240,6 +243,26 @@ def _bias_layers(model: onnx.ModelProto, facts: GraphFacts, builder: Builder) ->
             effective = beta - mean * scale / np.sqrt(var + np.float32(eps))
             found.append((node.output[0], builder.array(effective.astype(beta.dtype)), len(beta)))
     return found
+
+
+#: the module classes whose biases pgc's FullGrad reads: exactly these types (``type(layer) in``),
+#: so subclasses such as timm's BatchNormAct2d and Conv2dSame are not bias layers there
+PGC_BIAS_MODULES = ("torch.nn.modules.conv.Conv2d", "torch.nn.modules.batchnorm.BatchNorm2d")
+
+
+def _pgc_bias_module(node: onnx.NodeProto) -> bool:
+    """Whether a node comes from a module pgc's FullGrad counts as a bias layer, by the torch
+    exporter's ``pkg.torch.onnx.class_hierarchy`` (the innermost module class before the aten
+    op); True for graphs without that record (other exporters)."""
+    record = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.class_hierarchy"), None)
+    if record is None:
+        return True
+    try:
+        classes = ast.literal_eval(record)
+    except (ValueError, SyntaxError):
+        return True
+    modules = [c for c in classes if not c.startswith("aten.") and "." in c]
+    return not modules or modules[-1] in PGC_BIAS_MODULES
 
 
 def dim_of(info: onnx.ValueInfoProto, axis: int):
