@@ -27,7 +27,7 @@ from camexport.graph.builder import GraphFacts
 from camexport.graph.fuse import EIGEN_SQUARINGS
 from camexport.graph.fuse import fuse as fuse_heads
 from camexport.graph.locate import AUTO_LAYER, resolve
-from camexport.graph.outputs import graph_outputs
+from camexport.graph.outputs import BIAS_GRADIENTS, FULLGRAD_BIASES, graph_outputs
 from camexport.graph.rules import MAXPOOL_WITHOUT_INDICES
 from camexport.layout import infer_layout
 from camexport.load import Loaded, load
@@ -68,6 +68,7 @@ def build(
     precision: str = "fp32",
     eigen_squarings: int = EIGEN_SQUARINGS,
     maxpool_indices: bool = True,
+    fullgrad_biases: str = "pgc",
 ) -> BuildResult:
     """Build the CAM-augmented graph of ``model`` (a model file or name, or an already
     :class:`Loaded` model, e.g. :func:`camexport.load.from_module`) for ``layers`` and write
@@ -86,6 +87,9 @@ def build(
     if any(m not in FUSABLE for m in fused_methods):
         raise BuildError(f"cannot fuse {[m for m in fused_methods if m not in FUSABLE]}; "
                          f"fusable methods: {', '.join(FUSABLE)}")
+    if fullgrad_biases not in FULLGRAD_BIASES:
+        raise BuildError(f"unknown FullGrad bias rule {fullgrad_biases!r}; choose one of "
+                         f"{', '.join(FULLGRAD_BIASES)}")
     if precision not in PRECISIONS:
         raise BuildError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
     clock = _Clock(progress)
@@ -97,7 +101,7 @@ def build(
         plain, detector = export_plain(loaded)
     with clock.step("augment", "locating layers and differentiating the tail"):
         augmented, manifest = make_augmented(loaded, plain, layers, method_names, score, output,
-                                             maxpool_indices, detector)
+                                             maxpool_indices, detector, fullgrad_biases)
     fuse_options = {"uint8": fuse_uint8, "squarings": eigen_squarings,
                     "image_layout": manifest["preprocessing"]["layout"]}
     augmented = _finish(augmented, manifest, precision, fused_methods, fuse_options, clock)
@@ -164,12 +168,14 @@ def make_augmented(
     output: str | None = None,
     maxpool_indices: bool = True,
     detector: detection.DetectorSpec | None = None,
+    fullgrad_biases: str = "pgc",
 ) -> tuple[onnx.ModelProto, dict]:
     """The augmented graph of an exported model, with its manifest inside, and the manifest.
     ``maxpool_indices`` False: MaxPool gradients by comparison with the pooled maximum instead
     of MaxPool's Indices output, which TensorRT lacks (rules.MAXPOOL_WITHOUT_INDICES).
     ``detector``: the spec of a detector graph (:mod:`camexport.detection`), recorded in the
-    manifest; its layer ``backbone`` is the stacked FPN levels."""
+    manifest; its layer ``backbone`` is the stacked FPN levels. ``fullgrad_biases``: FullGrad's
+    bias layers (graph.outputs.FULLGRAD_BIASES), recorded in the manifest when FullGrad is built."""
     facts = GraphFacts(plain)
     scored = output or plain.graph.output[0].name
     if len(facts.shape_or_none(scored) or ()) == 1:
@@ -185,7 +191,8 @@ def make_augmented(
     if len(tensors) != len(layers):
         raise BuildError(f"--layer values {layers} name the same layer more than once")
     needs = set().union(*(METHODS[m].graph_needs for m in methods)) if methods else set()
-    augmented = augment(plain, tensors, score=score, output=output, extras=graph_outputs(needs),
+    extras = graph_outputs(needs, fullgrad_biases)
+    augmented = augment(plain, tensors, score=score, output=output, extras=extras,
                         overrides=None if maxpool_indices else MAXPOOL_WITHOUT_INDICES,
                         forward_only=tuple(aliases))
     manifest = {
@@ -203,6 +210,8 @@ def make_augmented(
         "maxpool_gradient": "indices" if maxpool_indices else "comparison",
         "plain_sha256": hashlib.sha256(plain.SerializeToString()).hexdigest(),
     }
+    if BIAS_GRADIENTS.key in needs:
+        manifest["fullgrad_biases"] = fullgrad_biases
     if detector:
         manifest["detection"] = detector.as_dict()
     set_manifest(augmented, manifest)

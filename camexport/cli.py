@@ -133,6 +133,11 @@ def main(verbose: bool) -> None:
 @click.option("--no-maxpool-indices", is_flag=True,
               help="MaxPool gradients by comparison with the maximum instead of MaxPool's Indices "
                    "output (TensorRT has none); ties go to the first maximum, as torch.")
+@click.option("--fullgrad-biases", type=_LibraryChoice("camexport.graph.outputs", "FULLGRAD_BIASES"),
+              default="pgc", show_default=True,
+              help="FullGrad's bias layers: pgc = modules of exactly Conv2d/BatchNorm2d type, as "
+                   "pytorch-grad-cam (timm's BatchNormAct2d is not one); all = every bias, taken "
+                   "before the activation.")
 @click.option("--fuse", "fuse_methods", metavar="METHODS", cls=_FuseOption,
               help="Comma-separated methods whose heatmaps become graph outputs cam/<method>/<layer> "
                    "({fusable}).")
@@ -142,7 +147,7 @@ def main(verbose: bool) -> None:
               help="fp16: float16 graph with float32 inputs, outputs and fused heads; prints its drift.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 def build(model, layers, methods, arch, score, output_name, out_dir, input_size, depth, trust_pickle,
-          no_maxpool_indices, fuse_methods, fuse_uint8, precision, quiet):
+          no_maxpool_indices, fullgrad_biases, fuse_methods, fuse_uint8, precision, quiet):
     """Build the CAM-augmented ONNX graph of MODEL (a .pt/.pt2/.onnx file, or efficientnet-lite0)."""
     from camexport.build import build as build_artifact
     from camexport.graph.locate import AUTO_LAYER
@@ -155,7 +160,7 @@ def build(model, layers, methods, arch, score, output_name, out_dir, input_size,
                             out_dir=out_dir, trust_pickle=trust_pickle, output=output_name,
                             input_size=size, progress=report, fuse=fuse_methods,
                             fuse_uint8=fuse_uint8, precision=precision,
-                            maxpool_indices=not no_maxpool_indices)
+                            maxpool_indices=not no_maxpool_indices, fullgrad_biases=fullgrad_biases)
     total = sum(result.timings.values())
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     for layer in result.manifest["layers"]:

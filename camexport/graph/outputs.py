@@ -57,6 +57,12 @@ def tangent_name(layer: str) -> str:
     return f"tangent/{layer}"
 
 
+#: FullGrad's bias layers: "pgc" = the nodes of modules of exactly pgc's bias types (below), as
+#: pgc 1.5.7 picks them; "all" = every Conv with a bias and every BatchNormalization, at its
+#: pre-activation output (so timm's BatchNormAct2d counts too: FullGrad's paper, every bias)
+FULLGRAD_BIASES = ("pgc", "all")
+
+
 def fullgrad_names(k: int) -> tuple[str, str]:
     """(bias, gradient) output names of the k-th bias layer (FullGrad)."""
     return f"{FULLGRAD_PREFIX}bias/{k}", f"{FULLGRAD_PREFIX}gradient/{k}"
@@ -139,12 +145,18 @@ class _InputGradient(GraphOutput):
 
 class _BiasGradients(GraphOutput):
     """For every Conv with a bias and every BatchNormalization (FullGrad's bias layers), its
-    effective bias ``fullgrad/bias/<k>`` and the gradient at its output ``fullgrad/gradient/<k>``."""
+    effective bias ``fullgrad/bias/<k>`` and the gradient at its output ``fullgrad/gradient/<k>``.
+    ``rule`` picks the layers (:data:`FULLGRAD_BIASES`)."""
 
     key, field = "bias_gradients", "bias_layers"
 
+    def __init__(self, rule: str = "pgc"):
+        if rule not in FULLGRAD_BIASES:
+            raise ValueError(f"unknown FullGrad bias rule {rule!r}; choose one of {FULLGRAD_BIASES}")
+        self.rule = rule
+
     def wrt(self, ctx):
-        ctx.scratch[self.key] = _bias_layers(ctx.model, ctx.facts, ctx.builder)
+        ctx.scratch[self.key] = _bias_layers(ctx.model, ctx.facts, ctx.builder, every=self.rule == "all")
         return [tensor for tensor, _, _ in ctx.scratch[self.key]]
 
     def emit(self, ctx, grads):
@@ -217,19 +229,23 @@ TANGENTS = _Tangents()
 GRAPH_OUTPUTS: tuple[GraphOutput, ...] = (INPUT_GRADIENTS, BIAS_GRADIENTS, GUIDED, TANGENTS)
 
 
-def graph_outputs(keys) -> tuple[GraphOutput, ...]:
-    """The records named by ``keys`` (manifest words), in emission order."""
+def graph_outputs(keys, fullgrad_biases: str = "pgc") -> tuple[GraphOutput, ...]:
+    """The records named by ``keys`` (manifest words), in emission order; FullGrad's bias
+    layers chosen by ``fullgrad_biases`` (:data:`FULLGRAD_BIASES`)."""
     keys = set(keys)
-    return tuple(record for record in GRAPH_OUTPUTS if record.key in keys)
+    chosen = {BIAS_GRADIENTS.key: _BiasGradients(fullgrad_biases)}
+    return tuple(chosen.get(record.key, record) for record in GRAPH_OUTPUTS if record.key in keys)
 
 
-def _bias_layers(model: onnx.ModelProto, facts: GraphFacts, builder: Builder) -> list[tuple]:
+def _bias_layers(model: onnx.ModelProto, facts: GraphFacts, builder: Builder,
+                 every: bool = False) -> list[tuple]:
     """(output tensor, effective bias, channels) of every Conv with a bias and every BatchNormalization,
     in graph order: FullGrad's bias layers once batch-norm is folded into convolutions (a
-    folded Conv's bias is exactly pgc's BatchNorm2d effective bias beta - mu gamma / sqrt(var + eps))."""
+    folded Conv's bias is exactly pgc's BatchNorm2d effective bias beta - mu gamma / sqrt(var + eps)).
+    Those of pgc's bias module types only, unless ``every``."""
     found = []
     for node in model.graph.node:
-        if not _pgc_bias_module(node):
+        if not (every or _pgc_bias_module(node)):
             continue
         if node.op_type == "Conv" and len(node.input) > 2 and node.input[2]:
             if facts.constant(node.input[2]) is None:
