@@ -13,20 +13,28 @@ class RenderError(CamexportError, ValueError):
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, image_weight: float = 0.5,
-            colormap: int = cv2.COLORMAP_JET) -> np.ndarray:
-    """RGB float image in [0, 1] (H, W, 3) and a map in [0, 1] (H, W) -> RGB uint8 blend.
+            colormap: int = cv2.COLORMAP_JET, use_rgb: bool = True) -> np.ndarray:
+    """Float image in [0, 1] (H, W, 3) and a map in [0, 1] (H, W) -> uint8 blend (reference §6).
 
-    heat = OpenCV colormap of uint8(255 cam) as RGB / 255; v = (1 - w) heat + w image;
-    v / max(v); uint8(255 v) by truncation.
+    heat = OpenCV colormap of uint8(255 cam) (truncation), as RGB (``use_rgb``, the default
+    here) or OpenCV's BGR (pgc's ``show_cam_on_image`` default), / 255;
+    v = (1 - w) heat + w image; v = v / max(v), then uint8(255 v) by truncation, in pgc's order
+    (255 v / max(v) rounds to another integer in about one pixel in 200 000). The image must be in
+    the heatmap's channel order.
     """
+    image = np.asarray(image)
     if image.max() > 1:
-        raise RenderError("the image must be float in [0, 1]")
+        raise RenderError(f"the image must be float in [0, 1], its maximum is {image.max()}: "
+                          f"divide a uint8 image by 255 (np.float32(img) / 255)")
     if not 0 <= image_weight <= 1:
-        raise RenderError(f"--image-weight must be in [0, 1], got {image_weight}")
+        raise RenderError(f"the image weight (--image-weight, image_weight=) must be in [0, 1], "
+                          f"got {image_weight}: it is the image's share of the blend, 0.5 by default")
     heat = cv2.applyColorMap(np.uint8(255 * cam), colormap)
-    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB).astype(np.float32) / 255
+    if use_rgb:
+        heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
+    heat = np.float32(heat) / 255
     blend = (1 - image_weight) * heat + image_weight * image
-    return np.uint8(255 * blend / blend.max())
+    return np.uint8(255 * (blend / np.max(blend)))
 
 
 def grid(tiles: list[np.ndarray], labels: list[str]) -> np.ndarray:

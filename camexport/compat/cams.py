@@ -142,6 +142,7 @@ class AblationCAM(BaseCAM):
     def __init__(self, model, target_layers, reshape_transform=None, ablation_layer=AblationLayer(),  # noqa: B008 (pgc's default)
                  batch_size=32, ratio_channels_to_ablate=1.0):
         super().__init__(model, target_layers, reshape_transform, uses_gradients=False)
+        check_ablation_layer(ablation_layer)
         self.ablation_layer = ablation_layer
         self.batch_size = batch_size
         self.ratio_channels_to_ablate = ratio_channels_to_ablate
@@ -149,6 +150,38 @@ class AblationCAM(BaseCAM):
     def _method_options(self):
         return {"chunk": int(self.batch_size),
                 "ratio_channels_to_ablate": float(self.ratio_channels_to_ablate)}
+
+
+#: what an ablation layer does, in pgc's protocol; camexport does it in the graph instead
+_ABLATION_BEHAVIOUR = ("__call__", "forward", "set_next_batch", "activations_to_be_ablated",
+                       "objectiveness_mask_from_svd")
+
+
+def check_ablation_layer(layer) -> None:
+    """Refuse an ``ablation_layer`` whose numbers camexport would not compute: camexport
+    ablates inside the tail graph with pgc's AblationLayer rule (the layout, NCHW or tokens as
+    AblationLayerVit, read from the graph), so a subclass that changes how channels are
+    ablated, and Faster R-CNN's FPN ablation (two-stage detectors are not exported yet), would
+    be silently ignored."""
+    from camexport.compat import ablation_layer as kinds
+
+    klass = type(layer)
+    if klass.__module__.startswith("pytorch_grad_cam") and klass.__name__ in ("AblationLayer",
+                                                                             "AblationLayerVit"):
+        return
+    if klass.__name__ == "AblationLayerFasterRCNN" or isinstance(layer, kinds.AblationLayerFasterRCNN):
+        raise CompatError("AblationLayerFasterRCNN: two-stage detectors (Faster R-CNN) are not "
+                          "supported by camexport yet; use EigenCAM on the backbone, or pgc for this model")
+    if not isinstance(layer, kinds.AblationLayer):
+        raise CompatError(f"ablation_layer is a {klass.__name__}; give AblationLayer() (CNN layers) or "
+                          f"AblationLayerVit() (token layers) from camexport.compat.ablation_layer")
+    own = kinds.AblationLayerVit if isinstance(layer, kinds.AblationLayerVit) else kinds.AblationLayer
+    subclasses = klass.__mro__[:klass.__mro__.index(own)]
+    custom = sorted({name for base in subclasses for name in _ABLATION_BEHAVIOUR if name in vars(base)})
+    if custom:
+        raise CompatError(f"{klass.__name__} overrides {', '.join(custom)}: camexport ablates inside the "
+                          f"graph with AblationLayer's rule and would not run your code; use "
+                          f"AblationLayer()/AblationLayerVit(), or ScoreCAM for another perturbation")
 
 
 class FullGrad(BaseCAM):
