@@ -35,7 +35,9 @@ def to_onnx(loaded: Loaded, example_batch: int = 2) -> onnx.ModelProto:
         return _dynamo(loaded.program, (), None)
     module = loaded.module
     # (H, W) for images, (D, H, W) for volumes and clips (a 5-D input)
-    example = torch.randn(example_batch, loaded.preprocessing.channels, *loaded.preprocessing.size)
+    # from a generator of its own: an export leaves torch's global random state as it was
+    example = torch.randn(example_batch, loaded.preprocessing.channels, *loaded.preprocessing.size,
+                          generator=torch.Generator().manual_seed(0))
     if isinstance(module, torch.jit.ScriptModule):
         return _legacy(module, example)
     batch = torch.export.Dim("batch", min=1, max=4096)

@@ -33,6 +33,10 @@ for RISE's probability). ARCC is not here: it needs a CAM method inside the metr
 
 Parity (tests/test_metrics.py, random resnet18, 64×64, batch 3): every library metric within 3e-7
 of pytorch-grad-cam 1.5.7, imputed pixels within 2e-8 (noise 0).
+
+The driver under ``evaluate`` is open to callers that choose the perturbations, the noise source
+and vector targets themselves (``perturbation_run``): ``camexport.compat.metrics``, the library's
+classes with torch models and torch's global generator, is computed by it.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property, partial
 from itertools import islice
@@ -49,7 +53,16 @@ import cv2
 import numpy as np
 
 from camexport.errors import CamexportError
-from camexport.imputation import NOISE, draw_noise, fill, impute, noisy_linear_impute, removal_mask
+from camexport.imputation import (
+    NEIGHBOURS,
+    NOISE,
+    NormalSource,
+    draw_noise,
+    fill,
+    impute,
+    noisy_linear_impute,
+    removal_mask,
+)
 from camexport.targets import ClassifierOutputTarget
 
 #: ROADMostRelevantFirst / ROADLeastRelevantFirst defaults and the averagers' thresholds.
@@ -66,11 +79,11 @@ MAX_BATCH = 64
 
 #: what the metrics module offers (the imputer is re-exported from camexport.imputation)
 __all__ = ["METRICS", "Metric", "MetricError", "evaluate", "metric_names", "noisy_linear_impute",
-           "removal_mask"]
+           "perturbation_run", "removal_mask"]
 
 Plan = Callable[[], np.ndarray]
 """Computes one perturbed image (C, H, W); may run in a worker thread."""
-Perturbation = Callable[[int, np.random.Generator], Plan]
+Perturbation = Callable[[int, NormalSource], Plan]
 """(image index, generator) -> plan; called in order in the caller's thread, so random draws are
 made in a fixed order."""
 
@@ -85,15 +98,18 @@ class MetricError(CamexportError, ValueError):
 
 @dataclass
 class _Run:
-    """One evaluate call: the batch, the model, the generator and the worker pool."""
+    """One evaluate call: the batch, the model, the generator and the worker pool.
+    ``scalar_targets``: refuse targets that give more than one number per image (evaluate's
+    contract); pytorch-grad-cam's metrics also take vector targets (SoftmaxOutputTarget)."""
 
     x: np.ndarray
     cams: np.ndarray
     targets: list
     model: Callable[[np.ndarray], np.ndarray]
-    rng: np.random.Generator
+    rng: NormalSource
     noise: float
     pool: ThreadPoolExecutor | None
+    scalar_targets: bool = True
 
     def _outputs(self, images: np.ndarray) -> np.ndarray:
         outputs = np.asarray(self.model(images), np.float32)
@@ -103,24 +119,32 @@ class _Run:
         return outputs
 
     def _values(self, outputs: np.ndarray) -> np.ndarray:
-        """(P, B, ...) outputs -> (P, B) float32 target values."""
+        """(P, B, ...) outputs -> (P, B) float32 target values; (P, B, ...) for targets giving
+        one value of shape (...) per output, when the run allows them."""
         columns = []
         for b, target in enumerate(self.targets):
             values = np.asarray(target.values(outputs[:, b]), np.float32)
-            if values.shape != outputs.shape[:1]:
+            if values.shape[:1] != outputs.shape[:1] or (self.scalar_targets and values.ndim != 1):
                 raise MetricError(f"target {target!r} gives shape {values.shape[1:]} per output; "
                                   f"metrics need one number per image (a class target)")
+            if columns and values.shape != columns[0].shape:
+                raise MetricError(f"target {target!r} gives shape {values.shape[1:]} per output, "
+                                  f"target 0 {columns[0].shape[1:]}: every image's target must give "
+                                  f"values of one shape")
             columns.append(values)
         return np.stack(columns, axis=1)
 
-    def scores(self, perturbations: Sequence[Perturbation]) -> np.ndarray:
-        """Target values (P, B) on perturbation p of image b, in model calls of MAX_BATCH images."""
+    def scores(self, perturbations: Sequence[Perturbation], keep: list | None = None) -> np.ndarray:
+        """Target values (P, B) on perturbation p of image b, in model calls of MAX_BATCH images.
+        The perturbed images, (P·B, C, H, W) in chunks, are appended to ``keep`` if given."""
         batch = len(self.x)
         plans = (perturb(b, self.rng) for perturb in perturbations for b in range(batch))
         outputs = []
         for chunk in _chunks(plans, MAX_BATCH):
-            images = self.pool.map(_call, chunk) if self.pool else map(_call, chunk)
-            outputs.append(self._outputs(np.stack(list(images))))
+            images = np.stack(list(self.pool.map(_call, chunk) if self.pool else map(_call, chunk)))
+            if keep is not None:
+                keep.append(images)
+            outputs.append(self._outputs(images))
         outputs = np.concatenate(outputs)
         return self._values(outputs.reshape(len(perturbations), batch, *outputs.shape[1:]))
 
@@ -136,21 +160,25 @@ class _Run:
 
     # perturbations
 
-    def multiply(self, b: int, rng: np.random.Generator) -> Plan:
+    def multiply(self, b: int, rng: NormalSource) -> Plan:
         """x_b ⊙ cam_b, the CAM broadcast over channels (normalised space)."""
         return partial(np.multiply, self.x[b], self.cams[b])
 
-    def road(self, percentile: float | str, most_relevant_first: bool) -> Perturbation:
-        """RemoveMost/LeastRelevantFirst(percentile, NoisyLinearImputer(noise))."""
-        def plan(b: int, rng: np.random.Generator) -> Plan:
+    def road(self, percentile: float | str, most_relevant_first: bool, noise: float | None = None,
+             weights=NEIGHBOURS) -> Perturbation:
+        """RemoveMost/LeastRelevantFirst(percentile, NoisyLinearImputer(noise, weights)); the
+        run's noise by default."""
+        noise = self.noise if noise is None else noise
+
+        def plan(b: int, rng: NormalSource) -> Plan:
             removed = removal_mask(self.cams[b], percentile, most_relevant_first)
-            noise = draw_noise(rng, self.noise, self.x.shape[1], int(removed.sum()))
-            return partial(impute, self.x[b], removed, noise)
+            draws = draw_noise(rng, noise, self.x.shape[1], int(removed.sum()))
+            return partial(impute, self.x[b], removed, draws, weights)
         return plan
 
     def remove(self, percentile: float | str, most_relevant_first: bool) -> Perturbation:
         """The same pixels as ROAD, set to the image's per-channel mean instead of imputed."""
-        def plan(b: int, rng: np.random.Generator) -> Plan:
+        def plan(b: int, rng: NormalSource) -> Plan:
             removed = removal_mask(self.cams[b], percentile, most_relevant_first)
             image = self.x[b]
             return partial(fill, image, removed, image.mean(axis=(1, 2))[:, None])
@@ -164,7 +192,7 @@ class _Run:
     def reveal(self, step: int, steps: int, deletion: bool) -> Perturbation:
         """Deletion: x with its first n = round(step/steps·H·W) pixels in CAM order set to 0.
         Insertion: blur(x) with those pixels taken from x."""
-        def plan(b: int, rng: np.random.Generator) -> Plan:
+        def plan(b: int, rng: NormalSource) -> Plan:
             image = self.x[b]
             start, end = (image, np.zeros_like(image)) if deletion else (_blur(image), image)
             pixels = self.order[b, :round(step * self.order.shape[1] / steps)]
@@ -389,6 +417,21 @@ def evaluate(name: str, x: np.ndarray, cams: np.ndarray, targets: Sequence,
     (default: the CPU count, at most 8); the result does not depend on it.
     """
     metric, param = _parse(name)
+    with perturbation_run(x, cams, targets, model, np.random.default_rng(seed), noise=noise,
+                          workers=workers) as run:
+        return np.asarray(metric.compute(run, param), np.float32)
+
+
+@contextmanager
+def perturbation_run(x: np.ndarray, cams: np.ndarray, targets: Sequence,
+                     model: Callable[[np.ndarray], np.ndarray], rng: NormalSource, *,
+                     noise: float = NOISE, workers: int | None = None,
+                     scalar_targets: bool = True) -> Iterator[_Run]:
+    """The driver behind :func:`evaluate`, checked inputs and a worker pool, for callers that
+    choose the perturbations themselves (``camexport.compat.metrics``): ``run.scores`` /
+    ``run.change`` of ``run.multiply``, ``run.road(...)`` or any ``(b, rng) -> plan``.
+    ``rng`` draws the imputer noise (``standard_normal``); ``scalar_targets=False`` lets targets
+    give a vector per image (scores (P, B, K))."""
     x = np.asarray(x, np.float32)
     if x.ndim != 4:
         raise MetricError(f"x must be a preprocessed batch (B, C, H, W), got shape {x.shape}")
@@ -402,8 +445,7 @@ def evaluate(name: str, x: np.ndarray, cams: np.ndarray, targets: Sequence,
     targets = _as_targets(targets, batch)
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     with ThreadPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
-        run = _Run(x, cams, targets, model, np.random.default_rng(seed), noise, pool)
-        return np.asarray(metric.compute(run, param), np.float32)
+        yield _Run(x, cams, targets, model, rng, noise, pool, scalar_targets)
 
 
 def _as_targets(targets: Sequence, batch: int) -> list:

@@ -219,6 +219,15 @@ def test_deep_feature_factorization_matches_pgc(resnet):
     assert np.abs(ours[2] - theirs[2]).max() <= 1e-4
 
 
+def test_sobel_cam_equals_pgc():
+    from pytorch_grad_cam.sobel_cam import sobel_cam
+
+    from camexport.compat.sobel_cam import sobel_cam as ours
+
+    image = np.random.default_rng(3).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    assert np.array_equal(ours(image), sobel_cam(image))
+
+
 def test_guided_backprop_matches_pgc(resnet):
     model, x = resnet
     ours = compat.GuidedBackpropReLUModel(model=model, device="cpu")(x[:1], target_category=4)
@@ -348,6 +357,19 @@ def test_a_second_call_never_reexports(resnet, monkeypatch, cache):
     assert len([p for p in cache.iterdir() if p.is_dir()]) >= 2
 
 
+def test_an_export_leaves_torch_global_random_state_alone(resnet, tmp_path, monkeypatch):
+    """A first call exports the model; users' seeded draws after it (ROAD's noise, their own
+    tensors) are what they would be without camexport."""
+    model, x = resnet
+    monkeypatch.setenv(engine.CACHE_ENV, str(tmp_path))
+    engine._LIVE.clear()
+    torch.manual_seed(0)
+    expected = torch.randn(5)
+    torch.manual_seed(0)
+    compat.GradCAM(model, [model.layer3])(x, None)  # an empty cache: exports
+    assert torch.equal(torch.randn(5), expected)
+
+
 def test_works_with_pytorch_grad_cam_blocked(tmp_path):
     """The facade never imports pytorch_grad_cam: blocked in sys.meta_path, it runs end to end."""
     script = textwrap.dedent("""
@@ -360,6 +382,12 @@ def test_works_with_pytorch_grad_cam_blocked(tmp_path):
         import torch, torchvision
         from camexport.compat import GradCAM, EigenCAM
         from camexport.compat.utils.model_targets import ClassifierOutputTarget
+        from camexport.compat.utils.image import show_cam_on_image, preprocess_image
+        import camexport.compat.utils.svd_on_activations, camexport.compat.utils.find_layers
+        import camexport.compat.ablation_layer, camexport.compat.sess
+        from camexport.compat.metrics.road import ROADCombined
+        from camexport.compat.metrics.cam_mult_image import CamMultImageConfidenceChange
+        import camexport.compat.metrics.arcc
         try:
             import pytorch_grad_cam
         except ImportError:
@@ -373,6 +401,10 @@ def test_works_with_pytorch_grad_cam_blocked(tmp_path):
             m = cam(input_tensor=x, targets=[ClassifierOutputTarget(1)])
         e = EigenCAM(model, [model.layer4[-1]])(x)
         assert m.shape == e.shape == (1, 64, 64) and m.max() > 0.9 and e.max() > 0.9
+        overlay = show_cam_on_image(torch.rand(64, 64, 3).numpy(), m[0], use_rgb=True)
+        assert overlay.shape == (64, 64, 3) and overlay.dtype.name == "uint8"
+        score = CamMultImageConfidenceChange()(x, m, [ClassifierOutputTarget(1)], model)
+        assert score.shape == (1,)
         assert not any(n.startswith("pytorch_grad_cam") for n in sys.modules)
         print("ok")
     """)
@@ -398,24 +430,36 @@ def test_bad_input_gets_errors_that_name_the_fix(resnet):
         cam(x, [targets.ClassifierOutputTarget(1)])
     with pytest.raises(ValueError, match="out of range"):
         cam(x, [targets.ClassifierOutputTarget(10)] * 3)
+    from camexport.compat.ablation_layer import AblationLayer, AblationLayerFasterRCNN
+
+    class Custom(AblationLayer):  # a user's own ablation, which the graph would not run
+        def set_next_batch(self, *args):
+            return super().set_next_batch(*args)
+
+    with pytest.raises(compat.CompatError, match="overrides set_next_batch"):
+        compat.AblationCAM(model, [model.layer4[-1]], ablation_layer=Custom())
+    with pytest.raises(compat.CompatError, match="two-stage detectors"):
+        compat.AblationCAM(model, [model.layer4[-1]], ablation_layer=AblationLayerFasterRCNN())
+    with pytest.raises(compat.CompatError, match="give AblationLayer"):
+        compat.AblationCAM(model, [model.layer4[-1]], ablation_layer=torch.nn.Identity())
     with pytest.raises(ValueError, match="one scalar"):
         cam(x, [targets.RawScoresOutputTarget()] * 3)
 
 
 # -- the introspection test ------------------------------------------------------------------
-#: pgc modules whose public names camexport.compat mirrors (the issue's list)
-#: (still to come, issue 15: .utils.image, .utils.svd_on_activations, .ablation_layer, .metrics.*)
-MODULES = ["", ".utils.model_targets", ".utils.reshape_transforms", ".base_cam", ".grad_cam",
+#: pgc modules whose public names camexport.compat mirrors: every module of pgc's package but
+#: ablation_cam_multilayer (an unexported experiment with its own AblationLayer)
+MODULES = ["", ".utils.model_targets", ".utils.reshape_transforms", ".utils.image",
+           ".utils.svd_on_activations", ".utils.find_layers", ".base_cam", ".grad_cam",
            ".hirescam", ".grad_cam_elementwise", ".grad_cam_plusplus", ".xgrad_cam", ".layer_cam",
            ".eigen_cam", ".eigen_grad_cam", ".seg_eigen_cam", ".random_cam", ".kpca_cam", ".fem",
-           ".shapley_cam", ".score_cam", ".ablation_cam", ".fullgrad_cam", ".guided_backprop",
-           ".finer_cam", ".refine_cam", ".sess", ".activations_and_gradients",
-           ".feature_factorization.deep_feature_factorization"]
+           ".shapley_cam", ".score_cam", ".ablation_cam", ".ablation_layer", ".fullgrad_cam",
+           ".guided_backprop", ".finer_cam", ".refine_cam", ".sess", ".activations_and_gradients",
+           ".feature_factorization.deep_feature_factorization", ".metrics.perturbation_confidence",
+           ".metrics.cam_mult_image", ".metrics.road", ".metrics.arcc", ".sobel_cam"]
 
-#: names of those modules that are not yet mirrored (the ablation layers are placeholders)
-NOT_YET = {"AblationLayer", "AblationLayerVit", "AblationLayerFasterRCNN", "scale_cam_image",
-           "get_2d_projection", "show_factorization_on_image", "create_labels_legend",
-           "replace_all_layer_type_recursive", "find_layer_types_recursive"}
+#: names of those modules that are not mirrored
+NOT_YET: set[str] = set()
 
 #: parameters where compat deliberately differs (docs/compat.md): pgc's `targets` has no default
 #: in 1.5.7 (reference Q2); run_dff_on_image's reshape_transform default is a typing object in pgc
