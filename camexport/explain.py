@@ -32,7 +32,7 @@ from camexport.methods.base import Method
 from camexport.methods.inputs import CamInputs
 from camexport.methods.pipeline import to_channel_first
 from camexport.methods.registry import method_objects, needs_of
-from camexport.runtime import PROVIDERS, require, session
+from camexport.runtime import PROVIDERS, check_graph, require, session
 from camexport.targets import TargetError, as_target, as_targets, target_list, target_weights
 from camexport.tasks import task_for
 
@@ -97,6 +97,7 @@ class Explainer:
         self.provider = provider
         self.batch_size = batch_size
         require(provider)
+        check_graph(model, provider)
         stored = {t.name for t in model.graph.initializer}
         self.input_name = next(i.name for i in model.graph.input if i.name not in stored)
         self.output_name = self.manifest["score"]["output"]

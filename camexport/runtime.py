@@ -18,6 +18,13 @@ PROVIDERS = {
 }
 
 
+#: options of the CUDA provider: float32 as on the CPU. onnxruntime's CUDA provider otherwise uses
+#: TF32 tensor cores for convolutions and matrix products on Ampere and later GPUs: measured on an
+#: H200 (scripts/gpu/cuda_parity.py), resnet50's activations were then 1.6e-3 relative off the CPU
+#: provider's and GradCAM maps up to 1.7e-3, EfficientNet-Lite0's 6.8e-3 and 2.5e-3.
+CUDA_OPTIONS = {"use_tf32": "0"}
+
+
 class ProviderError(CamexportError, RuntimeError):
     """An execution provider that this onnxruntime cannot give."""
 
@@ -48,7 +55,31 @@ def session(model: onnx.ModelProto | str | Path, provider: str = "cpu", threads:
         options.intra_op_num_threads = threads
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     providers = [wanted] if provider == "cpu" else [wanted, PROVIDERS["cpu"]]
+    if provider == "cuda":
+        providers[0] = (wanted, CUDA_OPTIONS)
     result = ort.InferenceSession(source, sess_options=options, providers=providers)
     if result.get_providers()[0] != wanted:
         raise ProviderError(f"onnxruntime could not start {wanted}: got {result.get_providers()}")
     return result
+
+
+def check_graph(model: onnx.ModelProto, provider: str) -> None:
+    """Refuse a graph whose numbers ``provider`` is known to get wrong, naming the fix.
+
+    MaxPool's Indices output on the CUDA provider: measured on an H200 with onnxruntime-gpu
+    1.31.1 (scripts/gpu/cuda_parity.py), resnet50's input gradient through its stem MaxPool was
+    wrong (FullGrad maps 0.21 off the CPU provider's, Guided Backprop 8 % of its range), while
+    the graph built with ``--no-maxpool-indices`` agreed (4.9e-4 and 2.3e-7). TensorRT has no
+    Indices output at all.
+    """
+    if provider == "cpu":
+        return
+    read = {name for node in model.graph.node for name in node.input}
+    for node in model.graph.node:
+        if node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1] in read:
+            raise ProviderError(
+                f"this graph differentiates MaxPool ({node.name}) through its Indices output, which "
+                f"onnxruntime's {provider} provider gets wrong; rebuild the artifact with "
+                f"`camexport build ... --no-maxpool-indices` (build(..., maxpool_indices=False)) for "
+                f"{provider}")
+

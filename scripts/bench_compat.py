@@ -1,7 +1,8 @@
 """pytorch-grad-cam 1.5.7 against camexport.compat on the same loop, in one run.
 
     .venv/bin/python scripts/bench_compat.py                 # resnet50, 64 images, batches of 8
-    .venv/bin/python scripts/bench_compat.py --quick         # a minute: 16 images, ScoreCAM on 2
+    .venv/bin/python scripts/bench_compat.py --quick         # a minute: 16 images, ScoreCAM on 1
+    python scripts/bench_compat.py --device cuda             # pgc on torch CUDA, compat on ORT CUDA
 
 The loop is pgc's README loop with only the import changed: ``cam(input_tensor=batch,
 targets=None)`` over the images in batches. Reported per method: the first call of
@@ -60,6 +61,9 @@ def main() -> None:
     parser.add_argument("--scorecam-images", type=int, default=16)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: pgc's model and batches on torch CUDA, camexport.compat's graph on "
+                             "onnxruntime's CUDA provider (onnxruntime-gpu)")
     parser.add_argument("--json", default=str(ROOT / "results" / "bench_compat.json"))
     args = parser.parse_args()
     if args.quick:
@@ -72,12 +76,13 @@ def main() -> None:
     from camexport.compat import engine
 
     os.environ[engine.CACHE_ENV] = tempfile.mkdtemp(prefix="bench-compat-")  # an empty cache
+    os.environ[engine.PROVIDER_ENV] = args.device
     torch.manual_seed(0)
-    model = torchvision.models.resnet50().eval()
+    model = torchvision.models.resnet50().eval().to(args.device)
     layers = [model.layer4[-1]]
-    x = photos(args.images, args.size)
+    x = photos(args.images, args.size).to(args.device)
     report = {"machine": machine(), "model": "resnet50 (random weights)", "layer": "layer4[-1]",
-              "size": args.size, "batch": args.batch, "methods": {}}
+              "size": args.size, "batch": args.batch, "device": args.device, "methods": {}}
     for name, count in (("GradCAM", args.images), ("ScoreCAM", args.scorecam_images)):
         count = max(count, 2 * args.batch) if name == "GradCAM" else count
         images = x[:count]

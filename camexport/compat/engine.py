@@ -136,6 +136,9 @@ class Engine:
 
         extra = tuple(sorted(p for p in parts if p in _PART_METHODS))
         options = dict(options or {})
+        provider = os.environ.get(PROVIDER_ENV, "cpu")
+        if provider != "cpu":  # GPU providers get MaxPool's Indices wrong (runtime.check_graph)
+            options["maxpool_indices"] = False
         key = GraphKey(self.digest(), tuple(self.layers), tuple(sample_shape), extra,
                        tuple(sorted(options.items())))
         name = key.name
@@ -143,7 +146,7 @@ class Engine:
             directory = cache_root() / name
             if not (directory / "manifest.json").is_file():
                 self._build(directory, sample_shape, extra, options)
-            _LIVE[name] = Explainer(directory, provider=os.environ.get(PROVIDER_ENV, "cpu"))
+            _LIVE[name] = Explainer(directory, provider=provider)
         return _LIVE[name]
 
     def _build(self, directory: Path, sample_shape, parts, options) -> None:
