@@ -210,6 +210,34 @@ def test_embeddings_similarity_tutorial(resnet):
     assert _diff(ours, theirs) <= TOL
 
 
+def test_clip_zero_shot_tutorial():
+    """pgc's CLIP tutorial: the image tower and a list of text labels in one classifier module
+    whose logits are the scaled cosines to the labels' text embeddings (open_clip's RN50 at
+    64 x 64, random weights: no download), GradCAM on the last image block, each image's top label."""
+    import open_clip
+
+    class ImageClassifier(torch.nn.Module):
+        def __init__(self, clip, labels):
+            super().__init__()
+            self.clip = clip
+            with torch.no_grad():
+                text = clip.encode_text(open_clip.get_tokenizer("RN50")(labels))
+            self.register_buffer("text", text / text.norm(dim=-1, keepdim=True))
+
+        def forward(self, x):
+            image = self.clip.encode_image(x)
+            return 100.0 * (image / image.norm(dim=-1, keepdim=True)) @ self.text.T
+
+    torch.manual_seed(0)
+    clip = open_clip.create_model("RN50", pretrained=None, force_image_size=64).eval()
+    model = ImageClassifier(clip, ["a photo of a cat", "a photo of a dog", "a photo of a car"]).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    layers = [model.clip.visual.layer4[-1]]
+    ours = compat.GradCAM(model=model, target_layers=layers)(input_tensor=x, targets=None)
+    theirs = pgc.GradCAM(model=model, target_layers=layers)(input_tensor=x, targets=None)
+    assert _diff(ours, theirs) <= TOL
+
+
 def test_deep_feature_factorization_matches_pgc(resnet):
     model, x = resnet
     ours = compat.DeepFeatureFactorization(model, model.layer4, computation_on_concepts=model.fc)(x, 4)

@@ -240,6 +240,22 @@ def _reduce_sum_mean(b, node, dys):
     return none_but(b.op("Expand", dy, b.shape_of(x)), node)
 
 
+@rule("ReduceL2", "ReduceSumSquare")
+def _reduce_l2(b, node, dys):
+    """Y = sqrt(Sum X^2) | Sum X^2 over axes: dX = X dY / Y (0 where Y = 0, as torch's norm) | 2 X dY."""
+    x, y, dy = node.input[0], node.output[0], dys[0]
+    axes = _reduce_axes(b, node)
+    if not axes:
+        raise NotImplementedError(f"{node.op_type} with noop_with_empty_axes and no axes")
+    if not attr(node, "keepdims", 1):
+        dy, y = b.unsqueeze(dy, axes), b.unsqueeze(y, axes)
+    if node.op_type == "ReduceSumSquare":
+        return none_but(b.op("Mul", b.op("Mul", x, b.const(2.0, x)), dy), node)
+    zero = b.const(0.0, x)
+    ratio = b.op("Where", b.op("Equal", y, zero), zero, b.op("Div", dy, y))
+    return none_but(b.op("Mul", x, ratio), node)
+
+
 @rule("BatchNormalization")
 def _batch_norm(b, node, dys):
     """Y = (X - mean) scale / sqrt(var + eps) + bias (inference): dX = dY scale / sqrt(var + eps)."""
