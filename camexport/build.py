@@ -1,9 +1,11 @@
 """`camexport build`: load -> export -> locate -> augment -> artifact directory.
 
 An artifact directory holds ``model.cam.onnx`` (the augmented graph, manifest inside),
-``manifest.json`` (the same manifest), and ``model.plain.onnx`` (the exported graph as is, for
-forward-only passes). Files are written under temporary names and renamed at the end, so a
-failed build leaves nothing behind and never clobbers a previous artifact half-way.
+``manifest.json`` (the same manifest, with the graph's digest), and ``model.plain.onnx`` (the
+exported graph as is, for forward-only passes). The whole directory is written beside the target
+and renamed into place (:func:`camexport.artifact.write_artifact`), under a lock that lets one
+build at a time write a target: a failed or killed build leaves the previous artifact as it was.
+An existing artifact is replaced only with ``overwrite``; that is checked before any work.
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 
 from camexport import __version__, detection
-from camexport.artifact import AUGMENTED_FILE, set_manifest, write_artifact
+from camexport.artifact import AUGMENTED_FILE, artifact_writer, set_manifest, write_artifact
 from camexport.errors import CamexportError
 from camexport.export import to_onnx
 from camexport.graph.augment import augment
@@ -69,6 +71,7 @@ def build(
     eigen_squarings: int = EIGEN_SQUARINGS,
     maxpool_indices: bool = True,
     fullgrad_biases: str = "pgc",
+    overwrite: bool = False,
 ) -> BuildResult:
     """Build the CAM-augmented graph of ``model`` (a model file or name, or an already
     :class:`Loaded` model, e.g. :func:`camexport.load.from_module`) for ``layers`` and write
@@ -77,6 +80,8 @@ def build(
     ``fuse`` appends those methods' heads to the graph (:mod:`camexport.graph.fuse`), as uint8
     with ``fuse_uint8``; ``precision="fp16"`` writes a float16 graph with float32 inputs,
     outputs and heads, and records its drift against float32 in the manifest (``fp16_drift``).
+    ``out_dir`` holding an artifact is refused before any work unless ``overwrite``, and so is
+    one that another build is writing (:func:`camexport.artifact.artifact_writer`).
     """
     if not layers:
         # resolved after export to the last spatial map before pooling (locate.pick_layer)
@@ -93,21 +98,26 @@ def build(
     if precision not in PRECISIONS:
         raise BuildError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
     clock = _Clock(progress)
-    with clock.step("load", "loading model"):
-        loaded = model if isinstance(model, Loaded) else load(model, arch=arch, trust_pickle=trust_pickle)
-        if input_size:
-            loaded.preprocessing.size = tuple(input_size)
-    with clock.step("export", "exporting to ONNX"):
-        plain, detector = export_plain(loaded)
-    with clock.step("augment", "locating layers and differentiating the tail"):
-        augmented, manifest = make_augmented(loaded, plain, layers, method_names, score, output,
-                                             maxpool_indices, detector, fullgrad_biases)
-    fuse_options = {"uint8": fuse_uint8, "squarings": eigen_squarings,
-                    "image_layout": manifest["preprocessing"]["layout"]}
-    augmented = _finish(augmented, manifest, precision, fused_methods, fuse_options, clock)
-    with clock.step("write", "writing artifact"):
+    with ExitStack() as stack:
+        if out_dir:  # refused before loading; the default directory needs the model's name
+            stack.enter_context(artifact_writer(Path(out_dir), overwrite))
+        with clock.step("load", "loading model"):
+            loaded = model if isinstance(model, Loaded) else load(model, arch=arch, trust_pickle=trust_pickle)
+            if input_size:
+                loaded.preprocessing.size = tuple(input_size)
         directory = Path(out_dir) if out_dir else Path("artifacts") / loaded.name
-        write_artifact(directory, plain, augmented, manifest)
+        if not out_dir:
+            stack.enter_context(artifact_writer(directory, overwrite))
+        with clock.step("export", "exporting to ONNX"):
+            plain, detector = export_plain(loaded)
+        with clock.step("augment", "locating layers and differentiating the tail"):
+            augmented, manifest = make_augmented(loaded, plain, layers, method_names, score, output,
+                                                 maxpool_indices, detector, fullgrad_biases)
+        fuse_options = {"uint8": fuse_uint8, "squarings": eigen_squarings,
+                        "image_layout": manifest["preprocessing"]["layout"]}
+        augmented = _finish(augmented, manifest, precision, fused_methods, fuse_options, clock)
+        with clock.step("write", "writing artifact"):
+            write_artifact(directory, plain, augmented, manifest)
     return BuildResult(directory, manifest, clock.timings)
 
 

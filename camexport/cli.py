@@ -12,9 +12,11 @@ import errno
 import importlib
 import json
 import logging
+import signal
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 
 import click
 
@@ -89,6 +91,37 @@ def _bug_report(ctx: click.Context, err: Exception) -> str:
             f"camexport bug: please report it, with the command and {where}")
 
 
+#: set by SIGTERM: a KeyboardInterrupt raised inside a finaliser or weakref callback is printed
+#: and dropped by Python ("Exception ignored in ..."), so each progress report raises it again
+_TERMINATED: list[int] = []
+
+
+def _raise_if_terminated() -> None:
+    if _TERMINATED:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (``kill``, a scheduler stopping a job) handled as Ctrl-C: the same message, the
+    same exit path (a run's finished samples kept, temporary files removed)."""
+
+    def interrupt(signum, frame):
+        _TERMINATED.append(signum)
+        raise KeyboardInterrupt
+
+    _TERMINATED.clear()
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (an embedding application): SIGTERM left as it is
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 class _Reporter:
     """Progress lines with elapsed time, on stderr."""
 
@@ -145,9 +178,12 @@ def main(verbose: bool) -> None:
 @click.option("--precision", type=_LibraryChoice("camexport.precision", "PRECISIONS"), default="fp32",
               show_default=True,
               help="fp16: float16 graph with float32 inputs, outputs and fused heads; prints its drift.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the artifact already in --out (at once: it stays whole until the new "
+                   "one is complete).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 def build(model, layers, methods, arch, score, output_name, out_dir, input_size, depth, trust_pickle,
-          no_maxpool_indices, fullgrad_biases, fuse_methods, fuse_uint8, precision, quiet):
+          no_maxpool_indices, fullgrad_biases, fuse_methods, fuse_uint8, precision, overwrite, quiet):
     """Build the CAM-augmented ONNX graph of MODEL (a .pt/.pt2/.onnx file, or efficientnet-lite0)."""
     from camexport.build import build as build_artifact
     from camexport.graph.locate import AUTO_LAYER
@@ -160,7 +196,8 @@ def build(model, layers, methods, arch, score, output_name, out_dir, input_size,
                             out_dir=out_dir, trust_pickle=trust_pickle, output=output_name,
                             input_size=size, progress=report, fuse=fuse_methods,
                             fuse_uint8=fuse_uint8, precision=precision,
-                            maxpool_indices=not no_maxpool_indices, fullgrad_biases=fullgrad_biases)
+                            maxpool_indices=not no_maxpool_indices, fullgrad_biases=fullgrad_biases,
+                            overwrite=overwrite)
     total = sum(result.timings.values())
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     for layer in result.manifest["layers"]:
@@ -243,6 +280,7 @@ class _Progress:
         self.last = 0.0
 
     def __call__(self, done: int, total: int, seconds: float) -> None:
+        _raise_if_terminated()  # after each batch
         if self.quiet or (seconds - self.last < 0.5 and done < total):
             return
         self.last = seconds
@@ -268,18 +306,22 @@ def samples(folder):
 
 @main.command()
 @click.argument("images")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Input dataset to write (.h5).")
+@click.option("--out", required=True, help="Input dataset to write (.h5).")
 @click.option("--size", default=224, show_default=True,
               help="Shorter side resized to SIZE, then a centre crop.")
 @click.option("--labels",
               help="CSV of 'file name,label' lines, or 'names' for labels ending file names (x_281.jpg).")
 @click.option("--skip-unreadable", is_flag=True, help="Skip files that are not images instead of stopping.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing --out made by camexport pack (nothing else is replaced).")
 @click.option("-q", "--quiet", is_flag=True)
-def pack(images, out, size, labels, skip_unreadable, quiet):
+def pack(images, out, size, labels, skip_unreadable, overwrite, quiet):
     """Pack IMAGES (a folder or a glob) into an HDF5 input dataset (/images uint8 RGB)."""
     from camexport.data import pack as pack_images
 
-    count, skipped = pack_images(images, out, size=size, labels=labels, skip_unreadable=skip_unreadable)
+    with _terminate_as_interrupt():
+        count, skipped = pack_images(images, out, size=size, labels=labels, skip_unreadable=skip_unreadable,
+                                     overwrite=overwrite)
     for path in skipped:
         click.echo(f"skipped unreadable {path}", err=True)
     if not quiet:
@@ -315,14 +357,16 @@ def pack(images, out, size, labels, skip_unreadable, quiet):
 @click.option("--save-activations", is_flag=True, help="Keep layer activations (for camexport recompute).")
 @click.option("--save-gradients", is_flag=True, help="Keep layer gradients (for camexport recompute).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the metrics' noise.")
-@click.option("--overwrite", is_flag=True, help="Replace an output made by a different run.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a result made by a different run (nothing but a camexport result is replaced).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 def run(artifact, data, out, methods, metrics, targets, detection_threshold, provider, batch_size, limit,
         eigen_smooth, aug_smooth, cam_dtype, compression, metric_score, save_activations, save_gradients,
         seed, overwrite, quiet):
     """Explain every image of a dataset with ARTIFACT; CAMs, outputs and metrics into --out.
 
-    Killed or interrupted, the same command resumes where it stopped."""
+    Killed, interrupted or terminated, the same command resumes where it stopped. One run at a
+    time writes an --out (OUT.lock beside it); a second one is refused."""
     from camexport.run import RunConfig
     from camexport.run import run as run_job
 
@@ -333,7 +377,8 @@ def run(artifact, data, out, methods, metrics, targets, detection_threshold, pro
                        compression=compression, metric_score=metric_score,
                        save_activations=save_activations, save_gradients=save_gradients,
                        overwrite=overwrite, seed=seed, detection_threshold=detection_threshold)
-    summary = run_job(config, progress=_Progress(quiet))
+    with _terminate_as_interrupt():
+        summary = run_job(config, progress=_Progress(quiet))
     if summary.computed == 0 and not quiet:
         click.echo(f"{summary.out} is already complete ({summary.samples} samples); nothing to do")
     elif not quiet:
@@ -382,7 +427,7 @@ def render(results, out_dir, indices, data, class_names, image_weight):
     chosen = _indices(indices) if indices else None
     names = read_class_names(class_names) if class_names else None
     written = render_results(results, out_dir, chosen, data=data, class_names=names,
-                             image_weight=image_weight)
+                             image_weight=image_weight, inputs=[class_names] if class_names else [])
     click.echo(f"wrote {len(written)} images and {out_dir}/index.html")
 
 
@@ -403,7 +448,8 @@ def recompute(results, methods, eigen_smooth):
     """Add CAMs to a result file from its saved activations/gradients, without the model."""
     from camexport.run import recompute as recompute_cams
 
-    names = recompute_cams(results, methods.split(","), eigen_smooth=eigen_smooth)
+    with _terminate_as_interrupt():
+        names = recompute_cams(results, methods.split(","), eigen_smooth=eigen_smooth)
     click.echo(f"added {', '.join(names)} to {results}")
 
 

@@ -138,14 +138,33 @@ def read_labels(path: Path, paths: list[Path]) -> list[int]:
 
 
 def pack(spec: str | Path, out: str | Path, size: int = 224, labels: str | Path | None = None,
-         skip_unreadable: bool = False, progress=None) -> tuple[int, list[Path]]:
+         skip_unreadable: bool = False, progress=None, overwrite: bool = False) -> tuple[int, list[Path]]:
     """Image files into an input dataset (/images uint8 at size x size, /names, /labels).
 
     ``labels``: a CSV of ``file name,label`` lines, or ``names`` for labels at the end of the
-    file names. Returns the count and the files skipped as unreadable."""
-    from camexport.store import write_input
+    file names. An existing ``out`` is refused, unless ``overwrite`` and it is an input dataset
+    made by pack; ``out`` is never one of the inputs, and one pack at a time writes it. Returns
+    the count and the files skipped as unreadable."""
+    from camexport.store import PACKED, OutputLock, StoreError, existing_kind, refuse_foreign, refuse_inputs
 
     paths = image_paths(spec)
+    out = Path(out)
+    inputs = [("input image", path) for path in paths]
+    inputs.append(("--labels file", None if labels in (None, "names") else labels))
+    refuse_inputs([(out, "--out"), (out.with_name(out.name + ".lock"), "--out (its lock file)")], inputs)
+    with OutputLock(out, "pack"):
+        kind = existing_kind(out)
+        refuse_foreign(out, kind, PACKED, "pack")
+        if kind is not None and not overwrite:
+            raise StoreError(f"--out {out} exists ({kind}); pass --overwrite to replace it, or "
+                             f"choose another --out")
+        return _pack(paths, spec, out, size, labels, skip_unreadable, progress)
+
+
+def _pack(paths: list[Path], spec, out: Path, size: int, labels, skip_unreadable: bool,
+          progress) -> tuple[int, list[Path]]:
+    from camexport.store import write_input
+
     if labels is None:
         values = [-1] * len(paths)
     elif str(labels) == "names":
@@ -169,7 +188,6 @@ def pack(spec: str | Path, out: str | Path, size: int = 224, labels: str | Path 
 
     count = write_input(out, items(), (size, size))
     if count == 0:
-        Path(out).unlink(missing_ok=True)
         raise ImageError(f"none of the {len(paths)} files in {spec} could be read as an image")
     return count, skipped
 

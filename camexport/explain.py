@@ -151,7 +151,7 @@ class Explainer:
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Model outputs of the plain graph, in batches."""
         if self._plain is None:
-            self._plain = session(read_plain(self.path), self.provider)
+            self._plain = session(read_plain(self.path, self.manifest), self.provider)
         return np.concatenate([
             self._plain.run([self.output_name], {self.input_name: x[i:i + self.batch_size]})[0]
             for i in range(0, len(x), self.batch_size)])
@@ -163,7 +163,8 @@ class Explainer:
         the tensors come from, and repeated for every row, as pgc recomputes them from the
         repeated image."""
         if layer not in self._tails:
-            cut = layer_tail(read_plain(self.path), self.layers[layer]["tensor"], self.output_name)
+            cut = layer_tail(read_plain(self.path, self.manifest), self.layers[layer]["tensor"],
+                             self.output_name)
             self._tails[layer] = (cut, session(cut.model, self.provider),
                                   cut.before and session(cut.before, self.provider))
         cut, run, before = self._tails[layer]
@@ -209,7 +210,7 @@ class Explainer:
 
     def _graph(self, outputs: tuple[str, ...]):
         if outputs not in self._pruned:
-            model, _ = read_artifact(self.path)
+            model, _ = read_artifact(self.path, self.manifest)
             self._pruned[outputs] = session(prune(model, outputs), self.provider)
         return self._pruned[outputs]
 
@@ -239,7 +240,7 @@ class Explainer:
         no cut."""
         outputs = outputs or self.graph_outputs
         if outputs not in self._splits:
-            model, _ = read_artifact(self.path)
+            model, _ = read_artifact(self.path, self.manifest)
             split = split_by_targets(model, outputs)
             self._splits[outputs] = (None, None, None) if split is None else (
                 split, session(split.head, self.provider), session(split.tail, self.provider))

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import onnx
-
-from camexport.artifact import AUGMENTED_FILE, get_manifest
+from camexport.artifact import AUGMENTED_FILE, FILES, get_manifest, read_artifact, verify_artifact
 from camexport.build import export_plain
 from camexport.detection import layer_aliases
 from camexport.graph.augment import upgrade_opset
 from camexport.graph.builder import GraphFacts
 from camexport.graph.locate import AUTO_LAYER, module_outputs, resolve
 from camexport.graph.rules import NO_GRADIENT, REFUSED, find_rule
-from camexport.load import load
+from camexport.load import load, read_onnx
 
 
 def _shape_text(shape) -> str:
@@ -21,11 +19,13 @@ def _shape_text(shape) -> str:
 
 
 def is_artifact(path: str) -> bool:
+    """Whether ``path`` is meant as an artifact: a directory holding any artifact file, or an
+    .onnx graph carrying a camexport manifest (a corrupt .onnx: a LoadError naming it)."""
     p = Path(path)
     if p.is_dir():
-        return (p / AUGMENTED_FILE).is_file()
+        return any((p / name).exists() for name in FILES)
     if p.suffix == ".onnx" and p.is_file():
-        return get_manifest(onnx.load(str(p), load_external_data=False)) is not None
+        return p.name == AUGMENTED_FILE or get_manifest(read_onnx(p, external_data=False)) is not None
     return False
 
 
@@ -44,9 +44,11 @@ def candidate_layers(model: str, arch: str | None = None, trust_pickle: bool = F
 
 
 def describe_artifact(path: str) -> dict:
-    p = Path(path)
-    graph_path = p / AUGMENTED_FILE if p.is_dir() else p
-    model = onnx.load(str(graph_path), load_external_data=False)
+    """The inputs, outputs and manifest of the artifact ``path``, once verified
+    (:func:`camexport.artifact.verify_artifact`)."""
+    directory, _ = verify_artifact(path)
+    graph_path = directory / AUGMENTED_FILE
+    model, manifest = read_artifact(directory)
 
     def values(infos):
         return [(v.name, _shape_text(
@@ -54,7 +56,7 @@ def describe_artifact(path: str) -> dict:
             for v in infos]
 
     return {"path": str(graph_path), "inputs": values(model.graph.input),
-            "outputs": values(model.graph.output), "manifest": get_manifest(model)}
+            "outputs": values(model.graph.output), "manifest": manifest}
 
 
 def tail_coverage(model: str, layer: str | None = None, arch: str | None = None,

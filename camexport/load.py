@@ -73,6 +73,9 @@ def load(model: str, arch: str | None = None, trust_pickle: bool = False) -> Loa
     if model == BUILTIN:
         return _builtin()
     path = Path(model)
+    if path.is_dir():
+        raise LoadError(f"{model} is a directory, not a model file: pass a .pt, .pt2 or .onnx file, "
+                        f"or {BUILTIN!r} (an artifact directory is read by camexport run and inspect)")
     if not path.is_file():
         raise LoadError(f"model file {model!r} does not exist (or is not a file); pass a .pt, "
                         f".pt2, .onnx path, or {BUILTIN!r} for the built-in model")
@@ -87,13 +90,55 @@ def load(model: str, arch: str | None = None, trust_pickle: bool = False) -> Loa
 def _onnx(path: Path) -> Loaded:
     import onnx
 
+    model = read_onnx(path)
     try:
-        model = onnx.load(str(path))
         onnx.checker.check_model(model)
-    except Exception as err:  # protobuf and checker errors have no common base
+    except Exception as err:  # checker errors have no common base
         raise LoadError(f"{path} is not a valid ONNX model ({type(err).__name__}: {err}); "
                         f"is the file truncated?") from err
     return Loaded(str(path), sha256(path), "onnx", path.stem, onnx_model=model)
+
+
+def read_onnx(path: Path, external_data: bool = True, error: type[CamexportError] = LoadError,
+              fix: str = "is the file truncated? Export the model again"):
+    """The ONNX model in ``path``, or ``error`` naming the file, what it holds instead and ``fix``:
+    a directory, an empty file, bytes that are no ONNX model, or external data whose location is
+    outside the model's folder (absolute or through ``..``) or unreadable. ``external_data``
+    False leaves external tensors unloaded."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{path} is a directory, not an ONNX model file; {fix}")
+    if path.stat().st_size == 0:
+        raise error(f"{path} is empty (0 bytes), not an ONNX model; {fix}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError and friends have no common base
+        raise error(f"{path} is not an ONNX model (it does not parse as one: {type(err).__name__}: "
+                    f"{err}); {fix}") from err
+    if not model.HasField("graph") or not model.ir_version:
+        raise error(f"{path} is not an ONNX model (it parses, but holds no graph or IR version); {fix}")
+    folder = path.resolve().parent
+    external = [t for t in _get_all_tensors(model) if uses_external_data(t)]
+    for tensor in external:
+        location = ExternalDataInfo(tensor).location
+        resolved = (folder / location).resolve()
+        if Path(location).is_absolute() or not resolved.is_relative_to(folder):
+            raise error(f"{path}: tensor {tensor.name!r} keeps its data at {location!r}, outside "
+                        f"the model's folder {folder}; camexport reads external data only from "
+                        f"the model's folder: move the data file there and save the model with a "
+                        f"relative location (onnx.save(..., save_as_external_data=True))")
+    if external and external_data:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        try:
+            load_external_data_for_model(model, str(folder))
+        except Exception as err:
+            raise error(f"{path}: its external data cannot be read ({type(err).__name__}: {err}); "
+                        f"put the data files named in the model beside it") from err
+    return model
 
 
 def _exported_program(path: Path) -> Loaded:
@@ -133,13 +178,16 @@ def _torch_file(path: Path, arch: str | None, trust_pickle: bool) -> Loaded:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
     except Exception as err:
-        if not trust_pickle and "weights_only" in str(err):
+        # a pickled object (not bytes that are no pickle) is refused as "Unsupported global"
+        if not trust_pickle and "weights_only" in str(err) and "global" in str(err).lower():
             raise LoadError(
                 f"{path} holds a pickled module, and unpickling runs arbitrary code, so camexport "
                 f"refuses it by default. If you trust the file, pass --trust-pickle; better, save "
                 f"a state_dict (torch.save(model.state_dict(), ...)) and pass --arch") from err
-        raise LoadError(f"{path} is not a readable torch file ({type(err).__name__}: {err}); "
-                        f"is it truncated or corrupt?") from err
+        text = str(err).split("WeightsUnpickler error:")[-1].strip() or str(err)
+        raise LoadError(f"{path} is not a readable torch file ({type(err).__name__}: "
+                        f"{text.splitlines()[0]}); expected a state_dict, TorchScript, or a pickled "
+                        f"module saved by torch.save: is it truncated or corrupt?") from err
     if isinstance(obj, torch.nn.Module):
         return Loaded(str(path), digest, "pickled_module", path.stem, module=obj.eval())
     state = obj

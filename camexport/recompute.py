@@ -11,7 +11,7 @@ import numpy as np
 from camexport.methods import METHODS, RECOMPUTABLE, canonical_methods, method
 from camexport.methods.inputs import CamInputs
 from camexport.methods.pipeline import to_channel_first
-from camexport.store import ResultReader, edit_results
+from camexport.store import OutputLock, ResultReader, edit_results
 from camexport.targets import ClassifierOutputTarget
 from camexport.tasks import RunError
 
@@ -51,14 +51,23 @@ def recompute(results: str | Path, methods, eigen_smooth: bool = False, batch_si
     the methods' canonical names. RunError for a method that needs the model, an unfinished
     file or missing tensors.
 
-    Works on a copy that replaces the file at the end, so an interruption loses nothing."""
+    Works on a copy that replaces the file at the end, so an interruption loses nothing; holds
+    the file's lock (:class:`camexport.store.OutputLock`), so a run writing it refuses, and the
+    other way round."""
     results = Path(results)
     names = canonical_methods(methods)
     refused = [m for m in names if m not in RECOMPUTABLE]
     if refused:
         raise RunError(f"{', '.join(refused)} need the model; recompute handles {', '.join(RECOMPUTABLE)}; "
                        f"use `camexport run` for the others")
-    _check(results, names)
+    ResultReader(results).close()  # a missing or foreign file is refused before any lock file
+    with OutputLock(results, "recompute"):
+        _check(results, names)
+        _edit(results, names, eigen_smooth, batch_size)
+    return names
+
+
+def _edit(results: Path, names: list[str], eigen_smooth: bool, batch_size: int) -> None:
     with edit_results(results) as edit:
         stored = edit.reader
         manifest = stored.manifest
@@ -76,4 +85,3 @@ def recompute(results: str | Path, methods, eigen_smooth: bool = False, batch_si
                 cams[rows] = implementation(_inputs(stored, rows, size, layers), eigen_smooth)
         done_before = stored.attrs.get("recomputed", [])
         edit.set_attr("recomputed", sorted(set(done_before) | set(names)))
-    return names

@@ -130,17 +130,21 @@ def _caption(i: int, name: str, headline: str, detector: bool, target: int, labe
 
 
 def render_results(results, out_dir, indices=None, data=None, class_names=None,
-                   image_weight: float = 0.5) -> list:
+                   image_weight: float = 0.5, inputs=()) -> list:
     """PNG grids (the image, then one overlay per method) and an index.html for a result file.
 
-    ``data`` overrides the input dataset recorded in the results; ``class_names`` is a list."""
+    ``data`` overrides the input dataset recorded in the results; ``class_names`` is a list;
+    ``inputs``: other files read (e.g. the class names file). A file to write that is one of
+    the inputs (the results, the data, ``inputs``) is refused before anything is written."""
     import html
     from pathlib import Path
 
-    from camexport.store import InputData, ResultReader
+    from camexport.store import InputData, ResultReader, refuse_inputs
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RenderError(f"--out {out_dir} is a file; --out takes a folder for the PNGs and "
+                          f"index.html: choose another --out")
     written = []
     with ResultReader(results) as stored:
         manifest = stored.manifest
@@ -148,6 +152,11 @@ def render_results(results, out_dir, indices=None, data=None, class_names=None,
         done = stored.done
         invalid = stored.invalid
         chosen = np.flatnonzero(done & ~invalid) if indices is None else np.asarray(indices)
+        planned = [out_dir / "index.html"] + [out_dir / f"{int(i):06d}.png" for i in chosen]
+        refuse_inputs([(path, "--out") for path in planned],
+                      [("result file", results), ("--data input dataset", source.path),
+                       *(("input", path) for path in inputs)])
+        out_dir.mkdir(parents=True, exist_ok=True)
         methods = stored.methods
         detector = stored.detector
         output = None if detector else stored.output_names[0]

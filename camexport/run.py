@@ -15,12 +15,20 @@ from pathlib import Path
 import numpy as np
 
 from camexport import __version__
-from camexport.artifact import graph_path
+from camexport.artifact import graph_path, temporary_path
 from camexport.data import preprocess
 from camexport.explain import Explainer
 from camexport.load import sha256
 from camexport.methods import METHODS, canonical_methods
-from camexport.store import COMPRESSIONS, InputData, ResultWriter, StoreError
+from camexport.store import (
+    COMPRESSIONS,
+    InputData,
+    OutputLock,
+    ResultWriter,
+    StoreError,
+    artifact_files,
+    refuse_inputs,
+)
 from camexport.tasks import RunError, concept_sha256, task_for
 
 #: The live OUT.h5 view is rewritten at most every this many seconds, and at most 10 % of the time.
@@ -274,8 +282,25 @@ class Job:
         return extra
 
 
+def _refuse_inputs(config: RunConfig) -> None:
+    """StoreError when --out (or its lock, parts folder or temporary file) is an input."""
+    out = Path(config.out)
+    outputs = [(out, "--out"), (out.with_name(out.name + ".lock"), "--out (its lock file)"),
+               (out.with_name(out.name + ".parts"), "--out (its parts folder)"),
+               (temporary_path(out), "--out (its temporary file)")]
+    inputs = [("--data input dataset", config.data)]
+    inputs += [("artifact file", path) for path in artifact_files(config.artifact)]
+    if str(config.targets).startswith("concept:"):
+        inputs.append(("--targets concept file", str(config.targets).split(":", 1)[1]))
+    refuse_inputs(outputs, inputs)
+
+
 def run(config: RunConfig, progress=None) -> RunSummary:
-    return Job(config).run(progress)
+    """The whole job: --out checked against the inputs, then locked (one writer per result) for
+    as long as the job runs."""
+    _refuse_inputs(config)
+    with OutputLock(config.out, "run"):
+        return Job(config).run(progress)
 
 
 # `camexport recompute` lives in camexport.recompute; kept importable from here.

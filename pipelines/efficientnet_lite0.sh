@@ -16,11 +16,13 @@ CAMEXPORT=${CAMEXPORT:-camexport}
 METHODS=${METHODS:-gradcam,hirescam,gradcamelementwise,gradcam++,xgradcam,layercam,eigencam,eigengradcam,kpcacam,fem,ablationcam,fullgrad,shapleycam,finercam}
 METRICS=${METRICS:-road-combined:20,40,60,80}  # as pytorch-grad-cam's README scores CAMs
 
-if [ ! -f "$ARTIFACT/model.cam.onnx" ]; then
-    "$CAMEXPORT" build efficientnet-lite0 --layer bn2 --methods "$METHODS" --out "$ARTIFACT"
+# reuse the artifact when it verifies (inspect checks its files against each other and this
+# camexport's version); otherwise (absent, interrupted, stale) build it, replacing only artifact files
+if ! "$CAMEXPORT" inspect "$ARTIFACT" --json >/dev/null 2>&1; then
+    "$CAMEXPORT" build efficientnet-lite0 --layer bn2 --methods "$METHODS" --out "$ARTIFACT" --overwrite
 fi
 "$CAMEXPORT" samples "$OUT/photos"
-"$CAMEXPORT" pack "$OUT/photos" --out "$OUT/photos.h5" --labels names
+"$CAMEXPORT" pack "$OUT/photos" --out "$OUT/photos.h5" --labels names --overwrite
 "$CAMEXPORT" run "$ARTIFACT" --data "$OUT/photos.h5" --out "$OUT/default.h5" \
     --methods "$METHODS" --metrics "$METRICS" --batch-size 8 "$@"
 "$CAMEXPORT" show "$OUT/default.h5"

@@ -73,7 +73,7 @@ def build_random(arch: str, layer: str, folder: str | Path, size: int, methods, 
 
     module, path = save_random(arch, folder, seed)
     built = build(str(path), [layer], arch=arch, methods=methods,
-                  out_dir=Path(folder) / f"{arch}-{size}", input_size=(size, size))
+                  out_dir=Path(folder) / f"{arch}-{size}", input_size=(size, size), overwrite=True)
     return module, built
 
 

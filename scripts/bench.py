@@ -126,12 +126,13 @@ def photo_batch(count: int, size: int, preprocessing: dict) -> np.ndarray:
 
 # -- artifacts ---------------------------------------------------------------------------------
 def _reusable(directory: Path, sha: str, layer: str, size: int, methods: list[str]) -> bool:
+    from camexport.artifact import ArtifactError, verify_artifact
+
     try:
-        manifest = json.loads((directory / "manifest.json").read_text())
-    except (OSError, ValueError):
+        _, manifest = verify_artifact(directory)
+    except ArtifactError:
         return False
-    return ((directory / "model.cam.onnx").is_file() and (directory / "model.plain.onnx").is_file()
-            and manifest["source"]["sha256"] == sha and manifest["layers"][0]["requested"] == layer
+    return (manifest["source"]["sha256"] == sha and manifest["layers"][0]["requested"] == layer
             and manifest["preprocessing"]["size"] == [size, size]
             and set(methods) <= set(manifest["methods"]))
 
@@ -156,7 +157,7 @@ def prepare(name: str, size: int, methods: list[str], work: Path) -> dict:
         log(f"[{name}] building {setup.layer} at {size}x{size} ({','.join(methods)}) ...")
         start = time.perf_counter()
         build(weights, [setup.layer], arch=setup.arch, methods=methods, out_dir=directory,
-              input_size=(size, size))
+              input_size=(size, size), overwrite=True)
         log(f"[{name}] built in {time.perf_counter() - start:.0f} s")
     manifest = json.loads((directory / "manifest.json").read_text())
     return {"artifact": str(directory), "weights": weights, "arch": setup.arch, "layer": setup.layer,

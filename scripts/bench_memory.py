@@ -63,10 +63,15 @@ def main() -> None:
     parser.add_argument("--json", default=str(ROOT / "results" / "bench_memory.json"))
     args = parser.parse_args()
     artifact = Path(args.artifact)
-    if not (artifact / "model.cam.onnx").is_file():
+    from camexport.artifact import ArtifactError, verify_artifact
+
+    try:
+        verify_artifact(artifact)
+    except ArtifactError:  # absent, incomplete or stale: (re)built; only artifact files are replaced
         from camexport.build import build
 
-        build("efficientnet-lite0", ["bn2"], methods=args.methods.split(","), out_dir=artifact)
+        build("efficientnet-lite0", ["bn2"], methods=args.methods.split(","), out_dir=artifact,
+              overwrite=True)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for count in args.sizes:

@@ -247,12 +247,13 @@ def test_pack_unreadable_image_keeps_existing_output(workspace, tmp_path):
     shutil.copy(next((workspace / "photos").glob("*.jpg")), folder / "a.jpg")
     (folder / "b.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "packed.h5"
-    out.write_bytes(b"precious")
-    result = cli("pack", folder, "--out", out, ok=False)
+    cli("pack", workspace / "photos", "--out", out, "--size", "32")  # an earlier dataset
+    precious = out.read_bytes()
+    result = cli("pack", folder, "--out", out, "--overwrite", ok=False)
     assert result.exit_code != 0 and "b.jpg" in result.output and "--skip-unreadable" in result.output
-    assert out.read_bytes() == b"precious"
+    assert out.read_bytes() == precious
     assert not list(tmp_path.glob(".*partial"))
-    cli("pack", folder, "--out", out, "--skip-unreadable")
+    cli("pack", folder, "--out", out, "--skip-unreadable", "--overwrite")
     with h5py.File(out) as h5:
         assert h5["images"].shape[0] == 1
 

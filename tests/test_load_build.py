@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -80,6 +81,9 @@ def test_build_each_format(kind, options, layer, label, files, resnet18, tmp_pat
     for name in (AUGMENTED_FILE, PLAIN_FILE, MANIFEST_FILE):
         assert (out / name).is_file()
     manifest = json.loads((out / MANIFEST_FILE).read_text())
+    # manifest.json: the graph's manifest plus the graph's own digest (camexport.artifact)
+    graph_sha256 = manifest.pop("graph_sha256")
+    assert graph_sha256 == hashlib.sha256((out / AUGMENTED_FILE).read_bytes()).hexdigest()
     assert manifest == get_manifest(onnx.load(str(out / AUGMENTED_FILE)))
     assert manifest["layers"][0]["name"] == label
     expected = {"program": "exported_program", "pickle": "pickled_module"}.get(kind, kind)

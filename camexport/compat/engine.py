@@ -132,6 +132,7 @@ class Engine:
     def explainer(self, sample_shape: tuple[int, ...], parts: frozenset[str], options: dict | None = None):
         """The Explainer of the artifact for inputs of ``sample_shape`` (C, H, W) whose graph holds
         ``parts`` (registry words beyond the layer gradients); built on first use."""
+        from camexport.artifact import ArtifactError
         from camexport.explain import Explainer
 
         extra = tuple(sorted(p for p in parts if p in _PART_METHODS))
@@ -144,9 +145,13 @@ class Engine:
         name = key.name
         if name not in _LIVE:
             directory = cache_root() / name
-            if not (directory / "manifest.json").is_file():
+            try:
+                _LIVE[name] = Explainer(directory, provider=provider)
+            except ArtifactError as err:  # absent, or left incomplete or stale: built (again)
+                if directory.exists():
+                    log.info("camexport.compat: rebuilding the cached graph: %s", err)
                 self._build(directory, sample_shape, extra, options)
-            _LIVE[name] = Explainer(directory, provider=provider)
+                _LIVE[name] = Explainer(directory, provider=provider)
         return _LIVE[name]
 
     def _build(self, directory: Path, sample_shape, parts, options) -> None:
@@ -154,6 +159,7 @@ class Engine:
 
         import torch
 
+        from camexport.artifact import ArtifactBusyError, artifact_lock
         from camexport.build import build
         from camexport.export import ExportError
         from camexport.load import Preprocessing, from_module
@@ -167,8 +173,11 @@ class Engine:
         log.info("camexport.compat: exporting %s for layers %s (cached in %s)",
                  type(model).__name__, ", ".join(self.layers), directory)
         try:
-            with torch.no_grad():
-                build(loaded, self.layers, methods=methods, out_dir=directory, **options)
+            with torch.no_grad():  # the cache owns the directory: whatever is there is replaced
+                build(loaded, self.layers, methods=methods, out_dir=directory, overwrite=True, **options)
+        except ArtifactBusyError:
+            with artifact_lock(directory, wait=True):  # another process builds it: wait for it
+                pass
         except ExportError as err:
             raise CompatError(
                 f"{type(self.model).__name__} could not be exported to ONNX: {err}. Wrap the model "

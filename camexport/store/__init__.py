@@ -7,6 +7,8 @@ Input dataset (``camexport pack`` writes it; any h5py user can too)::
               or (N, 3, D, H, W) float32 preprocessed volumes or clips (3-D models)
     /labels   (N,) int      optional, -1 = unknown
     /names    (N,) str      optional, e.g. the source file names
+    attributes camexport_kind = "input dataset", camexport_version (pack writes them; they let
+              `pack --overwrite` recognise a file it may replace; the run does not need them)
 
 Result file (``camexport run`` writes it; read it with :class:`ResultReader`)::
 
@@ -50,6 +52,10 @@ datasets over the shards, itself rewritten by rename. A SIGKILL at any moment le
 finished shard and a readable ``OUT.h5``; the next run reads the completion mask from the shards.
 When every sample is done the shards are copied into one self-contained ``OUT.h5`` (compressed
 chunks copied as they are) and the parts folder is removed.
+
+One writer per result: ``camexport run`` holds ``OUT.h5.lock`` (an flock, with its pid and host
+in it; :class:`~camexport.store.outputs.OutputLock`) for the whole run, and so does `camexport
+recompute` while it edits; a second writer is refused, the lock of a killed run is taken over.
 """
 
 from __future__ import annotations
@@ -66,12 +72,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from camexport import __version__
 from camexport.artifact import replace_atomic, temporary_path
 from camexport.errors import CamexportError
 
 #: Samples per chunk of a 1-D per-sample dataset (one chunk per sample would waste space).
 VECTOR_CHUNK = 4096
 COMPRESSIONS = ("gzip", "lzf")
+#: Root attribute marking an input dataset written by :func:`write_input` (value INPUT_KIND).
+KIND_ATTR = "camexport_kind"
+INPUT_KIND = "input dataset"
 
 
 class StoreError(CamexportError, ValueError):
@@ -171,7 +181,8 @@ class InputData:
 def write_input(path: str | Path, images: Iterator[tuple[str, np.ndarray, int]],
                 size: tuple[int, int]) -> int:
     """An input dataset from (name, (H, W, 3) uint8 image, label) items, written atomically:
-    an error on the way leaves no file and an existing one untouched. Returns the count."""
+    an error on the way leaves no file and an existing one untouched. Returns the count; with
+    no items nothing is written (0)."""
     path = Path(path)
     temporary = temporary_path(path)
     height, width = size
@@ -189,7 +200,12 @@ def write_input(path: str | Path, images: Iterator[tuple[str, np.ndarray, int]],
             h5["names"] = _string_array(names)
             if any(label >= 0 for label in labels):
                 h5["labels"] = np.asarray(labels, np.int64)
-        replace_atomic(temporary, path)
+            h5.attrs[KIND_ATTR] = INPUT_KIND
+            h5.attrs["camexport_version"] = __version__
+        if names:
+            replace_atomic(temporary, path)
+        else:
+            temporary.unlink()
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -218,7 +234,9 @@ class ResultWriter:
     """Writes a result file batch by batch, resumable after any crash (see the module docstring).
 
     ``fingerprint`` is everything that determines the results; an existing output made with a
-    different one is refused unless ``overwrite``.
+    different one is refused unless ``overwrite``; any other existing file (not a result) is
+    refused, ``overwrite`` or not. One writer at a time: hold an :class:`OutputLock` on the path
+    while writing (``camexport run`` does), the writer does not take it.
     """
 
     def __init__(self, path: str | Path, count: int, fingerprint: dict, attrs: dict,
@@ -235,6 +253,7 @@ class ResultWriter:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise StoreError(f"cannot create {self.path.parent} ({err}); choose another --out") from err
+        refuse_foreign(self.path, existing_kind(self.path), RESULT, "run")
         if overwrite:
             self._remove()
         self._check_existing()
@@ -261,8 +280,8 @@ class ResultWriter:
                 with h5py.File(self.path, "r") as h5:
                     previous = json.loads(h5.attrs.get("fingerprint", "null"))
             except (OSError, ValueError) as err:
-                raise StoreError(f"{self.path} exists and is not a camexport result ({err}); "
-                                 f"pass --overwrite to replace it") from err
+                raise StoreError(f"{self.path} exists and is not a readable camexport result ({err}); "
+                                 f"choose another --out") from err
             if previous != self.fingerprint:
                 raise StoreError(refuse)
 
@@ -374,7 +393,17 @@ def _copy_rows(source: h5py.Dataset, target: h5py.Dataset, start: int, stop: int
         target[start:stop] = source[()]
 
 
-# reading and editing results live beside the writer; they import what is above
+# reading and editing results, and what guards outputs, live beside the writer; they import
+# what is above
+from camexport.store.outputs import (
+    PACKED,
+    RESULT,
+    OutputLock,
+    artifact_files,
+    existing_kind,
+    refuse_foreign,
+    refuse_inputs,
+)
 from camexport.store.reader import (
     JSON_ATTRS,
     ResultEditor,
@@ -385,5 +414,6 @@ from camexport.store.reader import (
     summary,
 )
 
-__all__ = ["COMPRESSIONS", "JSON_ATTRS", "InputData", "ResultEditor", "ResultReader", "ResultWriter",
-           "Storage", "StoreError", "edit_results", "open_results", "summary", "write_input"]
+__all__ = ["COMPRESSIONS", "JSON_ATTRS", "PACKED", "RESULT", "InputData", "OutputLock", "ResultEditor",
+           "ResultReader", "ResultWriter", "Storage", "StoreError", "artifact_files", "edit_results",
+           "existing_kind", "open_results", "refuse_foreign", "refuse_inputs", "summary", "write_input"]
