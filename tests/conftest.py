@@ -2,6 +2,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 #: Set CAMEXPORT_TEST_MEMLOG=FILE to append each test's peak and final resident memory (MB) to
@@ -25,3 +27,26 @@ if MEMLOG:
     def pytest_runtest_teardown(item, nextitem):
         with open(MEMLOG, "a") as log:
             log.write(f"{_status('VmHWM'):6d} {_status('VmRSS'):6d} {item.nodeid}\n")
+
+
+@pytest.fixture(scope="module")
+def compat_cache(tmp_path_factory):
+    """One camexport.compat cache per test module (each model is exported once in the module)."""
+    from camexport.compat import engine
+
+    root = tmp_path_factory.mktemp("compat-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv(engine.CACHE_ENV, str(root))
+    yield root
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small torch calls on two threads crawl when another process shares the two cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

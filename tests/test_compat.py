@@ -25,17 +25,7 @@ from camexport.compat.utils import model_targets as targets
 
 TOL = 1e-4
 
-pytestmark = pytest.mark.xdist_group("compat")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    """One compat cache for the module (each model is exported once)."""
-    root = tmp_path_factory.mktemp("compat-cache")
-    patch = pytest.MonkeyPatch()
-    patch.setenv(engine.CACHE_ENV, str(root))
-    yield root
-    patch.undo()
+pytestmark = [pytest.mark.xdist_group("compat"), pytest.mark.usefixtures("compat_cache")]
 
 
 @pytest.fixture(scope="module")
@@ -362,7 +352,7 @@ def test_swin_with_reshape_transform():
 
 
 # -- the cache, no pgc at run time -----------------------------------------------------------
-def test_a_second_call_never_reexports(resnet, monkeypatch, cache):
+def test_a_second_call_never_reexports(resnet, monkeypatch, compat_cache):
     _model, x = resnet
     calls = []
     import camexport.build
@@ -382,7 +372,7 @@ def test_a_second_call_never_reexports(resnet, monkeypatch, cache):
         fresh.fc.weight.mul_(2)  # new weights: a new graph
     compat.GradCAM(fresh, [fresh.layer4[-1]])(x, None)
     assert len(calls) == 2
-    assert len([p for p in cache.iterdir() if p.is_dir()]) >= 2
+    assert len([p for p in compat_cache.iterdir() if p.is_dir()]) >= 2
 
 
 def test_an_export_leaves_torch_global_random_state_alone(resnet, tmp_path, monkeypatch):

@@ -33,12 +33,12 @@ from pytorch_grad_cam.metrics import road as pgc_road
 from pytorch_grad_cam.utils import model_targets as pgc_targets
 
 from camexport import compat
-from camexport.compat import engine
 from camexport.compat.metrics import arcc, cam_mult_image, perturbation_confidence, road
 from camexport.compat.utils import model_targets as targets
 from camexport.metrics import MetricError, evaluate
 
 pytestmark = [
+    pytest.mark.usefixtures("compat_cache", "one_torch_thread"),
     pytest.mark.xdist_group("compat"),
     # pgc converts tensors with numpy functions (its code, not ours)
     pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning"),
@@ -49,25 +49,6 @@ IMAGE_TOL = 1e-6
 ARCC_TOL = 1e-5
 SIZE = 64
 CLASSES = (3, 5, 7)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    """One compat cache for the module (the model is exported once, for ARCC's GradCAM)."""
-    root = tmp_path_factory.mktemp("compat-cache")
-    patch = pytest.MonkeyPatch()
-    patch.setenv(engine.CACHE_ENV, str(root))
-    yield root
-    patch.undo()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Small torch calls on two threads crawl when another process shares the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -19,23 +19,13 @@ import torch
 from pytorch_grad_cam.utils import model_targets as pgc_targets
 
 from camexport import compat
-from camexport.compat import engine
 from camexport.compat.utils import model_targets as targets
 from camexport.data import preprocess, skimage_photos
 
 TOL = 1e-4
 SIZE = (128, 128)
 
-pytestmark = pytest.mark.xdist_group("compat-real")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("compat-real-cache")
-    patch = pytest.MonkeyPatch()
-    patch.setenv(engine.CACHE_ENV, str(root))
-    yield root
-    patch.undo()
+pytestmark = [pytest.mark.xdist_group("compat-real"), pytest.mark.usefixtures("compat_cache")]
 
 
 @pytest.fixture(scope="module")

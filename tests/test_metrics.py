@@ -25,6 +25,7 @@ from camexport.metrics import METRICS, MetricError, evaluate, metric_names, nois
 from camexport.targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 
 pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
     pytest.mark.xdist_group("metrics"),
     # the library converts tensors with numpy functions (its code, not ours)
     pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning"),
@@ -44,15 +45,6 @@ def _smooth_cams(rng: np.random.Generator, count: int, size: int) -> np.ndarray:
                      for _ in range(count)])
     low, high = cams.min(axis=(1, 2), keepdims=True), cams.max(axis=(1, 2), keepdims=True)
     return ((cams - low) / (high - low)).astype(np.float32)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Small torch calls on two threads crawl when another process shares the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
