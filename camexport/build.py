@@ -28,7 +28,7 @@ from camexport.graph.augment import augment
 from camexport.graph.builder import GraphFacts
 from camexport.graph.fuse import EIGEN_SQUARINGS
 from camexport.graph.fuse import fuse as fuse_heads
-from camexport.graph.locate import AUTO_LAYER, resolve
+from camexport.graph.locate import AUTO_LAYER, check_map, resolve
 from camexport.graph.outputs import BIAS_GRADIENTS, FULLGRAD_BIASES, graph_outputs
 from camexport.graph.rules import MAXPOOL_WITHOUT_INDICES
 from camexport.layout import infer_layout
@@ -97,6 +97,7 @@ def build(
                          f"{', '.join(FULLGRAD_BIASES)}")
     if precision not in PRECISIONS:
         raise BuildError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    _check_size_values(input_size)
     clock = _Clock(progress)
     with ExitStack() as stack:
         if out_dir:  # refused before loading; the default directory needs the model's name
@@ -104,7 +105,9 @@ def build(
         with clock.step("load", "loading model"):
             loaded = model if isinstance(model, Loaded) else load(model, arch=arch, trust_pickle=trust_pickle)
             if input_size:
+                own = tuple(loaded.preprocessing.size)
                 loaded.preprocessing.size = tuple(input_size)
+                check_input_size(loaded, own)
         directory = Path(out_dir) if out_dir else Path("artifacts") / loaded.name
         if not out_dir:
             stack.enter_context(artifact_writer(directory, overwrite))
@@ -119,6 +122,91 @@ def build(
         with clock.step("write", "writing artifact"):
             write_artifact(directory, plain, augmented, manifest)
     return BuildResult(directory, manifest, clock.timings)
+
+
+def _check_size_values(input_size: tuple[int, ...] | None) -> None:
+    """--input-size H W (and --depth D): positive numbers, or a BuildError naming the fix."""
+    if not input_size:
+        return
+    names = ("--depth D", "--input-size H W") if len(input_size) == 3 else ("--input-size H W",)
+    given = " ".join(map(str, input_size))
+    if len(input_size) not in (2, 3):
+        raise BuildError(f"input size {given}: give height and width (H W), or depth, height and "
+                         f"width (D H W) for a 3-D model")
+    if any(n < 1 for n in input_size):
+        raise BuildError(f"{' and '.join(names)} must be positive, not {given}: pass the size the model "
+                         f"takes, e.g. --input-size 224 224, or leave it out for the model's own")
+
+
+#: The largest square side :func:`check_input_size` tries when looking for a size the model runs at.
+LARGEST_PROBE = 1024
+
+
+def check_input_size(loaded: Loaded, own: tuple[int, ...]) -> None:
+    """A BuildError, before the export, when the torch model does not run on one zero image at
+    the asked input size (too small for its strides, a --depth for a 2-D model, none for a 3-D
+    one): the forward error and the size that works, found by trying. ``own``: the model's own
+    size. Models that are no torch module (ONNX, ExportedProgram) and detectors (they resize
+    their inputs) are not checked."""
+    module = loaded.module
+    if module is None or detection.detector_kind(module):
+        return
+    size = tuple(loaded.preprocessing.size)
+    channels = loaded.preprocessing.channels
+    error = _forward_error(module, channels, size)
+    if error is None:
+        return
+    shape = ", ".join(map(str, (1, channels, *size)))
+    problem = f"the model does not run on a ({shape}) input ({error})"
+    if len(size) == 3 and _forward_error(module, channels, size[1:]) is None:
+        raise BuildError(f"--depth {size[0]}: {problem}, and it runs on 2-D images "
+                         f"({', '.join(map(str, (1, channels, *size[1:])))}): leave --depth out "
+                         f"(it is for 3-D models, e.g. r3d_18)")
+    if len(size) == 2 and _forward_error(module, channels, (16, *size)) is None:
+        raise BuildError(f"{problem}, and it runs on clips of 16 frames: pass --depth D with "
+                         f"--input-size H W for this 3-D model")
+    text = " ".join(map(str, size))
+    smallest = _smallest_square(module, channels, size)
+    if smallest is not None:
+        side = " ".join([str(smallest)] * len(size[-2:]))
+        depth = f"--depth {size[0]} " if len(size) == 3 else ""
+        raise BuildError(f"--input-size {text} is too small for this model: {problem}. It runs at "
+                         f"{smallest}x{smallest} (the smallest square size found by trying): pass "
+                         f"{depth}--input-size {side} or larger")
+    raise BuildError(f"--input-size {text}: {problem}; nor at any square size up to {LARGEST_PROBE}: "
+                     f"leave --input-size out for the model's own ({' '.join(map(str, own))})")
+
+
+def _forward_error(module, channels: int, size: tuple[int, ...]) -> str | None:
+    """The first line of what a forward pass of one zero input raises (None: it runs)."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, channels, *size))
+    except Exception as err:  # noqa: BLE001 (whatever the model raises on a wrong size is reported)
+        first = (str(err).strip().splitlines() or [""])[0]
+        return f"{type(err).__name__}: {first}"
+    return None
+
+
+def _smallest_square(module, channels: int, size: tuple[int, ...]) -> int | None:
+    """The smallest square side (with ``size``'s depth, if any) that the model runs at, found by
+    doubling above ``size`` and bisecting; None when none up to LARGEST_PROBE does."""
+    depth = tuple(size[:-2])
+    low = min(size[-2:])  # fails, as the narrower side of a size that fails
+    high = max(2 * low, 8)
+    while _forward_error(module, channels, (*depth, high, high)) is not None:
+        low, high = high, 2 * high
+        if high > LARGEST_PROBE:
+            return None
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _forward_error(module, channels, (*depth, middle, middle)) is None:
+            high = middle
+        else:
+            low = middle
+    return high
 
 
 class _Clock:
@@ -195,6 +283,9 @@ def make_augmented(
             f"by default or with BinaryClassifierOutputTarget, as pgc's binary classifiers)")
     aliases = detection.layer_aliases(detector)
     resolved = [resolve(plain, layer, facts, aliases) for layer in layers]
+    for layer, (_, tensor) in zip(layers, resolved):
+        if layer not in aliases:
+            check_map(plain, layer, tensor, facts, tuple(loaded.preprocessing.size))
     if detector:
         detection.check_layers(resolved, methods)
     tensors = dict(resolved)

@@ -120,21 +120,69 @@ def labels_from_names(paths: list[Path]) -> list[int]:
     return labels
 
 
+LABELS_FORMAT = "a CSV of 'file name,label' lines (img0.png,281; a header line is allowed)"
+
+
+def _label(text: str) -> int | None:
+    """A label cell as a class index: an integer, or a whole float ('281.0'); None otherwise."""
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if value.is_integer() else None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_labels_file(path: Path) -> None:
+    """--labels FILE: an existing file, or an ImageError naming the fix."""
+    if path.is_dir():
+        raise ImageError(f"--labels {path} is a directory; pass {LABELS_FORMAT}, or --labels names")
+    if not path.is_file():
+        raise ImageError(f"--labels {path} does not exist; pass {LABELS_FORMAT}, or --labels names "
+                         f"for labels at the end of file names (x_281.jpg)")
+
+
 def read_labels(path: Path, paths: list[Path]) -> list[int]:
-    """Labels from a CSV/TSV of ``file name,label`` lines (name or stem); -1 where absent."""
+    """Labels from a CSV/TSV of ``file name,label`` lines (name or stem); -1 where absent. An
+    ImageError when a label is no class index (the first line may be a header), or when the
+    file names none of the images."""
     import csv
 
+    check_labels_file(path)
     table = {}
     with open(path, newline="") as handle:
         sample = handle.read(2048)
         handle.seek(0)
         dialect = csv.Sniffer().sniff(sample, delimiters=",\t; ") if sample.strip() else csv.excel
-        for row in csv.reader(handle, dialect):
-            if len(row) >= 2 and row[1].strip().lstrip("-").isdigit():
-                table[row[0].strip()] = int(row[1])
+        for line, row in enumerate(csv.reader(handle, dialect), 1):
+            if len(row) < 2 or not "".join(row).strip():
+                continue
+            label = _label(row[1])
+            if label is None and not (line == 1 and not _is_number(row[1])):  # not a header line
+                raise ImageError(f"{path}, line {line}: label {row[1].strip()!r} is not a class index; "
+                                 f"labels are whole numbers (-1: unknown) in {LABELS_FORMAT}")
+            if label is not None:
+                table[row[0].strip()] = label
     if not table:
-        raise ImageError(f"{path} holds no 'file name,label' lines")
-    return [table.get(p.name, table.get(p.stem, -1)) for p in paths]
+        raise ImageError(f"{path} holds no 'file name,label' lines; pass {LABELS_FORMAT}")
+    labels = [table.get(p.name, table.get(p.stem, -1)) for p in paths]
+    if all(label == -1 for label in labels):
+        raise ImageError(f"{path} names none of the {len(paths)} images (it names {next(iter(table))!r}, "
+                         f"...; the images are {paths[0].name!r}, ...): the first column must be each "
+                         f"image's file name ({paths[0].name}) or stem ({paths[0].stem})")
+    return labels
 
 
 def pack(spec: str | Path, out: str | Path, size: int = 224, labels: str | Path | None = None,
@@ -147,6 +195,11 @@ def pack(spec: str | Path, out: str | Path, size: int = 224, labels: str | Path 
     the count and the files skipped as unreadable."""
     from camexport.store import PACKED, OutputLock, StoreError, existing_kind, refuse_foreign, refuse_inputs
 
+    if size < 1:
+        raise ImageError(f"--size must be a positive number of pixels, not {size}: pass the side the "
+                         f"images are cut to, e.g. --size 224 (the artifact's input size)")
+    if labels not in (None, "names"):
+        check_labels_file(Path(labels))
     paths = image_paths(spec)
     out = Path(out)
     inputs = [("input image", path) for path in paths]

@@ -202,12 +202,35 @@ def _torch_file(path: Path, arch: str | None, trust_pickle: bool) -> Loaded:
         raise LoadError(f"{path} is a state_dict: pass --arch with the torchvision or timm "
                         f"constructor it belongs to (e.g. --arch resnet50)")
     module, preprocessing = build_architecture(arch)
+    _check_fit(module, state, path, arch)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise LoadError(f"the weights in {path} do not fit --arch {arch}: {err}") from err
+        raise LoadError(f"the weights in {path} do not fit --arch {arch}: {err}; pass the --arch "
+                        f"the state_dict was saved from") from err
     return Loaded(str(path), digest, "state_dict", arch, module=module.eval(),
                   preprocessing=preprocessing)
+
+
+def _check_fit(module, state: dict, path: Path, arch: str, shown: int = 3) -> None:
+    """A LoadError summing up how the state_dict's keys and shapes differ from ``arch``'s, if they
+    do (torch's own message lists every key, hundreds of them)."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+    problems = []
+    for keys, what in ((missing, f"keys of {arch} missing from the file"),
+                       (unexpected, f"keys in the file that {arch} does not have"),
+                       (reshaped, "tensors of another shape (file vs model)")):
+        if keys:
+            more = ", ..." if len(keys) > shown else ""
+            problems.append(f"{len(keys)} {what} ({', '.join(keys[:shown])}{more})")
+    if problems:
+        raise LoadError(f"the weights in {path} do not fit --arch {arch}: {'; '.join(problems)}. Pass "
+                        f"the --arch the state_dict was saved from (the torchvision or timm "
+                        f"constructor name), or load a file saved from {arch}")
 
 
 def from_module(module, name: str, preprocessing: Preprocessing | None = None) -> Loaded:
@@ -226,14 +249,19 @@ def module_digest(module) -> str:
 
 
 def build_architecture(arch: str):
-    """An untrained ``arch`` from torchvision or timm, with its preprocessing."""
+    """An untrained ``arch`` from torchvision or timm, with its preprocessing; offline: no
+    weights, and no backbone weights either (torchvision's detection and segmentation builders
+    download ImageNet backbone weights by default)."""
+    import inspect
+
     import torchvision
 
-    if arch in torchvision.models.list_models(module=torchvision.models.detection):
-        # no backbone weights either: they would be downloaded
-        return torchvision.models.get_model(arch, weights=None, weights_backbone=None).eval(), Preprocessing()
     if arch in torchvision.models.list_models():
-        return torchvision.models.get_model(arch, weights=None).eval(), Preprocessing()
+        builder = torchvision.models.get_model_builder(arch)
+        offline = {"weights": None}
+        if "weights_backbone" in inspect.signature(builder).parameters:
+            offline["weights_backbone"] = None
+        return builder(**offline).eval(), Preprocessing()
     import timm
 
     if arch in timm.list_models():
@@ -242,7 +270,14 @@ def build_architecture(arch: str):
         size = tuple(cfg.get("input_size", (3, 224, 224))[1:])
         return module, Preprocessing(size=size, mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
                                      std=tuple(cfg.get("std", IMAGENET_STD)))
-    raise LoadError(f"unknown --arch {arch!r}: not a torchvision or timm model name")
+    import difflib
+
+    names = sorted(set(torchvision.models.list_models()) | set(timm.list_models()))
+    close = difflib.get_close_matches(arch, names, n=5, cutoff=0.6)
+    hint = f" (closest: {', '.join(close)})" if close else ""
+    raise LoadError(f"unknown --arch {arch!r}: not a torchvision or timm model name{hint}; pass the "
+                    f"constructor the state_dict was saved from (torchvision.models.list_models() "
+                    f"and timm.list_models() list them)")
 
 
 def _builtin() -> Loaded:

@@ -232,8 +232,9 @@ def class_targets(config, data, count: int, classes: int):
         labels = labels[:count]
         bad = np.flatnonzero((labels < 0) | (labels >= classes))
         if len(bad):
-            raise RunError(f"--targets label: {len(bad)} samples (first: {bad[0]}) have no valid "
-                           f"label in 0..{classes - 1}; use --targets pred")
+            raise RunError(f"--targets label: {len(bad)} samples (first: sample {bad[0]}, label "
+                           f"{labels[bad[0]]}) have no label in 0..{classes - 1}, the model's classes: "
+                           f"use --targets pred, or a dataset whose /labels are this model's classes")
         return lambda start, stop: [int(v) for v in labels[start:stop]]
     try:
         category = int(mode)
@@ -241,7 +242,8 @@ def class_targets(config, data, count: int, classes: int):
         raise RunError(f"--targets must be pred, label, a class index or concept:FILE.npy, "
                        f"not {mode!r}") from None
     if not 0 <= category < classes:
-        raise RunError(f"--targets {category} is out of range for a model with {classes} classes")
+        raise RunError(f"--targets {category} is out of range for a model with {classes} classes: "
+                       f"pass a class index in 0..{classes - 1}, or pred")
     return lambda start, stop: [category] * (stop - start)
 
 
@@ -252,7 +254,8 @@ def concept_targets(path: str, count: int, size: int):
     try:
         concepts = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise RunError(f"--targets concept:{path}: not a readable .npy file ({err})") from err
+        raise RunError(f"--targets concept:{path}: not a readable .npy file ({err}); pass a file "
+                       f"saved with numpy.save, holding a (D,) or (N, D) array") from err
     if concepts.ndim == 1:
         concepts = np.broadcast_to(concepts, (count, len(concepts)))
     if concepts.ndim != 2 or concepts.shape[1] != size or len(concepts) < count:

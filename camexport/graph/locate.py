@@ -97,12 +97,14 @@ def normalise(layer: str, paths: list[str]) -> str:
         if all(c.isdigit() for c in children):
             children.sort(key=int)
         if not children:
-            raise LayerError(f"{prefix!r} has no children to index in {layer!r}")
+            raise LayerError(f"{prefix!r} has no children to index in {layer!r}: run `camexport "
+                             f"inspect MODEL` to list every layer, and index one that has children")
         try:
             child = children[int(index)]
         except IndexError:
             raise LayerError(f"index [{index}] is out of range for {prefix!r} "
-                             f"({len(children)} children) in {layer!r}") from None
+                             f"({len(children)} children) in {layer!r}: index from 0 to "
+                             f"{len(children) - 1} (or -1 for the last)") from None
         prefix = f"{prefix}.{child}"
     return prefix
 
@@ -144,6 +146,46 @@ def pick_layer(model: onnx.ModelProto, facts: GraphFacts | None = None,
                          f"{output!r}; pass --layer with a tensor name (`camexport inspect MODEL` "
                          f"lists them)")
     return found[-1]
+
+
+def has_map(shape, input_size: tuple | None = None) -> bool:
+    """Whether a layer of ``shape`` gives a CAM: a feature map (rank 4 NCHW/NHWC, H and W > 1;
+    rank 5 volumes) or tokens on a patch grid; a vector (rank 2: logits, pooled features) or a
+    1 x 1 map does not."""
+    from camexport.layout import infer_layout
+
+    if shape is None:
+        return False
+    layout = infer_layout(tuple(shape), input_size)
+    grid = layout.get("grid")
+    return layout["kind"] == "NCDHW" or (grid is not None and all(d is None or d > 1 for d in grid))
+
+
+def map_layers(model: onnx.ModelProto, facts: GraphFacts | None = None,
+               input_size: tuple | None = None) -> list[str]:
+    """Module paths whose one output tensor gives a CAM (:func:`has_map`), in graph order."""
+    facts = facts or GraphFacts(model)
+    order = {v: k for k, node in enumerate(model.graph.node) for v in node.output}
+    found = [(order.get(c.tensors[0], -1), path) for path, c in module_outputs(model, facts).items()
+             if len(c.tensors) == 1 and has_map(facts.shape_or_none(c.tensors[0]), input_size)]
+    return [path for _, path in sorted(found)]
+
+
+def check_map(model: onnx.ModelProto, layer: str, tensor: str, facts: GraphFacts | None = None,
+              input_size: tuple | None = None, shown: int = 8) -> None:
+    """A LayerError when the resolved layer ``tensor`` gives no spatial map, listing the layers
+    that do (the last ``shown``: those nearest the output)."""
+    facts = facts or GraphFacts(model)
+    shape = facts.shape_or_none(tensor)
+    if has_map(shape, input_size):
+        return
+    text = "unknown" if shape is None else "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"
+    candidates = map_layers(model, facts, input_size)
+    listed = (f"layers with a spatial map, nearest the output last: {', '.join(candidates[-shown:])}"
+              if candidates else "this model has no module with a spatial map: pass an ONNX tensor name")
+    raise LayerError(f"--layer {layer} ({tensor}, shape {text}) has no spatial map to explain (a CAM "
+                     f"needs (N, C, H, W) features with H, W > 1, a volume or patch tokens): pass "
+                     f"one of the {listed} (`camexport inspect MODEL` lists every layer with its shape)")
 
 
 def resolve(model: onnx.ModelProto, layer: str, facts: GraphFacts | None = None,
