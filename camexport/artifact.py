@@ -42,6 +42,7 @@ import onnx
 
 from camexport import __version__
 from camexport.errors import CamexportError
+from camexport.faults import fault_point
 from camexport.load import read_onnx, sha256
 from camexport.locks import FileLock
 
@@ -337,9 +338,12 @@ def write_artifact(directory: Path, plain: onnx.ModelProto, augmented: onnx.Mode
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
+            fault_point("artifact-write")
         scratch.chmod(0o777 & ~_umask())
         _fsync_directory(scratch)
+        fault_point("artifact-swap")
         if directory.is_dir() and _exchange(scratch, directory):
+            fault_point("artifact-swapped")
             shutil.rmtree(scratch)  # it holds the old artifact now
         else:
             if directory.is_dir() and any(directory.iterdir()):

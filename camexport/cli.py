@@ -379,8 +379,10 @@ def run(artifact, data, out, methods, metrics, targets, detection_threshold, pro
                        overwrite=overwrite, seed=seed, detection_threshold=detection_threshold)
     with _terminate_as_interrupt():
         summary = run_job(config, progress=_Progress(quiet))
-    if summary.computed == 0 and not quiet:
+    if not summary.finished and not quiet:
         click.echo(f"{summary.out} is already complete ({summary.samples} samples); nothing to do")
+    elif summary.computed == 0 and not quiet:  # every sample was done: this call wrote the final file
+        click.echo(f"wrote {summary.out}: its {summary.samples} samples were done before; finished the file")
     elif not quiet:
         rate = summary.computed / summary.seconds if summary.seconds else 0
         click.echo(f"wrote {summary.out}: {summary.computed} samples in {summary.seconds:.1f}s "
@@ -400,7 +402,8 @@ def show(results, as_json):
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    state = "complete" if info["complete"] else "in progress"
+    state = {"complete": "complete", "running": f"in progress: pid {info['writer']} is writing it",
+             "unfinished": "unfinished: rerun the same command to finish"}[info["state"]]
     click.echo(f"{info['path']}: {info['done']}/{info['samples']} samples done ({state}), "
                f"{info['invalid']} invalid; provider {info['provider']}; "
                f"camexport {info['camexport_version']}")

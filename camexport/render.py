@@ -151,6 +151,9 @@ def render_results(results, out_dir, indices=None, data=None, class_names=None,
         source = InputData.open(data or stored.attrs["data"])
         done = stored.done
         invalid = stored.invalid
+        if not done.any():
+            raise RenderError(f"no sample of {results} is done yet (unfinished: rerun the same "
+                              f"`camexport run` command to finish, then render)")
         chosen = np.flatnonzero(done & ~invalid) if indices is None else np.asarray(indices)
         planned = [out_dir / "index.html"] + [out_dir / f"{int(i):06d}.png" for i in chosen]
         refuse_inputs([(path, "--out") for path in planned],

@@ -80,6 +80,8 @@ class RunSummary:
     invalid: int
     seconds: float
     provider: str
+    #: this call finished the file (False: it was complete already and nothing was done)
+    finished: bool = True
 
 
 def _check_methods(methods, manifest: dict) -> list[str]:
@@ -98,7 +100,11 @@ def _check_methods(methods, manifest: dict) -> list[str]:
 def _checked(config: RunConfig) -> RunConfig:
     """A copy of ``config`` with its names made canonical, or a RunError naming the fix."""
     if config.batch_size < 1:
-        raise RunError("--batch-size must be at least 1")
+        raise RunError(f"--batch-size must be at least 1, not {config.batch_size}: pass the number of "
+                       f"images per graph run (16 by default)")
+    if config.limit is not None and config.limit < 1:
+        raise RunError(f"--limit must be at least 1, not {config.limit}: pass how many samples to "
+                       f"explain, or leave --limit out for every sample")
     for option, value, choices in (("--cam-dtype", config.cam_dtype, CAM_DTYPES),
                                    ("--metric-score", config.metric_score, METRIC_SCORES),
                                    ("--compression", config.compression, COMPRESSIONS)):
@@ -135,12 +141,25 @@ class Job:
         config = _checked(config)
         artifact = Path(config.artifact)
         graph = graph_path(artifact)
+        if not artifact.exists():
+            raise RunError(f"artifact {artifact} does not exist; make one with `camexport build MODEL "
+                           f"--out {artifact}`")
         if not graph.is_file():
-            raise RunError(f"{artifact} is not an artifact (no {graph.name}); make one with camexport build")
+            raise RunError(f"{artifact} is not an artifact (no {graph.name}); make one with camexport "
+                           f"build MODEL --out DIR, and pass DIR")
+        # the data is checked first: a malformed dataset is refused before the graph is loaded
+        self.data = InputData.open(config.data)
+        try:
+            self._start(config, artifact, graph)
+        except BaseException:
+            self.data.close()
+            raise
+
+    def _start(self, config: RunConfig, artifact: Path, graph: Path) -> None:
+        """The explainer, the task and the result writer of a job whose data is open."""
         self.explainer = Explainer(artifact, provider=config.provider, batch_size=max(config.batch_size, 16))
         manifest = self.explainer.manifest
         self.config = config = replace(config, methods=_check_methods(config.methods, manifest))
-        self.data = InputData.open(config.data)
         self.prep = manifest["preprocessing"]
         size = tuple(self.prep["size"])
         text = "x".join(map(str, size))
@@ -151,8 +170,6 @@ class Job:
         self.task = task_for(manifest, self.explainer.output_shape, config.targets)
         self.task.check(self)
         self.count = len(self.data) if config.limit is None else min(config.limit, len(self.data))
-        if self.count == 0:
-            raise RunError(f"{config.data} holds no images")
         self.targets = self.task.run_targets(self)
         self.provider = self.explainer.provider_name
         fingerprint = {"graph_sha256": sha256(graph), "data": self.data.identity(),
@@ -248,7 +265,7 @@ class Job:
         begin = time.perf_counter()
         done = self.writer.done()[: self.count]
         if done.all() and self.writer.complete:
-            return RunSummary(Path(self.config.out), self.count, 0, 0, 0.0, self.provider)
+            return RunSummary(Path(self.config.out), self.count, 0, 0, 0.0, self.provider, finished=False)
         todo = int((~done).sum())
         computed = invalid = 0
         published, cost = time.perf_counter(), self._publish()

@@ -51,7 +51,15 @@ written to a temporary name and renamed (atomic), and ``OUT.h5`` is a small file
 datasets over the shards, itself rewritten by rename. A SIGKILL at any moment leaves every
 finished shard and a readable ``OUT.h5``; the next run reads the completion mask from the shards.
 When every sample is done the shards are copied into one self-contained ``OUT.h5`` (compressed
-chunks copied as they are) and the parts folder is removed.
+chunks copied as they are) and the parts folder is removed. ``OUT.h5.parts/run.json`` records the
+run (fingerprint, count, root attributes): while it is there, readers (:class:`ResultReader`,
+``show``, ``render``) see a fresh in-memory view of the finished shards, not the OUT.h5 view,
+which may lag (rewritten at most every second) or be missing.
+
+Write failures: HDF5 writes every file through :class:`_GuardedFile`, which keeps a failed
+write (a full disk, an I/O error) from HDF5 (it has segfaulted on them); the partial file is
+removed, every finished shard is kept, and a StoreError says how much space the rest needs.
+``camexport.faults`` names the kill points the fault-injection tests use.
 
 One writer per result: ``camexport run`` holds ``OUT.h5.lock`` (an flock, with its pid and host
 in it; :class:`~camexport.store.outputs.OutputLock`) for the whole run, and so does `camexport
@@ -60,21 +68,20 @@ recompute` while it edits; a second writer is refused, the lock of a killed run 
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import json
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from camexport import __version__
 from camexport.artifact import replace_atomic, temporary_path
 from camexport.errors import CamexportError
+from camexport.faults import fault_point
 
 #: Samples per chunk of a 1-D per-sample dataset (one chunk per sample would waste space).
 VECTOR_CHUNK = 4096
@@ -88,128 +95,100 @@ class StoreError(CamexportError, ValueError):
     """An input or output file that cannot be used, with what to do about it."""
 
 
+class _GuardedFile:
+    """The file object HDF5 writes a file through (h5py's ``fileobj`` driver). HDF5 crashes on
+    some failed writes of its own (a full disk has segfaulted it, and left the half-written file
+    behind), so HDF5 never sees one: every write goes to disk with ``os.pwrite``, the first
+    OSError (ENOSPC, EIO, ...) is kept in :attr:`error` and the writes after it are dropped,
+    while HDF5 goes on to a clean close; :func:`_written` then removes the file and raises it."""
+
+    def __init__(self, path: Path, point: str):
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        self.position = 0
+        self.point = point
+        self.error: OSError | None = None
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.position}.get(whence)
+        self.position = offset + (os.fstat(self.fd).st_size if base is None else base)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        count = os.preadv(self.fd, [buffer], self.position)
+        self.position += count
+        return count
+
+    def read(self, size: int = -1) -> bytes:
+        data = os.pread(self.fd, size if size >= 0 else os.fstat(self.fd).st_size, self.position)
+        self.position += len(data)
+        return data
+
+    def write(self, buffer) -> int:
+        data = memoryview(buffer).cast("B")
+        fault_point(f"{self.point}-write")
+        written = 0
+        while self.error is None and written < len(data):
+            try:
+                written += os.pwrite(self.fd, data[written:], self.position + written)
+            except OSError as err:
+                self.error = err
+        self.position += len(data)
+        return len(data)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self.position if size is None else size
+        if self.error is None:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError as err:
+                self.error = err
+        return size
+
+    def flush(self) -> None:
+        """Nothing is buffered here (HDF5 flushes its caches through :meth:`write`)."""
+
+    def close(self) -> None:
+        """Close the descriptor; the first failed write, if any, is raised."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.error is not None:
+            raise self.error
+
+
 @contextmanager
-def _rewrite(path: Path, parts: Path):
-    """An h5py file written under a temporary name and renamed over ``path``; on OSError the
-    temporary file goes and a StoreError says that the finished shards are kept."""
+def _written(path: Path, point: str) -> Iterator[tuple[h5py.File, _GuardedFile]]:
+    """``with _written(path, "shard") as (h5, guard):`` an h5py file written to a temporary name
+    beside ``path`` through a :class:`_GuardedFile` (``guard``: check ``guard.error`` to stop a
+    long write early) and renamed over ``path`` (fsync, atomic) when the block ends. On a failed
+    write or any exception the temporary file is removed and the error raised (an OSError for a
+    failed write): ``path`` is untouched. ``point`` names the fault points (camexport.faults)."""
     temporary = temporary_path(path)
+    guard = _GuardedFile(temporary, point)
     try:
-        with h5py.File(temporary, "w") as h5:
-            yield h5
+        try:
+            with h5py.File(guard, "w") as h5:
+                yield h5, guard
+        except Exception:
+            if guard.error is None:
+                raise  # else HDF5 read back what was never written: the write error is the cause
+        guard.close()
+        fault_point(f"{point}-rename")
         replace_atomic(temporary, path)
-    except OSError as err:
+    except BaseException:
+        try:
+            guard.close()
+        except OSError:
+            pass
         temporary.unlink(missing_ok=True)
-        raise StoreError(f"cannot write {path} ({err}); the finished shards in "
-                         f"{parts} are kept: run the same command again") from err
+        raise
 
 
 def _string_array(values) -> np.ndarray:
     return np.array([str(v) for v in values], dtype=h5py.string_dtype())
-
-
-# -- input datasets ----------------------------------------------------------------------------
-@dataclass
-class InputData:
-    """An open input dataset; ``images(start, stop)`` reads a slice."""
-
-    path: Path
-    handle: h5py.File
-    preprocessed: bool
-
-    @classmethod
-    def open(cls, path: str | Path) -> InputData:
-        path = Path(path)
-        if not path.is_file():
-            raise StoreError(f"input dataset {path} does not exist; make one with "
-                             f"`camexport pack IMAGES_DIR --out {path}`")
-        try:
-            handle = h5py.File(path, "r")
-        except OSError as err:
-            raise StoreError(f"{path} is not a readable HDF5 file ({err})") from err
-        if "images" not in handle:
-            handle.close()
-            raise StoreError(f"{path} has no /images dataset; an input dataset holds /images "
-                             f"(N, H, W, 3) uint8 RGB or (N, 3, H, W) float32 (camexport pack makes one)")
-        images = handle["images"]
-        if images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] == 3:
-            preprocessed = False
-        elif images.dtype == np.float32 and images.ndim in (4, 5) and images.shape[1] == 3:
-            preprocessed = True
-        else:
-            handle.close()
-            raise StoreError(
-                f"{path}:/images is {images.dtype} of shape {images.shape}; expected (N, H, W, 3) "
-                f"uint8 RGB or (N, 3, H, W) float32 already preprocessed ((N, 3, D, H, W) for "
-                f"3-D models)")
-        data = cls(path, handle, preprocessed)
-        if "labels" in handle and handle["labels"].shape != (len(data),):
-            raise StoreError(f"{path}:/labels has shape {handle['labels'].shape}, expected ({len(data)},)")
-        return data
-
-    def __len__(self) -> int:
-        return self.handle["images"].shape[0]
-
-    @property
-    def image_shape(self) -> tuple[int, ...]:
-        return tuple(self.handle["images"].shape[1:])
-
-    def images(self, start: int, stop: int) -> np.ndarray:
-        return self.handle["images"][start:stop]
-
-    @property
-    def labels(self) -> np.ndarray | None:
-        return self.handle["labels"][()].astype(np.int64) if "labels" in self.handle else None
-
-    @property
-    def names(self) -> list[str] | None:
-        if "names" not in self.handle:
-            return None
-        return [n.decode() if isinstance(n, bytes) else str(n) for n in self.handle["names"][()]]
-
-    def identity(self) -> dict:
-        """What identifies the data for a resumed run: path, shape, dtype, first/last sample."""
-        images = self.handle["images"]
-        n = len(self)
-        probe = np.concatenate([images[0].ravel(), images[n - 1].ravel()]) if n else np.zeros(0)
-        return {"path": str(self.path.resolve()), "shape": list(images.shape), "dtype": str(images.dtype),
-                "probe_sha256": hashlib.sha256(probe.tobytes()).hexdigest()}
-
-    def close(self) -> None:
-        self.handle.close()
-
-
-def write_input(path: str | Path, images: Iterator[tuple[str, np.ndarray, int]],
-                size: tuple[int, int]) -> int:
-    """An input dataset from (name, (H, W, 3) uint8 image, label) items, written atomically:
-    an error on the way leaves no file and an existing one untouched. Returns the count; with
-    no items nothing is written (0)."""
-    path = Path(path)
-    temporary = temporary_path(path)
-    height, width = size
-    names, labels = [], []
-    try:
-        with h5py.File(temporary, "w") as h5:
-            stored = h5.create_dataset("images", (0, height, width, 3), np.uint8,
-                                       maxshape=(None, height, width, 3),
-                                       chunks=(1, height, width, 3), compression="gzip")
-            for name, image, label in images:
-                stored.resize(len(names) + 1, axis=0)
-                stored[len(names)] = image
-                names.append(name)
-                labels.append(label)
-            h5["names"] = _string_array(names)
-            if any(label >= 0 for label in labels):
-                h5["labels"] = np.asarray(labels, np.int64)
-            h5.attrs[KIND_ATTR] = INPUT_KIND
-            h5.attrs["camexport_version"] = __version__
-        if names:
-            replace_atomic(temporary, path)
-        else:
-            temporary.unlink()
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return len(names)
 
 
 # -- result files --------------------------------------------------------------------------------
@@ -230,13 +209,54 @@ def _flatten(group: h5py.Group, prefix: str = "") -> dict[str, h5py.Dataset]:
     return found
 
 
+#: The record of an unfinished run in its parts folder: fingerprint, count, root attributes.
+RUN_RECORD = "run.json"
+
+
+def parts_of(path: Path) -> Path:
+    """The folder of a result's shards while its run is unfinished (``OUT.h5.parts``)."""
+    return path.with_name(path.name + ".parts")
+
+
+def finished_shards(parts: Path) -> list[tuple[int, int, Path]]:
+    """(start, stop, file) of every finished shard in a parts folder, by start."""
+    found = []
+    for shard in parts.glob("shard-*.h5"):
+        _, start, stop = shard.stem.split("-")
+        found.append((int(start), int(stop), shard))
+    return sorted(found)
+
+
+def virtual_view(h5: h5py.File, count: int, shards: list[tuple[int, int, Path]], source) -> None:
+    """Virtual datasets in ``h5`` over the shards, as the result layout; rows no shard holds read
+    as NaN, -1 or False. ``source(shard)``: the file name the view records for a shard."""
+    if not shards:
+        return
+    with h5py.File(shards[0][2], "r") as first:
+        layouts = {name: (d.shape[1:], d.dtype) for name, d in _flatten(first).items()}
+    for name, (tail, dtype) in layouts.items():
+        layout = h5py.VirtualLayout((count, *tail), dtype)
+        for start, stop, shard in shards:
+            layout[start:stop] = h5py.VirtualSource(source(shard), name, shape=(stop - start, *tail))
+        fill = False if dtype == bool else (np.nan if dtype.kind == "f" else -1)
+        h5.create_virtual_dataset(name, layout, fillvalue=fill)
+
+
+def _megabytes(size: float) -> str:
+    if size >= 1e9:
+        return f"{size / 1e9:.1f} GB"
+    return f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.0f} kB"
+
+
 class ResultWriter:
     """Writes a result file batch by batch, resumable after any crash (see the module docstring).
 
     ``fingerprint`` is everything that determines the results; an existing output made with a
     different one is refused unless ``overwrite``; any other existing file (not a result) is
     refused, ``overwrite`` or not. One writer at a time: hold an :class:`OutputLock` on the path
-    while writing (``camexport run`` does), the writer does not take it.
+    while writing (``camexport run`` does), the writer does not take it. A write that fails (a
+    full disk, an I/O error) leaves no partial file and raises a StoreError saying how much space
+    the rest needs; every finished shard is kept for the next run.
     """
 
     def __init__(self, path: str | Path, count: int, fingerprint: dict, attrs: dict,
@@ -244,7 +264,7 @@ class ResultWriter:
         if compression not in COMPRESSIONS:
             raise StoreError(f"unknown compression {compression!r}; choose one of {COMPRESSIONS}")
         self.path = Path(path)
-        self.parts = self.path.with_name(self.path.name + ".parts")
+        self.parts = parts_of(self.path)
         self.count = count
         self.fingerprint = fingerprint
         self.attrs = attrs
@@ -257,10 +277,14 @@ class ResultWriter:
         if overwrite:
             self._remove()
         self._check_existing()
-        if not self.complete:
-            self._write_json(self.parts / "run.json", {"fingerprint": fingerprint, "count": count})
+        temporary_path(self.path).unlink(missing_ok=True)  # a view or final copy cut short
+        if self.complete:  # killed after the final copy was in place: the shards are redundant
+            shutil.rmtree(self.parts, ignore_errors=True)
+        else:
             for stale in self.parts.glob(".*.partial"):
                 stale.unlink()
+            self._write_json(self.parts / RUN_RECORD, {"fingerprint": fingerprint, "count": count,
+                                                       "attrs": self.attrs})
 
     # resuming --------------------------------------------------------------------------------
     def _remove(self) -> None:
@@ -270,7 +294,7 @@ class ResultWriter:
     def _check_existing(self) -> None:
         refuse = (f"{self.path} was made by a different run (another artifact, data or "
                   f"parameters); pass --overwrite to replace it, or choose another --out")
-        record = self.parts / "run.json"
+        record = self.parts / RUN_RECORD
         if record.is_file():
             if json.loads(record.read_text())["fingerprint"] != self.fingerprint:
                 raise StoreError(refuse)
@@ -288,19 +312,16 @@ class ResultWriter:
     @property
     def complete(self) -> bool:
         """An existing self-contained result of this very run (nothing left to do)."""
-        if self.parts.joinpath("run.json").is_file() and self.shards():
-            return False
         if not self.path.exists():
             return False
-        with h5py.File(self.path, "r") as h5:
-            return bool(h5.attrs.get("complete", False))
+        try:
+            with h5py.File(self.path, "r") as h5:
+                return bool(h5.attrs.get("complete", False))
+        except OSError:
+            return False
 
     def shards(self) -> list[tuple[int, int, Path]]:
-        found = []
-        for shard in self.parts.glob("shard-*.h5"):
-            _, start, stop = shard.stem.split("-")
-            found.append((int(start), int(stop), shard))
-        return sorted(found)
+        return finished_shards(self.parts)
 
     def done(self) -> np.ndarray:
         """The completion mask, from the finished shards (and a finished file)."""
@@ -313,37 +334,53 @@ class ResultWriter:
 
     # writing ---------------------------------------------------------------------------------
     def _write_json(self, path: Path, value) -> None:
+        temporary = temporary_path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = temporary_path(path)
             temporary.write_text(json.dumps(value))
             replace_atomic(temporary, path)
         except OSError as err:
-            raise StoreError(f"cannot write {path} ({err}); choose another --out or free space") from err
+            temporary.unlink(missing_ok=True)
+            raise self._failed(err, str(path), 0) from err
+
+    def _failed(self, err: OSError, what: str, batch_bytes: float) -> StoreError:
+        """The error for a failed write of ``what``: what happened, what is kept, what to do;
+        on a full disk how much space the rest needs (the bytes per finished sample, or
+        ``batch_bytes`` per sample before any is finished, times the samples left, plus the
+        final copy)."""
+        shards = self.shards()
+        finished = sum(stop - start for start, stop, _ in shards)
+        kept = (f"{finished}/{self.count} samples are done and kept in {self.parts}" if finished
+                else f"no sample is finished yet ({self.count} to do)")
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return StoreError(f"cannot write {what} ({err}); {kept}: fix the disk or the permissions of "
+                              f"{self.path.parent}, then run the same command again to resume")
+        per_sample = sum(shard.stat().st_size for *_, shard in shards) / finished if finished else batch_bytes
+        left = self.count - finished
+        free = shutil.disk_usage(self.path.parent).free
+        final = per_sample * self.count
+        rest = (f"{_megabytes(per_sample * left + final)} free there ({left} samples left at "
+                f"{_megabytes(per_sample)} each, plus {_megabytes(final)} for the final copy into "
+                f"{self.path.name}" if left else f"{_megabytes(final)} free there for the final copy "
+                f"into {self.path.name} (the shards go after it")
+        return StoreError(
+            f"the disk holding {self.path.parent} is full ({err.strerror}) while writing {what}; {kept}. "
+            f"The rest needs about {rest}; {_megabytes(free)} free now): free space (or choose another "
+            f"--out), then run the same command again to resume")
 
     def write(self, start: int, arrays: dict[str, np.ndarray]) -> None:
         """One finished batch: samples start .. start + len, as a shard (atomic)."""
         stop = start + len(next(iter(arrays.values())))
         shard = self.parts / f"shard-{start:09d}-{stop:09d}.h5"
-        temporary = temporary_path(shard)
         try:
-            with h5py.File(temporary, "w") as h5:
+            with _written(shard, "shard") as (h5, _):
                 for name, value in arrays.items():
                     h5.create_dataset(name, data=value, chunks=_chunks(value.shape),
                                       compression=self.compression)
                 h5["done"] = np.ones(stop - start, bool)
-            replace_atomic(temporary, shard)
         except OSError as err:
-            temporary.unlink(missing_ok=True)
-            raise StoreError(f"cannot write results to {self.parts} ({err}); finished samples are "
-                             f"kept: free space or fix permissions and run the same command again") from err
-
-    def _layouts(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        shards = self.shards()
-        if not shards:
-            return {}
-        with h5py.File(shards[0][2], "r") as h5:
-            return {name: (d.shape[1:], d.dtype) for name, d in _flatten(h5).items()}
+            batch_bytes = sum(value.nbytes for value in arrays.values()) / (stop - start)
+            raise self._failed(err, f"samples {start}..{stop - 1} ({shard.name})", batch_bytes) from err
 
     def _root_attrs(self, h5: h5py.File, complete: bool) -> None:
         h5.attrs.update({key: value if isinstance(value, str) else json.dumps(value)
@@ -353,33 +390,38 @@ class ResultWriter:
 
     def publish(self) -> None:
         """Rewrite OUT.h5 as virtual datasets over the finished shards (a live, readable view)."""
-        shards = self.shards()
-        with _rewrite(self.path, self.parts) as h5:
-            for name, (tail, dtype) in self._layouts().items():
-                layout = h5py.VirtualLayout((self.count, *tail), dtype)
-                for start, stop, shard in shards:
-                    source = os.path.relpath(shard, self.path.parent)
-                    layout[start:stop] = h5py.VirtualSource(source, name, shape=(stop - start, *tail))
-                fill = False if dtype == bool else (np.nan if dtype.kind == "f" else -1)
-                h5.create_virtual_dataset(name, layout, fillvalue=fill)
-            self._root_attrs(h5, complete=False)
+        try:
+            with _written(self.path, "view") as (h5, _):
+                virtual_view(h5, self.count, self.shards(),
+                             lambda shard: os.path.relpath(shard, self.path.parent))
+                self._root_attrs(h5, complete=False)
+        except OSError as err:
+            raise self._failed(err, f"the live view {self.path}", 0) from err
 
     def finish(self, extra: dict[str, np.ndarray]) -> None:
         """Copy every shard into one self-contained OUT.h5 (atomic), then drop the shards.
 
         ``extra``: whole datasets to add (labels; names as a list of str)."""
         shards = self.shards()
-        with _rewrite(self.path, self.parts) as h5:
-            for name, (tail, dtype) in self._layouts().items():
-                shape = (self.count, *tail)
-                target = h5.create_dataset(name, shape, dtype, chunks=_chunks(shape),
-                                           compression=self.compression)
-                for start, stop, shard in shards:
-                    with h5py.File(shard, "r") as part:
-                        _copy_rows(part[name], target, start, stop)
-            for name, value in extra.items():
-                h5.create_dataset(name, data=_string_array(value) if isinstance(value, list) else value)
-            self._root_attrs(h5, complete=True)
+        try:
+            with _written(self.path, "final") as (h5, guard):
+                with h5py.File(shards[0][2], "r") as first:
+                    layouts = {name: (d.shape[1:], d.dtype) for name, d in _flatten(first).items()}
+                for name, (tail, dtype) in layouts.items():
+                    shape = (self.count, *tail)
+                    target = h5.create_dataset(name, shape, dtype, chunks=_chunks(shape),
+                                               compression=self.compression)
+                    for start, stop, shard in shards:
+                        if guard.error is not None:
+                            raise guard.error  # the disk is full: stop copying
+                        with h5py.File(shard, "r") as part:
+                            _copy_rows(part[name], target, start, stop)
+                for name, value in extra.items():
+                    h5.create_dataset(name, data=_string_array(value) if isinstance(value, list) else value)
+                self._root_attrs(h5, complete=True)
+        except OSError as err:
+            raise self._failed(err, f"the final copy {self.path}", 0) from err
+        fault_point("parts-remove")
         shutil.rmtree(self.parts, ignore_errors=True)
 
 
@@ -393,8 +435,9 @@ def _copy_rows(source: h5py.Dataset, target: h5py.Dataset, start: int, stop: int
         target[start:stop] = source[()]
 
 
-# reading and editing results, and what guards outputs, live beside the writer; they import
-# what is above
+# input datasets, reading and editing results, and what guards outputs live beside the writer;
+# they import what is above
+from camexport.store.inputs import InputData, write_input
 from camexport.store.outputs import (
     PACKED,
     RESULT,

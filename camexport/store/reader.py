@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,7 +16,7 @@ import h5py
 import numpy as np
 
 from camexport.artifact import replace_atomic, temporary_path
-from camexport.store import StoreError, _chunks
+from camexport.store import RUN_RECORD, StoreError, _chunks, finished_shards, parts_of, virtual_view
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -22,19 +24,72 @@ if TYPE_CHECKING:
 
 # -- reading results -----------------------------------------------------------------------------
 def open_results(path: str | Path) -> h5py.File:
-    """A result file (finished, or the live view of a run going on) open read-only as h5py;
-    StoreError when it is missing, unreadable or no camexport result. Prefer :class:`ResultReader`."""
+    """A result file open read-only as h5py: a finished one, or for an unfinished run (a parts
+    folder beside it) a fresh view of its finished shards, however stale ``OUT.h5`` is (it is
+    rewritten at most every second) or even absent (a run killed before writing it). StoreError
+    when it is missing, unreadable or no camexport result. Prefer :class:`ResultReader`."""
     path = Path(path)
-    if not path.is_file():
-        raise StoreError(f"{path} does not exist; make it with `camexport run`")
     try:
-        h5 = h5py.File(path, "r")
-    except OSError as err:
-        raise StoreError(f"{path} is not a readable HDF5 file ({err})") from err
+        record = json.loads((parts_of(path) / RUN_RECORD).read_text())
+    except FileNotFoundError:  # no run going on, or one that has just finished
+        record = None
+    if record is not None and not _complete(path):
+        return _shards_view(path, record)
+    h5 = _open_file(path)
     if "fingerprint" not in h5.attrs:
         h5.close()
         raise StoreError(f"{path} is not a camexport result file (no fingerprint attribute)")
     return h5
+
+
+def _complete(path: Path) -> bool:
+    try:
+        with h5py.File(path, "r") as h5:
+            return bool(h5.attrs.get("complete", False))
+    except OSError:
+        return False
+
+
+def _shards_view(path: Path, record: dict) -> h5py.File:
+    """An in-memory result file of virtual datasets over the finished shards of ``path``'s
+    unfinished run (as the live view, with absolute shard paths), its attributes from the run's
+    record (or from OUT.h5, for records written before they held them)."""
+    attrs = record.get("attrs")
+    if attrs is None:
+        with _open_file(path) as old:
+            attrs = {key: value for key, value in old.attrs.items() if key not in ("fingerprint", "complete")}
+    # in memory only (no file is made); the shards open with its driver, so not h5py's fileobj
+    h5 = h5py.File(f"{path}.view-{id(record)}", "w", driver="core", backing_store=False)
+    virtual_view(h5, record["count"], finished_shards(parts_of(path)), lambda shard: str(shard.resolve()))
+    h5.attrs.update({key: value if isinstance(value, str) else json.dumps(value)
+                     for key, value in attrs.items()})
+    h5.attrs["fingerprint"] = json.dumps(record["fingerprint"])
+    h5.attrs["complete"] = False
+    return h5
+
+
+def _open_file(path: Path) -> h5py.File:
+    """``path`` itself open read-only (StoreError naming the file when it cannot be)."""
+    if not path.is_file():
+        raise StoreError(f"{path} does not exist; make it with `camexport run`")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise StoreError(f"{path} is not a readable HDF5 file ({err})") from err
+
+
+def writer_alive(path: str | Path) -> str | None:
+    """The pid of a live process on this host holding ``path``'s output lock (a run writing it
+    now), from the lock file's record; None when no live holder is recorded."""
+    try:
+        owner = json.loads(Path(path).with_name(Path(path).name + ".lock").read_text())
+        pid = int(owner["pid"])
+        if owner["host"] != socket.gethostname():
+            return None
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return str(pid)
 
 
 #: Root attributes of a result file stored as JSON text (:attr:`ResultReader.attrs` parses them).
@@ -218,7 +273,10 @@ class ResultReader:
 
 
 def summary(path: str | Path) -> dict:
-    """Counts, methods, metric means per method, provenance: what ``camexport show`` prints."""
+    """Counts, methods, metric means per method, provenance: what ``camexport show`` prints.
+    ``state``: "complete", "running" (a live process holds the output lock; ``writer``: its
+    pid) or "unfinished" (rerun the same command to finish); counts come from the finished
+    shards while a run is unfinished."""
     with ResultReader(path) as results:
         done = results.done
         invalid = results.invalid & done
@@ -229,9 +287,12 @@ def summary(path: str | Path) -> dict:
                                if ok.any() else float("nan")
                                for method in methods}
         attrs = results.attrs
+        writer = None if results.complete else writer_alive(path)
+        state = "complete" if results.complete else "running" if writer else "unfinished"
         return {
-            "path": str(path), "samples": len(done), "done": int(done.sum()),
-            "invalid": int(invalid.sum()), "complete": results.complete,
+            "path": str(path), "samples": int(results.fingerprint.get("count", len(done))),
+            "done": int(done.sum()), "invalid": int(invalid.sum()), "complete": results.complete,
+            "state": state, "writer": writer,
             "methods": results.methods, "metrics": metrics,
             "outputs": sorted(results.output_names),
             "provider": attrs.get("provider", ""), "camexport_version": attrs.get("camexport_version", ""),
