@@ -65,16 +65,16 @@ def explicit_pads(b, node, x: str, kernel: list[int], strides, dilations) -> lis
     return begins + ends
 
 
-def _transpose_conv(b, node, dy: str, weight: str, kernel: list[int], group: int) -> str:
-    """dX of a Conv-like node: ConvTranspose of dY with the node's own geometry."""
-    x, y = node.input[0], node.output[0]
+def _transpose_conv(b, node, dy: str, weight: str, kernel: list[int], group: int,
+                    pads: list[int] | None = None) -> str:
+    """dX of a Conv-like node: ConvTranspose of dY with the node's own geometry (``pads``: its
+    explicit pads, by default)."""
+    x = node.input[0]
     n = len(kernel)
     strides = list(attr(node, "strides", [1] * n))
     dilations = list(attr(node, "dilations", [1] * n))
-    pads = explicit_pads(b, node, x, kernel, strides, dilations)
-    in_sizes, out_sizes = b.facts.shape(x)[2:], b.facts.shape(y)[2:]
-    if None in in_sizes or None in out_sizes:
-        raise NotImplementedError("spatial sizes must be static (only the batch may vary)")
+    pads = pads or explicit_pads(b, node, x, kernel, strides, dilations)
+    in_sizes, out_sizes = _static_sizes(b, node)
     output_padding = [
         size - ((o - 1) * s - pads[i] - pads[i + n] + d * (k - 1) + 1)
         for i, (size, o, s, d, k) in enumerate(zip(in_sizes, out_sizes, strides, dilations, kernel))
@@ -168,25 +168,36 @@ def _resize(b, node, dys):
     return none_but(grad, node)
 
 
+def _static_sizes(b, node) -> tuple[list[int], list[int]]:
+    """The spatial sizes of a node's first input and output, which must be static."""
+    in_sizes, out_sizes = b.facts.shape(node.input[0])[2:], b.facts.shape(node.output[0])[2:]
+    if None in in_sizes or None in out_sizes:
+        raise NotImplementedError("spatial sizes must be static (only the batch may vary)")
+    return list(in_sizes), list(out_sizes)
+
+
 @rule("AveragePool")
 def _average_pool(b, node, dys):
-    """Y = mean over each window: dX = ConvTranspose(dY / count, ones), count per window."""
+    """Y = window sum / divisor: dX = ConvTranspose(dY / divisor, ones), 1 / divisor read off the
+    node itself (count_include_pad, ceil_mode) as AveragePool(ones) / (window sum of ones)."""
     x = node.input[0]
-    if attr(node, "ceil_mode", 0):
-        raise NotImplementedError("AveragePool with ceil_mode=1")
     kernel = list(attr(node, "kernel_shape"))
-    channels = b.facts.static_dim(x, 1)
+    n, channels = len(kernel), b.facts.static_dim(x, 1)
+    strides = list(attr(node, "strides", [1] * n))
+    dilations = list(attr(node, "dilations", [1] * n))
+    pads = explicit_pads(b, node, x, kernel, strides, dilations)
+    for i, (size, out) in enumerate(zip(*_static_sizes(b, node))):
+        # ceil_mode: the last window may overhang the end pad; the overhang counts as more end pad
+        pads[n + i] += max(0, (out - 1) * strides[i] + dilations[i] * (kernel[i] - 1) + 1
+                           - size - pads[i] - pads[n + i])
     dtype = helper.tensor_dtype_to_np_dtype(b.facts.dtype(x))
+    plane = b.array(np.ones([1, 1, *b.facts.shape(x)[2:]], dtype=dtype))
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    count = b.op("Conv", plane, b.array(np.ones([1, 1, *kernel], dtype=dtype)), kernel_shape=kernel,
+                 strides=strides, dilations=dilations, pads=pads)
+    dy = b.op("Mul", dys[0], b.op("Div", b.op("AveragePool", plane, **attrs), count))
     ones = b.array(np.ones([channels, 1, *kernel], dtype=dtype))
-    pads = attr(node, "pads", [0] * (2 * len(kernel)))
-    if attr(node, "count_include_pad", 0) or not any(pads):
-        dy = b.op("Div", dys[0], b.const(float(np.prod(kernel)), x))
-    else:
-        plane = b.array(np.ones([1, 1, *b.facts.shape(x)[2:]], dtype=dtype))
-        share = b.op("AveragePool", plane, kernel_shape=kernel, count_include_pad=1, pads=pads,
-                     strides=list(attr(node, "strides", [1] * len(kernel))))
-        dy = b.op("Div", dys[0], b.op("Mul", share, b.const(float(np.prod(kernel)), x)))
-    return [_transpose_conv(b, node, dy, ones, kernel, channels)]
+    return [_transpose_conv(b, node, dy, ones, kernel, channels, pads)]
 
 
 @rule("MaxPool", since=12)
