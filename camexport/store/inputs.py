@@ -12,8 +12,7 @@ import h5py
 import numpy as np
 
 from camexport import __version__
-from camexport.artifact import replace_atomic, temporary_path
-from camexport.store import INPUT_KIND, KIND_ATTR, StoreError, _string_array
+from camexport.store import INPUT_KIND, KIND_ATTR, StoreError, _string_array, _written
 
 
 def _check_images(path: Path, handle: h5py.File, made: str) -> bool:
@@ -138,37 +137,46 @@ class InputData:
         self.handle.close()
 
 
+class _NothingPacked(Exception):
+    """No image came: the temporary file is dropped and an existing ``--out`` kept."""
+
+
 def write_input(path: str | Path, images: Iterator[tuple[str, np.ndarray, int]],
                 size: tuple[int, int]) -> int:
-    """An input dataset from (name, (H, W, 3) uint8 image, label) items, written atomically:
-    an error on the way leaves no file and an existing one untouched. Returns the count; with
-    no items nothing is written (0)."""
+    """An input dataset from (name, (H, W, 3) uint8 image, label) items, written atomically
+    through the store's guarded writer: an error on the way (a full disk too) leaves no file and
+    an existing one untouched. Returns the count; with no items nothing is written (0)."""
     path = Path(path)
-    temporary = temporary_path(path)
     height, width = size
     names, labels = [], []
+    guard = None
     try:
-        with h5py.File(temporary, "w") as h5:
+        with _written(path, "pack") as (h5, guard):
             stored = h5.create_dataset("images", (0, height, width, 3), np.uint8,
                                        maxshape=(None, height, width, 3),
                                        chunks=(1, height, width, 3), compression="gzip")
             for name, image, label in images:
+                if guard.error is not None:
+                    break
                 stored.resize(len(names) + 1, axis=0)
                 stored[len(names)] = image
                 names.append(name)
                 labels.append(label)
+            if not names:
+                raise _NothingPacked
             h5["names"] = _string_array(names)
             if any(label >= 0 for label in labels):
                 h5["labels"] = np.asarray(labels, np.int64)
             h5.attrs[KIND_ATTR] = INPUT_KIND
             h5.attrs["camexport_version"] = __version__
-        if names:
-            replace_atomic(temporary, path)
-        else:
-            temporary.unlink()
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    except _NothingPacked:
+        return 0
+    except OSError as err:
+        if guard is None or guard.error is not err:
+            raise
+        raise StoreError(f"cannot write {path} after {len(names)} images ({err.strerror}); nothing was "
+                         f"written and an existing file is unchanged: free space (or fix the disk) "
+                         f"where {path.parent} is, then run the same pack again") from err
     return len(names)
 
 

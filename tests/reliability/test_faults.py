@@ -225,6 +225,32 @@ def test_injected_write_error_keeps_shards_and_resumes(workspace, tmp_path, monk
     _check_finished(out, workspace / "reference.h5")
 
 
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+def test_pack_on_a_failing_disk_keeps_the_existing_dataset(workspace, tmp_path, monkeypatch, code):
+    """``pack`` writes through the same guarded writer: one error line, no file left, and the
+    dataset it was replacing (--overwrite) unchanged."""
+    from camexport import store
+
+    out = tmp_path / "packed.h5"
+    shutil.copy(workspace / "data.h5", out)
+    before = out.read_bytes()
+    real_pwrite = os.pwrite
+    calls = []
+
+    def failing(fd, data, offset):
+        calls.append(fd)
+        if len(calls) > 3:
+            raise OSError(code, os.strerror(code))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(store.os, "pwrite", failing)
+    line = _one_error(cli("pack", workspace / "images", "--out", out, "--size", SIZE, "--overwrite", "-q",
+                          ok=False), r"cannot write \S+packed\.h5 after \d+ images .*run the same pack again")
+    monkeypatch.undo()
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["packed.h5"]
+    print(f"\n[pack, {errno.errorcode[code]}] {line}")
+
+
 # -- SIGKILL at seeded points of `run` ------------------------------------------------------------
 #: point -> the occurrences it has in a fresh run of this workspace (measured: 6 shards of 2)
 RUN_POINTS = {"shard-write": 190, "shard-rename": 6, "view-write": 8, "view-rename": 1,
