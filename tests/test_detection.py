@@ -82,7 +82,9 @@ def prepared(name: str, root: str):
     torch.save(model, path)
     methods = ",".join([*GRADIENT_METHODS, "eigencam", "scorecam", "ablationcam"])
     layers = LAYERS[1:] if name == "retinanet-layer3" else LAYERS
-    built = build(path, layers, methods, trust_pickle=True, input_size=(size, size), out_dir=f"{root}/{name}")
+    # overwrite: a model the tests come back to after another one is prepared again
+    built = build(path, layers, methods, trust_pickle=True, input_size=(size, size), out_dir=f"{root}/{name}",
+                  overwrite=True)
     x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1)).numpy()
     return model, Explainer(built.directory), x
 

@@ -58,7 +58,8 @@ def prepared(name: str, root: str):
         model, layer, tensor_layer = clip.visual, clip.visual.layer4, "layer4"
     path = f"{root}/{name}.pt"
     torch.save(model, path)
-    built = build(path, [tensor_layer], trust_pickle=True, input_size=(64, 64), out_dir=f"{root}/{name}")
+    built = build(path, [tensor_layer], trust_pickle=True, input_size=(64, 64), out_dir=f"{root}/{name}",
+                  overwrite=True)  # a model the tests come back to is prepared again
     return model, Explainer(built.directory), layer, x, concepts
 
 

@@ -108,7 +108,8 @@ def prepared(setup: str, tmp_root: str):
     torch.save(model, path)
     methods = ("gradcam,fullgrad,guidedbackprop,shapleycam" if setup in ("resnet18", "vgg11")
                else "gradcam")
-    common = {"trust_pickle": True, "input_size": (size, size)}
+    # overwrite: a model the tests come back to after another one is prepared again
+    common = {"trust_pickle": True, "input_size": (size, size), "overwrite": True}
     one = build(path, [usual], methods=methods, out_dir=f"{tmp_root}/{setup}-1", **common)
     two = build(path, [usual, second], out_dir=f"{tmp_root}/{setup}-2",
                 methods="gradcam,shapleycam" if setup in ("resnet18", "vgg11") else "gradcam",
@@ -420,7 +421,7 @@ def prepared_conv_layer(setup: str, tmp_root: str):
 
     model, _, _, x = prepared(setup, tmp_root)
     one = build(f"{tmp_root}/{setup}.pt", ["features.18"], trust_pickle=True, methods="gradcam",
-                out_dir=f"{tmp_root}/{setup}-conv", input_size=(64, 64))
+                out_dir=f"{tmp_root}/{setup}-conv", input_size=(64, 64), overwrite=True)
     functional = copy.deepcopy(model)
     for module in functional.modules():
         if isinstance(module, torch.nn.ReLU):
@@ -658,7 +659,7 @@ def prepared_binary(setup: str, tmp_root: str):
     path = f"{tmp_root}/binary.pt"
     torch.save(model, path)
     built = build(path, ["layer4"], methods="gradcam", trust_pickle=True,
-                  out_dir=f"{tmp_root}/binary", input_size=(64, 64))
+                  out_dir=f"{tmp_root}/binary", input_size=(64, 64), overwrite=True)
     x = np.random.default_rng(2).standard_normal((BATCH, 3, 64, 64)).astype(np.float32)
     return model, _explainer(built.directory), x
 

@@ -8,6 +8,7 @@ differentiated, or a stem such as ``score``) and its output carries the same nam
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Sequence
 
 import numpy as np
@@ -258,3 +259,20 @@ class Builder:
                        self.op("Reshape", positions, self.ints([-1])),
                        self.op("Reshape", updates, self.ints([-1])), axis=0, reduction="add")
         return self.op("Reshape", flat, shape)
+
+
+def exporter_record(node: onnx.NodeProto, key: str) -> list[str] | None:
+    """A list of strings that torch's exporter records in a node's ``metadata_props`` (e.g.
+    ``pkg.torch.onnx.name_scopes``, ``pkg.torch.onnx.class_hierarchy``), or None when the node
+    has none or it is not such a list (another exporter, a damaged file)."""
+    text = next((p.value for p in node.metadata_props if p.key == key), None)
+    if text is None:
+        return None
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        return None
+    return list(value)
+

@@ -8,7 +8,6 @@ something outside the module consumes. ONNX tensor names are accepted as layers 
 
 from __future__ import annotations
 
-import ast
 import difflib
 import re
 from collections import defaultdict
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 import onnx
 
 from camexport.errors import CamexportError
-from camexport.graph.builder import GraphFacts
+from camexport.graph.builder import GraphFacts, exporter_record
 from camexport.graph.cut import computed_from, computed_into
 
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
@@ -35,10 +34,9 @@ class Candidate:
 
 def _node_modules(node: onnx.NodeProto) -> list[str]:
     """Module paths enclosing ``node``, outermost first."""
-    for prop in node.metadata_props:
-        if prop.key == SCOPE_KEY:
-            scopes = ast.literal_eval(prop.value)
-            return [s for s in scopes[:-1] if s]
+    scopes = exporter_record(node, SCOPE_KEY)
+    if scopes is not None:
+        return [s for s in scopes[:-1] if s]
     if node.name.startswith("/"):
         parts = node.name.strip("/").split("/")[:-1]
         # legacy names repeat the path cumulatively ("/layer4/layer4.2/conv1/Conv")

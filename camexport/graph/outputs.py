@@ -21,7 +21,6 @@ build, the Explainer and ``camexport recompute`` loop over the same records.
 
 from __future__ import annotations
 
-import ast
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -29,7 +28,7 @@ import numpy as np
 import onnx
 
 from camexport.errors import CamexportError
-from camexport.graph.builder import Builder, GraphFacts
+from camexport.graph.builder import Builder, GraphFacts, exporter_record
 from camexport.graph.rules import GUIDED_RULES, Rule
 
 
@@ -270,12 +269,8 @@ def _pgc_bias_module(node: onnx.NodeProto) -> bool:
     """Whether a node comes from a module pgc's FullGrad counts as a bias layer, by the torch
     exporter's ``pkg.torch.onnx.class_hierarchy`` (the innermost module class before the aten
     op); True for graphs without that record (other exporters)."""
-    record = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.class_hierarchy"), None)
-    if record is None:
-        return True
-    try:
-        classes = ast.literal_eval(record)
-    except (ValueError, SyntaxError):
+    classes = exporter_record(node, "pkg.torch.onnx.class_hierarchy")
+    if classes is None:
         return True
     modules = [c for c in classes if not c.startswith("aten.") and "." in c]
     return not modules or modules[-1] in PGC_BIAS_MODULES

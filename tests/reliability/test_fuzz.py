@@ -427,6 +427,24 @@ def _cli(*args) -> tuple[int, str]:
     return result.exit_code, output
 
 
+@pytest.mark.parametrize("record", ["['', 'features', 'b=\\xe509', 'relu']", "not python", "[1, 2]",
+                                    "{'a': 1}"])
+def test_a_damaged_exporter_record_is_read_as_none(valid, tmp_path, record):
+    """Found by the mutations below: a node's ``pkg.torch.onnx.name_scopes`` (or class_hierarchy)
+    that is not a list of strings made `inspect` fail with a camexport bug; it is now ignored (the
+    node has no module path), and the model is listed or built as any other exporter's."""
+    model = onnx.load(str(valid["onnx"]))
+    for node in model.graph.node:
+        for prop in node.metadata_props:
+            if prop.key in ("pkg.torch.onnx.name_scopes", "pkg.torch.onnx.class_hierarchy"):
+                prop.value = record
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    _cli("inspect", path)
+    code, output = _cli("build", path, "--out", tmp_path / "art", "-q")
+    assert code == 0, output
+
+
 @st.composite
 def mutations(draw, length: int, regions: list[tuple[int, int]] | None = None) -> list[tuple]:
     """1-3 byte edits (kind, offset, bytes) of a file of ``length`` bytes, offsets in
