@@ -16,9 +16,8 @@ import cv2
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from cli_helper import cli
 
-from camexport.cli import main
 from camexport.data import foolbox_files, preprocess, skimage_photos
 from camexport.explain import Explainer
 from camexport.store import ResultReader
@@ -28,12 +27,6 @@ pytestmark = pytest.mark.xdist_group("lite0-run")
 METHODS = "gradcam,gradcam++,eigencam,ablationcam,fullgrad"
 CAM_TOLERANCE = 1e-6  # the CLI and the Python API run the same graph on the same float32 inputs
 
-
-def cli(*args: str, ok: bool = True):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="session")

@@ -23,10 +23,9 @@ import cv2
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from cli_helper import cli
 
 from camexport.artifact import MANIFEST_FILE, verify_artifact
-from camexport.cli import main
 from camexport.faults import FAULT_VARIABLE
 from camexport.store import ResultReader
 
@@ -36,12 +35,6 @@ METHODS = "gradcam,eigencam"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 SEED = 20
 
-
-def cli(*args, ok: bool = True):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,9 @@ import cv2
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from cli_helper import cli
 
-from camexport.cli import INTERRUPTED, main
+from camexport.cli import INTERRUPTED
 from camexport.store import ResultReader
 
 #: Enough samples (one per batch) that a run lasts a few seconds: concurrent runs overlap.
@@ -34,12 +34,6 @@ SIZE = 32
 METHODS = "gradcam,eigencam"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
-
-def cli(*args, ok: bool = True):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")
