@@ -82,6 +82,7 @@ import numpy as np
 from camexport.artifact import replace_atomic, temporary_path
 from camexport.errors import CamexportError
 from camexport.faults import fault_point
+from camexport.interrupts import Held, held_back
 
 #: Samples per chunk of a 1-D per-sample dataset (one chunk per sample would waste space).
 VECTOR_CHUNK = 4096
@@ -102,8 +103,9 @@ class _GuardedFile:
     OSError (ENOSPC, EIO, ...) is kept in :attr:`error` and the writes after it are dropped,
     while HDF5 goes on to a clean close; :func:`_written` then removes the file and raises it."""
 
-    def __init__(self, path: Path, point: str):
+    def __init__(self, path: Path, point: str, held: Held):
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        self.held = held
         self.position = 0
         self.point = point
         self.error: OSError | None = None
@@ -163,28 +165,31 @@ class _GuardedFile:
 def _written(path: Path, point: str) -> Iterator[tuple[h5py.File, _GuardedFile]]:
     """``with _written(path, "shard") as (h5, guard):`` an h5py file written to a temporary name
     beside ``path`` through a :class:`_GuardedFile` (``guard``: check ``guard.error`` to stop a
-    long write early) and renamed over ``path`` (fsync, atomic) when the block ends. On a failed
-    write or any exception the temporary file is removed and the error raised (an OSError for a
-    failed write): ``path`` is untouched. ``point`` names the fault points (camexport.faults)."""
-    temporary = temporary_path(path)
-    guard = _GuardedFile(temporary, point)
-    try:
+    long write early; ``guard.held.raise_pending()`` to let Ctrl-C through between two writes:
+    inside the block it is held back, see camexport.interrupts) and renamed over ``path``
+    (fsync, atomic) when the block ends. On a failed write or any exception the temporary file
+    is removed and the error raised (an OSError for a failed write): ``path`` is untouched.
+    ``point`` names the fault points (camexport.faults)."""
+    with held_back() as held:  # no Ctrl-C/SIGTERM inside HDF5's calls into the guard
+        temporary = temporary_path(path)
+        guard = _GuardedFile(temporary, point, held)
         try:
-            with h5py.File(guard, "w") as h5:
-                yield h5, guard
-        except Exception:
-            if guard.error is None:
-                raise  # else HDF5 read back what was never written: the write error is the cause
-        guard.close()
-        fault_point(f"{point}-rename")
-        replace_atomic(temporary, path)
-    except BaseException:
-        try:
+            try:
+                with h5py.File(guard, "w") as h5:
+                    yield h5, guard
+            except Exception:
+                if guard.error is None:
+                    raise  # else HDF5 read back what was never written: the write error is the cause
             guard.close()
-        except OSError:
-            pass
-        temporary.unlink(missing_ok=True)
-        raise
+            fault_point(f"{point}-rename")
+            replace_atomic(temporary, path)
+        except BaseException:
+            try:
+                guard.close()
+            except OSError:
+                pass
+            temporary.unlink(missing_ok=True)
+            raise
 
 
 def _string_array(values) -> np.ndarray:
@@ -414,6 +419,7 @@ class ResultWriter:
                     for start, stop, shard in shards:
                         if guard.error is not None:
                             raise guard.error  # the disk is full: stop copying
+                        guard.held.raise_pending()  # Ctrl-C between two shards, not inside HDF5
                         with h5py.File(shard, "r") as part:
                             _copy_rows(part[name], target, start, stop)
                 for name, value in extra.items():

@@ -158,6 +158,7 @@ def write_input(path: str | Path, images: Iterator[tuple[str, np.ndarray, int]],
             for name, image, label in images:
                 if guard.error is not None:
                     break
+                guard.held.raise_pending()  # a Ctrl-C between two images, not inside HDF5
                 stored.resize(len(names) + 1, axis=0)
                 stored[len(names)] = image
                 names.append(name)
