@@ -359,10 +359,20 @@ def pack(images, out, size, labels, skip_unreadable, overwrite, quiet):
 @click.option("--seed", default=0, show_default=True, help="Seed of the metrics' noise.")
 @click.option("--overwrite", is_flag=True,
               help="Replace a result made by a different run (nothing but a camexport result is replaced).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process; ray: a pool of Ray actors (pip install camexport[ray]), "
+                   "same results (docs/scale-out.md).")
+@click.option("--address", help="--engine ray: the cluster to join (auto, ray://HOST:PORT); "
+                                 "default: a local Ray on this machine.")
+@click.option("--workers", type=int, help="--engine ray: actors in the pool  [default: 2]")
+@click.option("--cpus-per-worker", type=float, help="--engine ray: CPUs of each actor (its "
+                                                    "onnxruntime threads)  [default: 1]")
+@click.option("--gpus-per-worker", type=float, help="--engine ray: GPUs of each actor (e.g. 0.5, "
+                                                    "with --provider cuda)  [default: 0]")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 def run(artifact, data, out, methods, metrics, targets, detection_threshold, provider, batch_size, limit,
         eigen_smooth, aug_smooth, cam_dtype, compression, metric_score, save_activations, save_gradients,
-        seed, overwrite, quiet):
+        seed, overwrite, engine, address, workers, cpus_per_worker, gpus_per_worker, quiet):
     """Explain every image of a dataset with ARTIFACT; CAMs, outputs and metrics into --out.
 
     Killed, interrupted or terminated, the same command resumes where it stopped. One run at a
@@ -377,8 +387,20 @@ def run(artifact, data, out, methods, metrics, targets, detection_threshold, pro
                        compression=compression, metric_score=metric_score,
                        save_activations=save_activations, save_gradients=save_gradients,
                        overwrite=overwrite, seed=seed, detection_threshold=detection_threshold)
+    ray_options = {"address": address, "workers": workers, "cpus_per_worker": cpus_per_worker,
+                   "gpus_per_worker": gpus_per_worker}
+    given = [f"--{name.replace('_', '-')}" for name, value in ray_options.items() if value is not None]
+    if engine == "local" and given:
+        raise click.UsageError(f"{', '.join(given)} only apply to --engine ray: add --engine ray, or "
+                               f"leave {'them' if len(given) > 1 else 'it'} out")
     with _terminate_as_interrupt():
-        summary = run_job(config, progress=_Progress(quiet))
+        if engine == "ray":
+            from camexport.ray_engine import RayOptions, run_ray
+
+            options = RayOptions(**{name: value for name, value in ray_options.items() if value is not None})
+            summary = run_ray(config, options, progress=_Progress(quiet))
+        else:
+            summary = run_job(config, progress=_Progress(quiet))
     if not summary.finished and not quiet:
         click.echo(f"{summary.out} is already complete ({summary.samples} samples); nothing to do")
     elif summary.computed == 0 and not quiet:  # every sample was done: this call wrote the final file
@@ -387,6 +409,7 @@ def run(artifact, data, out, methods, metrics, targets, detection_threshold, pro
         rate = summary.computed / summary.seconds if summary.seconds else 0
         click.echo(f"wrote {summary.out}: {summary.computed} samples in {summary.seconds:.1f}s "
                    f"({rate:.1f} img/s) on {summary.provider}"
+                   + (f" ({summary.engine})" if summary.engine else "")
                    + (f"; {summary.invalid} with NaN/Inf pixels flagged in /invalid"
                       if summary.invalid else ""))
 

@@ -82,6 +82,8 @@ class RunSummary:
     provider: str
     #: this call finished the file (False: it was complete already and nothing was done)
     finished: bool = True
+    #: where the batches ran, in words ("" for this process)
+    engine: str = ""
 
 
 def _check_methods(methods, manifest: dict) -> list[str]:
@@ -137,7 +139,10 @@ class Job:
     """A configured run: opened data, explainer and result writer, ready to ``run()``. The kind
     of model (camexport.tasks) decides targets, checks and its own arrays; the job does not."""
 
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, provenance: dict | None = None, worker: bool = False):
+        """``provenance``: root attributes saying how the run was made (the engine); ``worker``:
+        one of a distributed run's workers, which computes batches and writes their shards only
+        (the driver's Job holds the ResultWriter)."""
         config = _checked(config)
         artifact = Path(config.artifact)
         graph = graph_path(artifact)
@@ -150,12 +155,12 @@ class Job:
         # the data is checked first: a malformed dataset is refused before the graph is loaded
         self.data = InputData.open(config.data)
         try:
-            self._start(config, artifact, graph)
+            self._start(config, artifact, graph, provenance or {"engine": "local"}, worker)
         except BaseException:
             self.data.close()
             raise
 
-    def _start(self, config: RunConfig, artifact: Path, graph: Path) -> None:
+    def _start(self, config: RunConfig, artifact: Path, graph: Path, provenance: dict, worker: bool) -> None:
         """The explainer, the task and the result writer of a job whose data is open."""
         self.explainer = Explainer(artifact, provider=config.provider, batch_size=max(config.batch_size, 16))
         manifest = self.explainer.manifest
@@ -172,13 +177,17 @@ class Job:
         self.count = len(self.data) if config.limit is None else min(config.limit, len(self.data))
         self.targets = self.task.run_targets(self)
         self.provider = self.explainer.provider_name
+        if worker:
+            self.writer = ResultWriter.for_worker(config.out, self.count, config.compression)
+            return
         fingerprint = {"graph_sha256": sha256(graph), "data": self.data.identity(),
                        "count": self.count, "parameters": config.parameters()}
         attrs = {"camexport_version": __version__, "provider": self.provider,
                  "manifest": manifest, "methods": config.methods, "metrics": config.metrics,
                  "layers": [layer["name"] for layer in manifest["layers"]],
                  "artifact": str(graph.resolve()), "data": str(Path(config.data).resolve()),
-                 "model_sha256": manifest["source"]["sha256"], "graph_sha256": fingerprint["graph_sha256"]}
+                 "model_sha256": manifest["source"]["sha256"], "graph_sha256": fingerprint["graph_sha256"],
+                 "run_engine": provenance}
         self.writer = ResultWriter(config.out, self.count, fingerprint, attrs,
                                    compression=config.compression, overwrite=config.overwrite)
 

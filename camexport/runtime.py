@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import onnx
@@ -17,6 +18,9 @@ PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
 }
 
+
+#: Threads of each session when set (a Ray worker given N CPUs sets N; default: every core).
+THREADS_VARIABLE = "CAMEXPORT_THREADS"
 
 #: options of the CUDA provider: float32 as on the CPU. onnxruntime's CUDA provider otherwise uses
 #: TF32 tensor cores for convolutions and matrix products on Ampere and later GPUs: measured on an
@@ -51,6 +55,7 @@ def session(model: onnx.ModelProto | str | Path, provider: str = "cpu", threads:
     wanted = require(provider)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    threads = threads or int(os.environ.get(THREADS_VARIABLE) or 0)
     if threads:
         options.intra_op_num_threads = threads
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)

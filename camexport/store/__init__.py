@@ -291,6 +291,18 @@ class ResultWriter:
             self._write_json(self.parts / RUN_RECORD, {"fingerprint": fingerprint, "count": count,
                                                        "attrs": self.attrs})
 
+    @classmethod
+    def for_worker(cls, path: str | Path, count: int, compression: str = "gzip") -> ResultWriter:
+        """A writer of shards only, for one of many workers of a run whose driver made the
+        ResultWriter (and holds the lock, publishes the view, finishes the file)."""
+        writer = cls.__new__(cls)
+        writer.path, writer.parts, writer.count = Path(path), parts_of(Path(path)), count
+        writer.compression, writer.fingerprint, writer.attrs = compression, None, None
+        return writer
+
+    def shard_path(self, start: int, stop: int) -> Path:
+        return self.parts / f"shard-{start:09d}-{stop:09d}.h5"
+
     # resuming --------------------------------------------------------------------------------
     def _remove(self) -> None:
         shutil.rmtree(self.parts, ignore_errors=True)
@@ -376,7 +388,7 @@ class ResultWriter:
     def write(self, start: int, arrays: dict[str, np.ndarray]) -> None:
         """One finished batch: samples start .. start + len, as a shard (atomic)."""
         stop = start + len(next(iter(arrays.values())))
-        shard = self.parts / f"shard-{start:09d}-{stop:09d}.h5"
+        shard = self.shard_path(start, stop)
         try:
             with _written(shard, "shard") as (h5, _):
                 for name, value in arrays.items():

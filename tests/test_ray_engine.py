@@ -1,0 +1,165 @@
+"""`camexport run --engine ray`: a pool of Ray actors gives the local engine's result, bit for bit,
+also when one of its workers is killed mid-run or the driver is killed and run again.
+
+One local Ray (2 CPUs) for the module, started by a fixture and shut down after it; the
+drivers run as subprocesses that join it with --address (in-process runs would share this
+process's Ray). A tiny CNN at 32 x 32 over random images: GradCAM, EigenCAM, ScoreCAM and a
+metric."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+from cli_helper import cli
+
+ray = pytest.importorskip("ray", reason="Ray is a test extra (camexport[ray]); it is not installed")
+
+pytestmark = pytest.mark.xdist_group("ray")  # one local Ray per test session, on one worker
+
+SAMPLES = 48
+SIZE = 32
+METHODS = "gradcam,eigencam,scorecam"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+#: the datasets a Ray result must share with the local one, bit for bit
+COMPARED = ("cams/gradcam", "cams/eigencam", "cams/scorecam", "outputs", "targets", "invalid",
+            "metrics/drop-in-confidence/gradcam", "metrics/drop-in-confidence/scorecam")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray for the module's drivers to join; nothing of it left after the module."""
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    address = ray.get_runtime_context().gcs_address
+    yield address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A tiny CNN's artifact, random images packed, and the local engine's result."""
+    import torch
+
+    root = tmp_path_factory.mktemp("ray")
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    torch.save(model, root / "tiny.pt")
+    cli("build", root / "tiny.pt", "--layer", "3", "--trust-pickle", "--input-size", SIZE, SIZE,
+        "--methods", METHODS, "--out", root / "art", "-q")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(SAMPLES):
+        cv2.imwrite(str(images / f"img{i:03d}.png"), rng.integers(0, 256, (SIZE, SIZE, 3), np.uint8))
+    cli("pack", images, "--out", root / "data.h5", "--size", SIZE, "-q")
+    cli(*_run_args(root, root / "local.h5"))
+    return root
+
+
+def _run_args(root: Path, out: Path, *extra) -> list:
+    return ["run", root / "art", "--data", root / "data.h5", "--out", out, "--methods", METHODS,
+            "--metrics", "drop-in-confidence", "--batch-size", "2", *extra]
+
+
+def _ray_command(root: Path, out: Path, address: str, *extra) -> list[str]:
+    args = _run_args(root, out, "--engine", "ray", "--address", address, "--workers", "2", *extra)
+    return [sys.executable, "-m", "camexport.cli", *map(str, args)]
+
+
+def _same_as_local(out: Path, root: Path) -> None:
+    with h5py.File(out, "r") as result, h5py.File(root / "local.h5", "r") as local:
+        assert result.attrs["complete"] and result["done"][()].all()
+        for name in COMPARED:
+            if name == "outputs":
+                name = f"outputs/{next(iter(local['outputs']))}"
+            assert result[name].dtype == local[name].dtype
+            np.testing.assert_array_equal(result[name][()], local[name][()], err_msg=name)  # bit for bit
+        assert sorted(result) == sorted(local)
+        assert '"engine": "ray"' in result.attrs["run_engine"]
+    assert not out.with_name(out.name + ".parts").exists()
+
+
+def test_two_workers_give_the_local_result(cluster, workspace):
+    out = workspace / "ray.h5"
+    done = subprocess.run(_ray_command(workspace, out, cluster), env=ENV, capture_output=True, text=True,
+                          check=False, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {out}: {SAMPLES} samples" in done.stdout
+    _same_as_local(out, workspace)
+
+
+def _shards(out: Path) -> int:
+    return len(list(out.with_name(out.name + ".parts").glob("shard-*.h5")))
+
+
+def _worker_pids() -> list[int]:
+    """The pool's actor processes (Ray titles them after the actor's class)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"ShardWorker" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile
+            pass
+    return found
+
+
+def _wait(condition, what: str, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_killed_worker_is_replaced_and_nothing_is_done_twice(cluster, workspace):
+    out = workspace / "worker-killed.h5"
+    process = subprocess.Popen(_ray_command(workspace, out, cluster, "--batch-size", "1"), env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait(lambda: _shards(out) >= 4, "the first shards")
+    pids = _worker_pids()
+    assert pids, "no ShardWorker actor alive"
+    os.kill(pids[0], signal.SIGKILL)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert f"wrote {out}: {SAMPLES} samples" in stdout  # each range reported once
+    _same_as_local(out, workspace)
+
+
+def test_a_killed_driver_resumes_from_the_shards(cluster, workspace):
+    out = workspace / "driver-killed.h5"
+    command = _ray_command(workspace, out, cluster, "--batch-size", "1")
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait(lambda: _shards(out) >= 6, "the first shards")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    _wait(lambda: not _worker_pids(), "the killed driver's actors to go", timeout=60)
+    kept = _shards(out)
+    assert 6 <= kept < SAMPLES
+    rerun = subprocess.run(command, env=ENV, capture_output=True, text=True, check=False, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "taking over the lock" in rerun.stderr
+    assert f"wrote {out}: {SAMPLES - kept} samples" in rerun.stdout  # resumed, not restarted
+    _same_as_local(out, workspace)
+
+
+def test_without_ray_the_error_names_the_extra(workspace, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    result = cli(*_run_args(workspace, workspace / "no-ray.h5", "--engine", "ray"), ok=False)
+    assert result.exit_code == 1
+    assert "pip install camexport[ray]" in result.output and "--engine local" in result.output
+    assert not (workspace / "no-ray.h5").exists()
+
+
+def test_ray_options_without_the_ray_engine_are_refused(workspace):
+    result = cli(*_run_args(workspace, workspace / "local-workers.h5", "--workers", "4"), ok=False)
+    assert result.exit_code == 2 and "--workers only apply to --engine ray" in result.output
