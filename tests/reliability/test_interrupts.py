@@ -51,11 +51,10 @@ def test_a_signal_inside_an_hdf5_write_waits_for_the_whole_file(tmp_path, signal
     path = tmp_path / "shard.h5"
     delivered = signal_inside_hdf5(signum)
     data = np.arange(4096, dtype=np.float32).reshape(64, 64)
-    with pytest.raises(KeyboardInterrupt):
-        with _written(path, "shard") as (h5, _guard):
-            h5.create_dataset("cams", data=data)
-            h5.flush()  # HDF5 writes through the guard here: the signal arrives inside it
-            assert delivered == [signum]
+    with pytest.raises(KeyboardInterrupt), _written(path, "shard") as (h5, _guard):
+        h5.create_dataset("cams", data=data)
+        h5.flush()  # HDF5 writes through the guard here: the signal arrives inside it
+        assert delivered == [signum]
     with h5py.File(path, "r") as written:  # the interrupt came after the file was complete
         np.testing.assert_array_equal(written["cams"][()], data)
     assert [p.name for p in tmp_path.iterdir()] == ["shard.h5"]  # no temporary file left
