@@ -39,8 +39,11 @@ def cluster():
     """A local Ray for the module's drivers to join; nothing of it left after the module."""
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     address = ray.get_runtime_context().gcs_address
+    session = Path(ray._private.worker.global_worker.node.get_session_dir_path()).name
+    assert _processes(session.encode()), "the Ray daemons are not found by their session"
     yield address
     ray.shutdown()
+    _wait(lambda: not _processes(session.encode()) and not _worker_pids(), "Ray's processes to end", 30)
 
 
 @pytest.fixture(scope="module")
@@ -102,16 +105,23 @@ def _shards(out: Path) -> int:
     return len(list(out.with_name(out.name + ".parts").glob("shard-*.h5")))
 
 
-def _worker_pids() -> list[int]:
-    """The pool's actor processes (Ray titles them after the actor's class)."""
+def _processes(mark: bytes, files=("cmdline", "environ")) -> list[int]:
+    """Processes (other than this one) whose command line or environment holds ``mark``."""
     found = []
     for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
         try:
-            if entry.name.isdigit() and b"ShardWorker" in (entry / "cmdline").read_bytes():
+            if any(mark in (entry / name).read_bytes() for name in files):
                 found.append(int(entry.name))
-        except OSError:  # gone meanwhile
+        except OSError:  # gone meanwhile, or not ours to read
             pass
     return found
+
+
+def _worker_pids() -> list[int]:
+    """The pool's actor processes (Ray titles them after the actor's class)."""
+    return _processes(b"ShardWorker", files=("cmdline",))
 
 
 def _wait(condition, what: str, timeout: float = 120) -> None:
@@ -129,6 +139,11 @@ def test_a_killed_worker_is_replaced_and_nothing_is_done_twice(cluster, workspac
     pids = _worker_pids()
     assert pids, "no ShardWorker actor alive"
     os.kill(pids[0], signal.SIGKILL)
+    seen = set(pids)
+    while process.poll() is None:  # the pool restarts the killed actor in a new process
+        seen.update(_worker_pids())
+        time.sleep(0.05)
+    assert seen - set(pids), "no actor process replaced the killed one"
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
     assert f"wrote {out}: {SAMPLES} samples" in stdout  # each range reported once
