@@ -1,14 +1,18 @@
 """AblationCAM: camexport (tail graph on onnxruntime) vs pytorch-grad-cam on the same image.
 
-    python scripts/bench_ablation.py [--size 224] [--json out.json]
+    python scripts/bench_ablation.py [--model resnet50|vit_small] [--size 224] [--json out.json]
 
-resnet50 (random weights, seeded), layer4.2, one image, CPU, in one run; prints seconds and the
-speed-up ratio, and the max |diff| of the two CAMs.
+resnet50 ``layer4.2`` or vit_small (timm vit_small_patch16_224, ``blocks.11.norm1``, pgc with
+AblationLayerVit and the (B, 1+196, D) -> (B, D, 14, 14) reshape), random weights (seeded), one
+image, CPU, in one run; prints seconds and the speed-up ratio, and the max |diff| of the two
+CAMs. camexport is timed twice: with the tail's row pruning (camexport.graph.prune_rows: a
+ViT's last block for the class token only, the default) and without it ("camexport_full_s").
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 import time
@@ -17,34 +21,63 @@ import numpy as np
 import torch
 from _bench_common import build_random, cpu_name
 
+MODELS = {  # name: (arch, layer)
+    "resnet50": ("resnet50", "layer4.2"),
+    "vit_small": ("vit_small_patch16_224", "blocks.11.norm1"),
+}
+
+
+def _camexport(directory: str, x: np.ndarray, rows: bool) -> tuple[float, np.ndarray]:
+    """Seconds of one AblationCAM call (after a warm-up that builds the sessions) and its CAM."""
+    from camexport import explain
+    from camexport.graph.cut import layer_tail
+
+    original = explain.layer_tail
+    explain.layer_tail = functools.partial(layer_tail, rows=rows)
+    try:
+        explainer = explain.Explainer(directory)
+        explainer(x, targets=None, methods=["ablationcam"])  # warm-up: sessions and tail graph
+        start = time.perf_counter()
+        cam = explainer(x, targets=None, methods=["ablationcam"]).cams["ablationcam"]
+        return time.perf_counter() - start, cam
+    finally:
+        explain.layer_tail = original
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=sorted(MODELS), default="resnet50")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--json")
     args = parser.parse_args()
 
     import pytorch_grad_cam as pgc
+    from pytorch_grad_cam.ablation_layer import AblationLayerVit
 
-    from camexport.explain import Explainer
+    from camexport.eager import resolve_module
 
+    arch, layer_name = MODELS[args.model]
     x = np.random.default_rng(0).standard_normal((1, 3, args.size, args.size)).astype(np.float32)
     with tempfile.TemporaryDirectory() as folder:
-        model, built = build_random("resnet50", "layer4.2", folder, args.size, "ablationcam")
-        explainer = Explainer(built.directory)
-        explainer(x, targets=None, methods=["ablationcam"])  # warm-up: sessions and tail graph
-        start = time.perf_counter()
-        ours = explainer(x, targets=None, methods=["ablationcam"]).cams["ablationcam"]
-        ours_s = time.perf_counter() - start
-    with pgc.AblationCAM(model=model, target_layers=[model.layer4[2]]) as cam:
+        model, built = build_random(arch, layer_name, folder, args.size, "ablationcam")
+        ours_s, ours = _camexport(built.directory, x, rows=True)
+        full_s, full = _camexport(built.directory, x, rows=False)
+    options = {}
+    if args.model == "vit_small":
+        side = args.size // 16
+        options = {"ablation_layer": AblationLayerVit(), "reshape_transform": lambda t: t[:, 1:, :].reshape(
+            t.size(0), side, side, t.size(2)).permute(0, 3, 1, 2)}
+    with pgc.AblationCAM(model=model, target_layers=[resolve_module(model, layer_name)], **options) as cam:
         start = time.perf_counter()
         theirs = cam(input_tensor=torch.tensor(x), targets=None)
         theirs_s = time.perf_counter() - start
     report = {
         "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
-        "model": "resnet50", "layer": "layer4.2", "size": args.size, "images": 1,
-        "camexport_s": round(ours_s, 3), "pgc_s": round(theirs_s, 3),
-        "speedup": round(theirs_s / ours_s, 1), "max_abs_diff": float(np.abs(ours - theirs).max()),
+        "model": arch, "layer": layer_name, "size": args.size, "images": 1,
+        "camexport_s": round(ours_s, 3), "camexport_full_s": round(full_s, 3), "pgc_s": round(theirs_s, 3),
+        "speedup": round(theirs_s / ours_s, 1), "speedup_full": round(theirs_s / full_s, 1),
+        "max_abs_diff": float(np.abs(ours - theirs).max()),
+        "max_abs_diff_full": float(np.abs(full - theirs).max()),
     }
     print(json.dumps(report, indent=2))
     if args.json:

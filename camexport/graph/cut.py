@@ -19,6 +19,7 @@ from onnx import helper
 
 from camexport.graph.builder import without_weights
 from camexport.graph.outputs import TARGET_WEIGHTS
+from camexport.graph.prune_rows import prune_rows
 
 
 def computed_from(nodes: Iterable[onnx.NodeProto], sources: Iterable[str],
@@ -182,9 +183,10 @@ class LayerTail:
     before: onnx.ModelProto | None
 
 
-def layer_tail(plain: onnx.ModelProto, tensor: str, output: str) -> LayerTail:
+def layer_tail(plain: onnx.ModelProto, tensor: str, output: str, rows: bool = True) -> LayerTail:
     """:class:`LayerTail` of ``plain`` (a graph with a symbolic batch axis) from value ``tensor``
-    to ``output``."""
+    to ``output``; with ``rows``, computing only the rows the output reads
+    (:func:`camexport.graph.prune_rows.prune_rows`: a ViT's last block for its class token)."""
     graph = plain.graph
     info = _value_info(plain)
     image = graph.input[0].name
@@ -194,6 +196,8 @@ def layer_tail(plain: onnx.ModelProto, tensor: str, output: str) -> LayerTail:
     declared = {o.name: o for o in graph.output}
     tail = _submodel(plain, nodes, [info[tensor]] + [info[n] for n in frontier],
                      [declared.get(output) or info[output]], "layer-tail")
+    if rows:
+        tail = prune_rows(tail)
     before = None
     computed = [n for n in frontier if n != image]
     if computed:
