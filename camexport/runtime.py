@@ -1,4 +1,5 @@
-"""All onnxruntime session creation, in one place."""
+"""All session creation, in one place: onnxruntime's execution providers, and OpenVINO's own
+runtime for ``openvino`` (camexport.openvino_session, a session with the same interface)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
+    # not an onnxruntime provider: OpenVINO's own runtime (camexport.openvino_session)
+    "openvino": "OpenVINO:CPU",
 }
 
 
@@ -30,15 +33,20 @@ CUDA_OPTIONS = {"use_tf32": "0"}
 
 
 class ProviderError(CamexportError, RuntimeError):
-    """An execution provider that this onnxruntime cannot give."""
+    """An execution provider that this onnxruntime (or OpenVINO) cannot give."""
 
 
 def require(provider: str) -> str:
     """The execution provider's onnxruntime name, or ProviderError saying what to install."""
-    import onnxruntime as ort
-
     if provider not in PROVIDERS:
         raise ProviderError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    if provider == "openvino":
+        from camexport import openvino_session
+
+        openvino_session.require()
+        return PROVIDERS[provider]
+    import onnxruntime as ort
+
     wanted = PROVIDERS[provider]
     available = ort.get_available_providers()
     if wanted not in available:
@@ -49,10 +57,15 @@ def require(provider: str) -> str:
 
 
 def session(model: onnx.ModelProto | str | Path, provider: str = "cpu", threads: int = 0):
-    """An ``onnxruntime.InferenceSession`` on exactly ``provider`` (never a silent fallback)."""
+    """An ``onnxruntime.InferenceSession`` on exactly ``provider`` (never a silent fallback); for
+    ``openvino``, an :class:`~camexport.openvino_session.OpenVINOSession` that answers the same."""
+    wanted = require(provider)
+    if provider == "openvino":
+        from camexport.openvino_session import OpenVINOSession
+
+        return OpenVINOSession(model, threads or int(os.environ.get(THREADS_VARIABLE) or 0))
     import onnxruntime as ort
 
-    wanted = require(provider)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     threads = threads or int(os.environ.get(THREADS_VARIABLE) or 0)
@@ -75,9 +88,11 @@ def check_graph(model: onnx.ModelProto, provider: str) -> None:
     1.31.1 (scripts/gpu/cuda_parity.py), resnet50's input gradient through its stem MaxPool was
     wrong (FullGrad maps 0.21 off the CPU provider's, Guided Backprop 8 % of its range), while
     the graph built with ``--no-maxpool-indices`` agreed (4.9e-4 and 2.3e-7). TensorRT has no
-    Indices output at all.
+    Indices output at all. OpenVINO's CPU plugin gets it right: measured with OpenVINO 2026.4.1
+    (tests/test_openvino.py), resnet's input gradient through the stem MaxPool with Indices is
+    1.4e-6 relative off the CPU provider's, as without Indices.
     """
-    if provider == "cpu":
+    if provider in ("cpu", "openvino"):
         return
     read = {name for node in model.graph.node for name in node.input}
     for node in model.graph.node:

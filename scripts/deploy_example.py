@@ -1,9 +1,11 @@
-"""Explain every image of a folder with a fused camexport artifact, using only onnxruntime,
-numpy and OpenCV (for reading, resizing and writing images): no torch, no camexport.
+"""Explain every image of a folder with a fused camexport artifact, using only onnxruntime (or
+OpenVINO's runtime), numpy and OpenCV (for reading, resizing and writing images): no torch, no
+camexport.
 
     camexport build resnet50.pt --arch resnet50 --layer layer4 --fuse gradcam,eigencam \\
         --fuse-uint8 --out artifacts/resnet50-fused
     python scripts/deploy_example.py artifacts/resnet50-fused photos/ --out overlays/
+    python scripts/deploy_example.py artifacts/resnet50-fused photos/ --runtime openvino
 
 One ``session.run`` per batch gives the model's outputs and every fused heatmap
 (``cam/<method>/<layer>``, (B, H, W) at the model's input size); each heatmap is resized back to
@@ -20,21 +22,60 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
-import onnxruntime as ort
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 #: weight of the photo in the overlay (pytorch-grad-cam's show_cam_on_image default)
 IMAGE_WEIGHT = 0.5
 
 
-def load_artifact(directory: Path, provider: str):
+class OpenVINOGraph:
+    """The augmented graph compiled by OpenVINO's own runtime for the CPU, answering the two
+    session calls this script makes: ``get_inputs()`` (name, shape) and ``run(names, feed)``."""
+
+    def __init__(self, path: Path):
+        import openvino
+
+        core = openvino.Core()
+        model = core.read_model(str(path))
+        # OpenVINO 2026.4.1's CPU plugin computes a matrix product or convolution wrongly when
+        # its weight constant also feeds one reading it in the other layout, as the backward pass
+        # does (Conv beside ConvTranspose); camexport.openvino_session.untie_shared_weights
+        for op in model.get_ordered_ops():
+            if op.get_type_name() == "Constant" and op.get_output_partial_shape(0).rank.get_length() >= 2:
+                for reader in list(op.output(0).get_target_inputs())[1:]:
+                    copy = openvino.op.Constant(openvino.Tensor(op.get_data().copy()))
+                    reader.replace_source_output(copy.output(0))
+        # the graph's own input names (a compiled input may also carry an inner tensor's name)
+        self.inputs = [SimpleNamespace(name=port.get_any_name(),
+                                       shape=[d.get_length() if d.is_static else None
+                                              for d in port.get_partial_shape()])
+                       for port in model.inputs]
+        # float32: the CPU plugin computes in bfloat16 by default on CPUs with AVX512-BF16 or AMX
+        self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        self.request = self.compiled.create_infer_request()
+
+    def get_inputs(self):
+        return self.inputs
+
+    def run(self, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        results = self.request.infer(feed)
+        ports = {name: port for port in self.compiled.outputs for name in port.get_names()}
+        return [results[ports[name]] for name in names]
+
+
+def load_artifact(directory: Path, provider: str, runtime: str = "onnxruntime"):
     """The augmented graph's session and the artifact's manifest."""
     manifest = json.loads((directory / "manifest.json").read_text())
     if not manifest.get("fused"):
         sys.exit(f"{directory} has no fused heads: build it with camexport build ... --fuse gradcam")
+    if runtime == "openvino":
+        return OpenVINOGraph(directory / "model.cam.onnx"), manifest
+    import onnxruntime as ort
+
     providers = {"cpu": ["CPUExecutionProvider"],
                  "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}[provider]
     session = ort.InferenceSession(str(directory / "model.cam.onnx"), providers=providers)
@@ -76,10 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("images", type=Path, help="folder of images")
     parser.add_argument("--out", type=Path, default=Path("overlays"), help="folder for the overlays")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
+                        help="onnxruntime's execution provider (--runtime onnxruntime)")
+    parser.add_argument("--runtime", choices=("onnxruntime", "openvino"), default="onnxruntime",
+                        help="openvino: OpenVINO's own runtime on the CPU (pip install openvino)")
     args = parser.parse_args(argv)
+    if args.runtime == "openvino" and args.provider != "cpu":
+        parser.error("--runtime openvino runs on the CPU: leave --provider at cpu")
 
-    session, manifest = load_artifact(args.artifact, args.provider)
+    session, manifest = load_artifact(args.artifact, args.provider, args.runtime)
     heads = manifest["fused"]["outputs"]
     model_output = manifest["score"]["output"]
     inputs = {value.name: value for value in session.get_inputs()}
