@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from camexport.errors import CamexportError
-from camexport.run import PUBLISH_EVERY, Job, RunConfig, RunError, RunSummary, _batches, _refuse_inputs
+from camexport.run import Job, LiveView, RunConfig, RunError, RunSummary, _batches, _refuse_inputs
 from camexport.runtime import THREADS_VARIABLE
 from camexport.store import OutputLock
 
@@ -165,8 +165,7 @@ def _drive(ray, job: Job, options: RayOptions, progress) -> RunSummary:
     todo = int((~done).sum())
     computed = invalid = 0
     if ranges:
-        writer.publish()
-        published = time.perf_counter()
+        view = LiveView(writer)
         with _connected(ray, options):
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = False  # one progress line, camexport's
@@ -186,9 +185,7 @@ def _drive(ray, job: Job, options: RayOptions, progress) -> RunSummary:
                 for row in results.iter_rows():
                     computed += row["stop"] - row["start"]
                     invalid += row["invalid"]
-                    if time.perf_counter() - published > PUBLISH_EVERY:
-                        writer.publish()
-                        published = time.perf_counter()
+                    view.update()
                     if progress:
                         progress(computed, todo, time.perf_counter() - begin)
             except CamexportError:

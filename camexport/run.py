@@ -277,25 +277,19 @@ class Job:
             return RunSummary(Path(self.config.out), self.count, 0, 0, 0.0, self.provider, finished=False)
         todo = int((~done).sum())
         computed = invalid = 0
-        published, cost = time.perf_counter(), self._publish()
+        view = LiveView(self.writer)
         for start, stop in _batches(done, self.config.batch_size):
             arrays = self.batch(start, stop)
             self.writer.write(start, arrays)
             computed += stop - start
             invalid += int(arrays["invalid"].sum())
-            if time.perf_counter() - published > max(PUBLISH_EVERY, 10 * cost):
-                published, cost = time.perf_counter(), self._publish()
+            view.update()
             if progress:
                 progress(computed, todo, time.perf_counter() - begin)
         self.writer.finish(self._whole_datasets())
         self.data.close()
         return RunSummary(Path(self.config.out), self.count, computed, invalid,
                           time.perf_counter() - begin, self.provider)
-
-    def _publish(self) -> float:
-        begin = time.perf_counter()
-        self.writer.publish()
-        return time.perf_counter() - begin
 
     def _whole_datasets(self) -> dict:
         extra = {}
@@ -306,6 +300,25 @@ class Job:
         if names is not None:
             extra["names"] = list(names[: self.count])
         return extra
+
+
+class LiveView:
+    """The OUT.h5 view of a running job, published at once and then rewritten at most every
+    PUBLISH_EVERY seconds and at most 10 % of the time (its cost grows with the shards)."""
+
+    def __init__(self, writer: ResultWriter):
+        self.writer = writer
+        self._publish()
+
+    def _publish(self) -> None:
+        begin = time.perf_counter()
+        self.writer.publish()
+        self.published = time.perf_counter()
+        self.cost = self.published - begin
+
+    def update(self) -> None:
+        if time.perf_counter() - self.published > max(PUBLISH_EVERY, 10 * self.cost):
+            self._publish()
 
 
 def _refuse_inputs(config: RunConfig) -> None:
