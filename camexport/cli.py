@@ -364,7 +364,8 @@ def pack(images, out, size, labels, skip_unreadable, overwrite, quiet):
                    "same results (docs/scale-out.md).")
 @click.option("--address", help="--engine ray: the cluster to join (auto, ray://HOST:PORT); "
                                  "default: a local Ray on this machine.")
-@click.option("--workers", type=int, help="--engine ray: actors in the pool  [default: 2]")
+@click.option("--workers", help="--engine ray: actors in the pool, N or MIN:MAX (a pool that grows "
+                                 "with the load)  [default: 2]")
 @click.option("--cpus-per-worker", type=float, help="--engine ray: CPUs of each actor (its "
                                                     "onnxruntime threads)  [default: 1]")
 @click.option("--gpus-per-worker", type=float, help="--engine ray: GPUs of each actor (e.g. 0.5, "

@@ -47,13 +47,31 @@ class RayOptions:
     #: None: start a local Ray on this machine (or join the one this process already runs);
     #: "auto" or "ray://HOST:PORT" (or a GCS address HOST:PORT): join that cluster
     address: str | None = None
-    workers: int = 2
+    #: actors in the pool: N, or "MIN:MAX" for a pool Ray Data grows and shrinks with the load
+    workers: int | str = 2
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
 
+    @property
+    def pool(self) -> tuple[int, int]:
+        """(min, max) actors, or a RunError saying how to write --workers."""
+        text = str(self.workers)
+        try:
+            low, _, high = text.partition(":")
+            pool = (int(low), int(high or low))
+        except ValueError:
+            pool = (0, 0)
+        if not 1 <= pool[0] <= pool[1]:
+            raise RunError(f"--workers must be a count of actors (2) or a range MIN:MAX (2:8) with "
+                           f"1 <= MIN <= MAX, not {text!r}")
+        return pool
+
+    def describe(self) -> str:
+        low, high = self.pool
+        return f"{low if low == high else f'{low} to {high}'} Ray worker{'s' * (high > 1)}"
+
     def check(self) -> None:
-        if self.workers < 1:
-            raise RunError(f"--workers must be at least 1, not {self.workers}")
+        self.pool  # noqa: B018 (raises when --workers is malformed)
         if self.cpus_per_worker <= 0:
             raise RunError(f"--cpus-per-worker must be above 0, not {self.cpus_per_worker}")
         if self.gpus_per_worker < 0:
@@ -145,7 +163,7 @@ def run_ray(config: RunConfig, options: RayOptions, progress=None) -> RunSummary
     _refuse_inputs(config)
     config = _absolute(config)
     with OutputLock(config.out, "run"):
-        job = Job(config, provenance={"engine": "ray", "workers": options.workers,
+        job = Job(config, provenance={"engine": "ray", "workers": str(options.workers),
                                       "cpus_per_worker": options.cpus_per_worker,
                                       "gpus_per_worker": options.gpus_per_worker,
                                       "ray_version": ray.__version__})
@@ -178,7 +196,7 @@ def _drive(ray, job: Job, options: RayOptions, progress) -> RunSummary:
                     ShardWorker, batch_size=_RANGES_PER_BLOCK,
                     fn_constructor_kwargs={"config": asdict(job.config),
                                            "threads": max(1, int(options.cpus_per_worker))},
-                    compute=ray.data.ActorPoolStrategy(size=options.workers),
+                    compute=ray.data.ActorPoolStrategy(min_size=options.pool[0], max_size=options.pool[1]),
                     num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker or None,
                     max_restarts=-1, max_task_retries=-1)
             try:
@@ -197,4 +215,4 @@ def _drive(ray, job: Job, options: RayOptions, progress) -> RunSummary:
                 raise
     writer.finish(job._whole_datasets())
     return RunSummary(Path(job.config.out), job.count, computed, invalid, time.perf_counter() - begin,
-                      job.provider, engine=f"{options.workers} Ray worker{'s' * (options.workers > 1)}")
+                      job.provider, engine=options.describe())

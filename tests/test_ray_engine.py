@@ -74,8 +74,8 @@ def _run_args(root: Path, out: Path, *extra) -> list:
             "--metrics", "drop-in-confidence", "--batch-size", "2", *extra]
 
 
-def _ray_command(root: Path, out: Path, address: str, *extra) -> list[str]:
-    args = _run_args(root, out, "--engine", "ray", "--address", address, "--workers", "2", *extra)
+def _ray_command(root: Path, out: Path, address: str, *extra, workers: str = "2") -> list[str]:
+    args = _run_args(root, out, "--engine", "ray", "--address", address, "--workers", workers, *extra)
     return [sys.executable, "-m", "camexport.cli", *map(str, args)]
 
 
@@ -152,7 +152,7 @@ def test_a_killed_worker_is_replaced_and_nothing_is_done_twice(cluster, workspac
 
 def test_a_killed_driver_resumes_from_the_shards(cluster, workspace):
     out = workspace / "driver-killed.h5"
-    command = _ray_command(workspace, out, cluster, "--batch-size", "1")
+    command = _ray_command(workspace, out, cluster, "--batch-size", "1", workers="1:2")  # a pool that grows
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait(lambda: _shards(out) >= 6, "the first shards")
     process.send_signal(signal.SIGKILL)
@@ -178,3 +178,12 @@ def test_without_ray_the_error_names_the_extra(workspace, monkeypatch):
 def test_ray_options_without_the_ray_engine_are_refused(workspace):
     result = cli(*_run_args(workspace, workspace / "local-workers.h5", "--workers", "4"), ok=False)
     assert result.exit_code == 2 and "--workers only apply to --engine ray" in result.output
+
+
+@pytest.mark.parametrize("workers", ["0", "3:2", "two", "-1"])
+def test_a_malformed_worker_count_is_refused_before_ray_starts(workspace, workers):
+    result = cli(*_run_args(workspace, workspace / "bad-workers.h5", "--engine", "ray", "--workers", workers),
+                 ok=False)
+    assert result.exit_code == 1
+    assert "--workers must be a count of actors (2) or a range MIN:MAX" in result.output
+    assert not (workspace / "bad-workers.h5").exists()
