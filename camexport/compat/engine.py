@@ -138,7 +138,8 @@ class Engine:
         extra = tuple(sorted(p for p in parts if p in _PART_METHODS))
         options = dict(options or {})
         provider = os.environ.get(PROVIDER_ENV, "cpu")
-        if provider != "cpu":  # GPU providers get MaxPool's Indices wrong (runtime.check_graph)
+        if provider not in ("cpu", "openvino"):  # GPU providers get MaxPool's Indices wrong
+            # (runtime.check_graph); OpenVINO's CPU plugin gets them right
             options["maxpool_indices"] = False
         key = GraphKey(self.digest(), tuple(self.layers), tuple(sample_shape), extra,
                        tuple(sorted(options.items())))
