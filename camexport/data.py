@@ -54,15 +54,51 @@ def sample_photos() -> list[Photo]:
     return skimage_photos() + foolbox_photos()
 
 
-def preprocess(image: np.ndarray, size, mean, std) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> (3, h, w) float32: bilinear resize, /255, (x - mean) / std."""
+def preprocess(image: np.ndarray, size, mean, std, resize: str = "stretch",
+               pad_value: int = 114) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (3, h, w) float32: bilinear resize (``resize`` "letterbox": keep
+    the aspect and pad with ``pad_value``, :func:`letterbox`), /255, (x - mean) / std. A
+    manifest's preprocessing gives every argument (:func:`preprocess_args`)."""
     import cv2
 
     height, width = size
-    resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+    if resize == "letterbox":
+        resized = letterbox(image, size, pad_value)
+    elif resize == "stretch":
+        resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+    else:
+        raise ImageError(f"unknown resize mode {resize!r} in the artifact's preprocessing; "
+                         f"camexport knows 'stretch' and 'letterbox'")
     x = resized.astype(np.float32) / 255.0
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def preprocess_args(preprocessing: dict) -> dict:
+    """The keyword arguments of :func:`preprocess` that a manifest's ``preprocessing`` gives
+    (``resize`` is absent from artifacts made before letterboxing existed: "stretch")."""
+    return {"size": preprocessing["size"], "mean": preprocessing["mean"], "std": preprocessing["std"],
+            "resize": preprocessing.get("resize", "stretch"),
+            "pad_value": preprocessing.get("pad_value", 114)}
+
+
+def letterbox(image: np.ndarray, size, pad_value: int = 114) -> np.ndarray:
+    """(H, W, C) -> (h, w, C) as Ultralytics' LetterBox (auto False, scaleup True, centred):
+    scale r = min(h / H, w / W), bilinear resize to (round(W r), round(H r)) (at least 1),
+    the rest padded with ``pad_value``, split round(d / 2 -+ 0.1) top/bottom and left/right."""
+    import cv2
+
+    height, width = size
+    ratio = min(height / image.shape[0], width / image.shape[1])
+    new_w, new_h = max(round(image.shape[1] * ratio), 1), max(round(image.shape[0] * ratio), 1)
+    pad_w, pad_h = (width - new_w) / 2, (height - new_h) / 2
+    if (image.shape[1], image.shape[0]) != (new_w, new_h):
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    top, bottom = round(pad_h - 0.1), round(pad_h + 0.1)
+    left, right = round(pad_w - 0.1), round(pad_w + 0.1)
+    out = np.full((new_h + top + bottom, new_w + left + right, image.shape[2]), pad_value, image.dtype)
+    out[top:top + new_h, left:left + new_w] = image
+    return out
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")

@@ -48,9 +48,19 @@ class DetectorSpec:
     detections_per_img: int
     topk_candidates: int
     levels: tuple[str, ...] = field(default=())
+    #: Ultralytics YOLO (kind "yolo", camexport.yolo) only: NMS is class-aware by offsetting
+    #: boxes by label x class_offset (its max_wh), or class-agnostic
+    class_offset: float = 0.0
+    agnostic: bool = False
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "layout": "x1 y1 x2 y2 score_0 ... score_K-1 per anchor"}
+        record = {**asdict(self), "layout": "x1 y1 x2 y2 score_0 ... score_K-1 per anchor"}
+        if self.kind == "yolo":
+            record["postprocess"] = ("ultralytics non_max_suppression: best class per anchor, score > "
+                                     "score_thresh, best topk_candidates (max_nms), NMS on boxes + "
+                                     "label x class_offset (max_wh), IoU > nms_thresh dropped, best "
+                                     "detections_per_img (max_det)")
+        return record
 
     @classmethod
     def from_dict(cls, record: dict) -> DetectorSpec:
@@ -219,11 +229,16 @@ def batched_nms(boxes, scores, labels, threshold: float) -> np.ndarray:
 def postprocess(rows: np.ndarray, spec: DetectorSpec) -> Detections:
     """One image's detections from its graph output (A, 4 + K), as torchvision's
     postprocess_detections: per level, scores above ``score_thresh``, the best
-    ``topk_candidates``; then class-wise NMS and the best ``detections_per_img``."""
+    ``topk_candidates``; then class-wise NMS and the best ``detections_per_img``. Ultralytics
+    YOLO rows (kind "yolo") are post-processed as Ultralytics does (camexport.yolo.postprocess)."""
     rows = np.asarray(rows)
     if rows.shape != (sum(spec.level_sizes), BOX + spec.classes):
         raise DetectionError(f"detector output rows {rows.shape} do not match the manifest's "
                              f"{sum(spec.level_sizes)} anchors x {BOX + spec.classes}")
+    if spec.kind == "yolo":
+        from camexport import yolo
+
+        return yolo.postprocess(rows, spec)
     picked = []
     start = 0
     for size in spec.level_sizes:
@@ -366,8 +381,14 @@ def detection_targets(found: Detections, threshold: float, category: int | None 
 
 def wrap(loaded) -> DetectorSpec | None:
     """Replace a loaded torchvision RetinaNet/FCOS by its :class:`DetectorGraph` at the
-    loaded input size (images in [0, 1]: the graph normalises them itself); the spec, or None
-    for a model that is not a detector."""
+    loaded input size (images in [0, 1]: the graph normalises them itself), or an Ultralytics
+    YOLO ONNX export by its detector graph (camexport.yolo); the spec, or None for a model that
+    is not a detector."""
+    if loaded.onnx_model is not None:
+        from camexport import yolo
+        from camexport.load import Preprocessing
+
+        return yolo.wrap(loaded, Preprocessing().size)
     if loaded.module is None or not detector_kind(loaded.module):
         return None
     graph = detector_graph(loaded.module, tuple(loaded.preprocessing.size))
@@ -376,10 +397,20 @@ def wrap(loaded) -> DetectorSpec | None:
     return graph.spec
 
 
+#: The stacked levels' layer name of an Ultralytics YOLO: its neck outputs (P3, P4, P5).
+NECK_LAYER = "neck"
+
+
+def stack_layer(spec: DetectorSpec) -> str:
+    """What a detector's stacked levels are called as a layer: ``neck`` for a YOLO, else
+    ``backbone`` (pgc's tutorial: target_layers=[model.backbone])."""
+    return NECK_LAYER if spec.kind == "yolo" else STACK_LAYER
+
+
 def layer_aliases(spec: DetectorSpec | None) -> dict[str, str]:
-    """Layer names that are no module of the model: a detector's ``backbone`` is its stacked
-    FPN levels (graph output ``fpn_stack``)."""
-    return {STACK_LAYER: STACK} if spec else {}
+    """Layer names that are no module of the model: a detector's ``backbone`` (a YOLO's
+    ``neck``) is its stacked FPN levels (graph output ``fpn_stack``)."""
+    return {stack_layer(spec): STACK} if spec else {}
 
 
 def name_outputs(plain) -> None:
@@ -399,8 +430,15 @@ STACK_METHODS = ("eigencam", "kpcacam", "fem", "scorecam")
 
 def check_layers(resolved, methods) -> None:
     """Refuse methods the ``backbone`` stack cannot serve, naming the ones that can."""
-    if any(label == STACK_LAYER for label, _ in resolved):
+    stacked = [label for label, tensor in resolved if tensor == STACK]
+    if stacked:
         wrong = [m for m in methods if m not in STACK_METHODS]
+        if wrong and stacked[0] == NECK_LAYER:
+            raise DetectionError(
+                f"layer {NECK_LAYER!r} is the YOLO neck outputs stacked as pgc's fasterrcnn_reshape_"
+                f"transform does, which no gradient or ablation reaches: {', '.join(wrong)} cannot use "
+                f"it. Use {', '.join(STACK_METHODS)} on it, or give one neck output (the Detect head's "
+                f"inputs, e.g. model.15, model.18, model.21 for YOLOv8) for gradient methods")
         if wrong:
             raise DetectionError(
                 f"layer {STACK_LAYER!r} is the FPN levels stacked as pgc's fasterrcnn_reshape_transform "

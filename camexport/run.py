@@ -16,7 +16,7 @@ import numpy as np
 
 from camexport import __version__
 from camexport.artifact import graph_path, temporary_path
-from camexport.data import preprocess
+from camexport.data import preprocess, preprocess_args
 from camexport.explain import Explainer
 from camexport.load import sha256
 from camexport.methods import METHODS, canonical_methods
@@ -194,8 +194,8 @@ class Job:
     def _inputs(self, raw: np.ndarray) -> np.ndarray:
         if self.data.preprocessed:
             return np.ascontiguousarray(raw, np.float32)
-        return np.stack([preprocess(image, self.prep["size"], self.prep["mean"], self.prep["std"])
-                         for image in raw])
+        arguments = preprocess_args(self.prep)  # a stretch, or Ultralytics' letterbox
+        return np.stack([preprocess(image, **arguments) for image in raw])
 
     def batch(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Every array of samples start..stop, invalid ones (NaN/Inf pixels) filled, not explained."""

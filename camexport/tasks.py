@@ -12,7 +12,7 @@ same hooks on every kind and never ask which kind they run:
   (a detector's detections);
 - ``stored_classes``, ``output_arrays``, ``metric_targets``: what goes into the result file.
 
-A new kind of model (a two-stage detector, YOLO, keypoints) is a new Task class here and a line
+A new kind of model (a two-stage detector, keypoints) is a new Task class here and a line
 in :func:`task_for`.
 """
 
@@ -172,25 +172,30 @@ class DetectorTask(Task):
         from camexport.detection import detection_targets
 
         if not len(rows):
-            return chosen, self._detection_arrays([], rows, n)
+            return chosen, self._detection_arrays([], [], rows, n)
         found = job.explainer.detect(x)
         classes = chosen or [None] * len(x)
         targets = [detection_targets(f, job.config.detection_threshold, c, spec=self.detection)
                    for f, c in zip(found, classes)]
-        return targets, self._detection_arrays(found, rows, n)
+        return targets, self._detection_arrays(found, targets, rows, n)
 
-    def _detection_arrays(self, found: list, rows: np.ndarray, n: int) -> dict[str, np.ndarray]:
-        """Per image, the detections padded to detections_per_img (NaN, label -1 past count)."""
+    def _detection_arrays(self, found: list, targets: list, rows: np.ndarray,
+                          n: int) -> dict[str, np.ndarray]:
+        """Per image, the detections padded to detections_per_img (NaN, label -1 past count),
+        and how many of them the CAMs explain (``detections/explained``; 0: none scores at
+        least --detection-threshold, so target-dependent CAMs are all zero)."""
         most = self.detection.detections_per_img
         arrays = {"detections/boxes": np.full((n, most, 4), np.nan, np.float32),
                   "detections/scores": np.full((n, most), np.nan, np.float32),
                   "detections/labels": np.full((n, most), -1, np.int32),
-                  "detections/count": np.zeros(n, np.int32)}
-        for row, f in zip(rows, found):
+                  "detections/count": np.zeros(n, np.int32),
+                  "detections/explained": np.zeros(n, np.int32)}
+        for row, f, target in zip(rows, found, targets):
             arrays["detections/boxes"][row, :len(f)] = f.boxes
             arrays["detections/scores"][row, :len(f)] = f.scores
             arrays["detections/labels"][row, :len(f)] = f.labels
             arrays["detections/count"][row] = len(f)
+            arrays["detections/explained"][row] = len(target.labels)
         return arrays
 
     def stored_classes(self, asked, resolved):
@@ -204,11 +209,20 @@ class DetectorTask(Task):
         return chosen
 
 
+class YoloTask(DetectorTask):
+    """An Ultralytics YOLO detect export (camexport.yolo): rows per anchor as for torchvision's
+    detectors, post-processed as Ultralytics' non_max_suppression (the manifest's settings);
+    images are letterboxed (the manifest's preprocessing ``resize``). What differs from
+    DetectorTask lies in the spec (kind "yolo"), which camexport.detection.postprocess and
+    the targets read: this class names the kind for readers of task_for."""
+
+
 def task_for(manifest: dict, output_shape: tuple[int, ...], targets: str | None = None) -> Task:
     """The Task of an artifact (its manifest and per-sample output shape) and, for a run, its
     ``--targets``."""
     if "detection" in manifest:
-        return DetectorTask(manifest, output_shape)
+        kind = manifest["detection"].get("kind")
+        return (YoloTask if kind == "yolo" else DetectorTask)(manifest, output_shape)
     if len(output_shape) > 1:
         return SegmentationTask(manifest, output_shape)
     if len(manifest["preprocessing"]["size"]) != 2:

@@ -28,6 +28,8 @@ Result file (``camexport run`` writes it; read it with :class:`ResultReader`)::
     /detections/scores            (N, D) float32   NaN past the count
     /detections/labels            (N, D) int32     -1 past the count
     /detections/count             (N,) int32       detections of each image
+    /detections/explained         (N,) int32       0: no detection reached --detection-threshold
+                                                   (target methods give an all-zero map)
     /activations/<layer>, /gradients/<layer>   (N, ...) float32, only with --save-activations
                                   / --save-gradients (graph layout, as the manifest says)
     /done                         (N,) bool        completion mask

@@ -1,0 +1,332 @@
+"""Ultralytics YOLO (v8, YOLO11; detect) ONNX exports as camexport detectors.
+
+``model.export(format="onnx")`` writes one output ``output0`` (B, 4 + K, A): per anchor the box
+centre and size (x y w h, in letterboxed input pixels) and K class scores (already sigmoid).
+:func:`detector_graph` turns such a graph into a camexport detector graph (ultralytics is not
+needed, and never imported):
+
+- the batch axis becomes free (exports are made at batch 1: Reshape shapes whose first value is
+  that 1 get 0, "copy the input's batch");
+- ``detections`` (B, A, 4 + K) = [x1, y1, x2, y2, score_0 … score_{K-1}], with Ultralytics'
+  own ``xywh2xyxy`` (xy -/+ wh / 2), the layout of :mod:`camexport.detection`;
+- ``fpn_stack``: the neck outputs (the tensors the Detect head's Conv branches read: P3, P4, P5)
+  stacked as :func:`camexport.detection._stack_levels` does (|level| resized bilinearly to the
+  coarsest level, concatenated on channels), the layer ``neck`` for EigenCAM.
+
+:func:`postprocess` replays ``ultralytics.utils.nms.non_max_suppression`` in numpy with the
+predictor's settings (:data:`ULTRALYTICS_NMS`), which the manifest records. Images are
+letterboxed as Ultralytics' ``LetterBox`` does (:func:`camexport.data.letterbox`; the manifest's
+preprocessing says ``"resize": "letterbox"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from camexport.detection import BOX, DETECTIONS, STACK, DetectionError, Detections, DetectorSpec, nms
+from camexport.load import Preprocessing
+
+log = logging.getLogger(__name__)
+
+KIND = "yolo"
+#: Ultralytics 8.4.190's predictor settings (cfg/default.yaml: conf 0.25 for predict, iou 0.7,
+#: max_det 300, agnostic_nms False) and non_max_suppression's own (max_nms 30000: candidates
+#: kept before NMS; max_wh 7680: the per-class box offset of its class-aware NMS).
+ULTRALYTICS_NMS = {"conf": 0.25, "iou": 0.7, "max_det": 300, "max_nms": 30000, "max_wh": 7680,
+                   "agnostic": False}
+#: Ultralytics' LetterBox padding value (grey 114 of 255).
+PAD_VALUE = 114
+_MODULE = re.compile(r"^/model\.(\d+)/")
+
+
+@dataclass
+class LetterboxPreprocessing(Preprocessing):
+    """Ultralytics' preprocessing: letterbox (keep the aspect, pad with 114), /255, RGB, no
+    mean or std."""
+
+    pad_value: int = PAD_VALUE
+
+    def as_dict(self) -> dict:
+        return {**super().as_dict(), "resize": "letterbox", "pad_value": self.pad_value}
+
+
+def is_yolo(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` is an Ultralytics detect export (its metadata says so)."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    return meta.get("author") == "Ultralytics" and meta.get("task") == "detect"
+
+
+def _refuse_unsupported(meta: dict, model: onnx.ModelProto) -> None:
+    if meta.get("end2end", "False") == "True" or "'nms': True" in meta.get("args", ""):
+        raise DetectionError("this Ultralytics export has NMS inside the graph (end2end or nms=True): "
+                             "its outputs are selected boxes, with no per-anchor rows to explain. "
+                             "Export again with model.export(format='onnx', nms=False) (YOLOv8/YOLO11)")
+    if len(model.graph.output) != 1:
+        raise DetectionError(f"an Ultralytics detect export has one output (B, 4 + classes, anchors); "
+                             f"this one has {len(model.graph.output)}")
+
+
+def _constant(graph: onnx.GraphProto, name: str) -> onnx.TensorProto | None:
+    """The tensor of an initializer or Constant node named ``name`` (None if neither)."""
+    for tensor in graph.initializer:
+        if tensor.name == name:
+            return tensor
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            return next((a.t for a in node.attribute if a.name == "value"), None)
+    return None
+
+
+def _free_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose batch axis is free: input and output dim 0 symbolic, constant Reshape shapes
+    that start with the exported batch of 1 start with 0 (copy the input's dim) instead."""
+    free = onnx.ModelProto()
+    free.CopyFrom(model)
+    graph = free.graph
+    image, output = graph.input[0], graph.output[0]
+    if image.type.tensor_type.shape.dim[0].dim_value != 1:
+        return free
+    for value in (image, output):
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    del graph.value_info[:]
+    for node in graph.node:
+        tensor = _constant(graph, node.input[1]) if node.op_type == "Reshape" else None
+        if tensor is None:
+            continue
+        shape = numpy_helper.to_array(tensor)
+        if shape.ndim == 1 and len(shape) > 1 and shape[0] == 1:
+            shape = shape.copy()
+            shape[0] = 0
+            tensor.CopyFrom(numpy_helper.from_array(shape, tensor.name))
+    return free
+
+
+def _shape_values(model: onnx.ModelProto, batch: int) -> dict[str, np.ndarray]:
+    """The values of the tensors computed from constants and Shape outputs alone (the shape
+    arithmetic of torch's exporter: ``chunk``'s split points), with the input's batch axis at
+    ``batch``."""
+    sized = onnx.ModelProto()
+    sized.CopyFrom(model)
+    sized.graph.input[0].type.tensor_type.shape.dim[0].dim_value = batch
+    shapes = _static_shapes(sized)
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        args = [values.get(name) for name in node.input if name]
+        if node.op_type == "Constant" and "value" in attrs:
+            values[node.output[0]] = numpy_helper.to_array(attrs["value"])
+        elif node.op_type == "Shape":
+            shape = shapes.get(node.input[0])
+            if shape is not None and None not in shape:
+                values[node.output[0]] = np.asarray(shape, np.int64)[attrs.get("start", 0):attrs.get("end")]
+        elif node.op_type in _SHAPE_OPS and args and all(a is not None for a in args):
+            values[node.output[0]] = np.asarray(_SHAPE_OPS[node.op_type](*args, **attrs))
+    return values
+
+
+def _divide(a, b):
+    return a / b if np.issubdtype(np.result_type(a, b), np.floating) else np.trunc(a / b).astype(a.dtype)
+
+
+def _slice(data, starts, ends, axes=None, steps=None):
+    index = [slice(None)] * data.ndim
+    axes = range(len(starts)) if axes is None else axes
+    steps = [1] * len(starts) if steps is None else steps
+    for axis, start, end, step in zip(axes, starts, ends, steps):
+        index[axis] = slice(int(start), int(end), int(step))
+    return data[tuple(index)]
+
+
+#: Shape arithmetic that :func:`_fold_shapes` evaluates (numpy, ONNX semantics).
+_SHAPE_OPS = {
+    "Gather": lambda data, indices, axis=0: np.take(data, indices, axis=axis),
+    "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": _divide,
+    "Concat": lambda *parts, axis: np.concatenate([np.atleast_1d(p) for p in parts], axis=axis),
+    "Unsqueeze": lambda data, axes: np.expand_dims(data, tuple(int(a) for a in axes)),
+    "Squeeze": lambda data, axes=None: np.squeeze(data, None if axes is None else tuple(map(int, axes))),
+    "Slice": _slice,
+    "Cast": lambda data, to: data.astype(helper.tensor_dtype_to_np_dtype(to)),
+}
+
+
+def _fold_shapes(model: onnx.ModelProto) -> None:
+    """Replace shape arithmetic whose value does not depend on the batch size by constants, in
+    place (gradient rules need constant Slice starts and Reshape shapes); dead nodes go."""
+    one, two = _shape_values(model, 1), _shape_values(model, 2)
+    graph = model.graph
+    known = {t.name for t in graph.initializer}
+    folded = {}
+    for node in graph.node:
+        for name in node.input:
+            if (name and name not in known and name in one and name in two
+                    and one[name].shape == two[name].shape and np.array_equal(one[name], two[name])):
+                folded[name] = f"{name}/folded"
+        node.input[:] = [folded.get(name, name) for name in node.input]
+    for name, new in folded.items():
+        graph.initializer.append(numpy_helper.from_array(np.asarray(one[name]), new))
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(graph.node):  # graph order is topological: consumers come later
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    used = {name for node in graph.node for name in node.input}
+    alive = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(alive)
+
+
+def neck_outputs(model: onnx.ModelProto) -> list[str]:
+    """The tensors the Detect head's Conv branches read (the last ``/model.N/`` module's Conv
+    inputs made outside it), in graph order (P3, P4, P5)."""
+    indices = [int(m.group(1)) for n in model.graph.node if (m := _MODULE.match(n.name))]
+    if not indices:
+        raise DetectionError("cannot find the Detect head: no node is named /model.N/… (Ultralytics' "
+                             "ONNX export names them so; export with model.export(format='onnx'))")
+    head = f"/model.{max(indices)}/"
+    made_inside = {o for n in model.graph.node if n.name.startswith(head) for o in n.output}
+    found = []
+    for node in model.graph.node:
+        if node.name.startswith(head) and node.op_type == "Conv":
+            value = node.input[0]
+            if value not in made_inside and value not in found:
+                found.append(value)
+    if not found:
+        raise DetectionError(f"the Detect head {head} reads no feature map through a Conv")
+    return found
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    values = [*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info]
+    return {v.name: tuple(d.dim_value if d.HasField("dim_value") else None
+                          for d in v.type.tensor_type.shape.dim) for v in values}
+
+
+def _append_heads(model: onnx.ModelProto, levels: list[str], shapes: dict) -> None:
+    """``detections`` (xywh -> xyxy rows) and ``fpn_stack`` (the neck levels stacked), in place,
+    replacing ``output0`` as the graph's outputs."""
+    graph = model.graph
+    raw = graph.output[0].name
+    classes = shapes[raw][1] - BOX
+
+    def const(name, values, dtype=np.int64):
+        graph.initializer.append(numpy_helper.from_array(np.asarray(values, dtype), f"yolo/{name}"))
+        return f"yolo/{name}"
+
+    def node(op, inputs, name, **attrs):
+        graph.node.append(helper.make_node(op, inputs, [name], name=f"{name}/{op}", **attrs))
+        return name
+
+    rows = node("Transpose", [raw], "yolo/rows", perm=[0, 2, 1])
+    axis = const("axis", [2])
+
+    def part(name, start, stop):
+        return node("Slice", [rows, const(f"{name}_start", [start]), const(f"{name}_stop", [stop]), axis],
+                    f"yolo/{name}")
+
+    centre, size, scores = part("xy", 0, 2), part("wh", 2, BOX), part("scores", BOX, BOX + classes)
+    half = node("Div", [size, const("two", 2.0, np.float32)], "yolo/half_wh")  # xywh2xyxy: wh / 2
+    top_left = node("Sub", [centre, half], "yolo/x1y1")
+    bottom_right = node("Add", [centre, half], "yolo/x2y2")
+    node("Concat", [top_left, bottom_right, scores], DETECTIONS, axis=2)
+    coarsest = min(levels, key=lambda v: shapes[v][2] * shapes[v][3])
+    hw = const("stack_hw", shapes[coarsest][2:])
+    empty = const("empty", [], np.float32)
+    resized = []
+    for k, level in enumerate(levels):
+        magnitude = node("Abs", [level], f"yolo/stack/{k}/abs")
+        batch_channels = node("Shape", [magnitude], f"yolo/stack/{k}/nc", start=0, end=2)
+        sizes = node("Concat", [batch_channels, hw], f"yolo/stack/{k}/sizes", axis=0)
+        # torch's bilinear, align_corners False, no antialias (pgc's reshape transform)
+        resized.append(node("Resize", [magnitude, empty, empty, sizes], f"yolo/stack/{k}/resized",
+                            mode="linear", coordinate_transformation_mode="half_pixel"))
+    node("Concat", resized, STACK, axis=1)
+    channels = sum(shapes[v][1] for v in levels)
+    del graph.output[:]
+    float32 = onnx.TensorProto.FLOAT
+    graph.output.extend([
+        helper.make_tensor_value_info(DETECTIONS, float32, ["batch", shapes[raw][2], BOX + classes]),
+        helper.make_tensor_value_info(STACK, float32, ["batch", channels, *shapes[coarsest][2:]])])
+
+
+def detector_graph(model: onnx.ModelProto,
+                   size: tuple[int, int] | None = None) -> tuple[onnx.ModelProto, DetectorSpec]:
+    """The camexport detector graph of an Ultralytics detect export and its spec. ``size``:
+    the input size asked for (needed only when the export's height and width are free)."""
+    from camexport.export import pin_input_shape
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    _refuse_unsupported(meta, model)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    exported = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims[2:])
+    if None in exported:
+        if size is None:
+            raise DetectionError("this Ultralytics export has free height and width (dynamic=True): "
+                                 "pass --input-size H W (multiples of its stride, 32)")
+        exported = tuple(size)
+    elif size is not None and tuple(size) != exported:
+        raise DetectionError(f"this Ultralytics export takes {exported[0]}x{exported[1]} images "
+                             f"(imgsz at export), not {size[0]}x{size[1]}: leave --input-size out, "
+                             f"or export again with model.export(format='onnx', imgsz={list(size)})")
+    graph = _free_batch(pin_input_shape(model, exported))
+    _fold_shapes(graph)
+    levels = neck_outputs(graph)
+    shapes = _static_shapes(graph)
+    raw = shapes[graph.graph.output[0].name]
+    if len(raw) != 3 or raw[1] is None or raw[1] <= BOX or raw[2] is None:
+        raise DetectionError(f"the export's output {graph.graph.output[0].name} is {raw}; a detect "
+                             f"model's is (batch, 4 + classes, anchors)")
+    _append_heads(graph, levels, shapes)
+    onnx.checker.check_model(graph)
+    settings = ULTRALYTICS_NMS
+    spec = DetectorSpec(kind=KIND, classes=raw[1] - BOX, level_sizes=(raw[2],), image_size=exported,
+                        score_thresh=settings["conf"], nms_thresh=settings["iou"],
+                        detections_per_img=settings["max_det"], topk_candidates=settings["max_nms"],
+                        levels=tuple(levels), class_offset=float(settings["max_wh"]),
+                        agnostic=settings["agnostic"])
+    return graph, spec
+
+
+def wrap(loaded, default_size: tuple[int, int]) -> DetectorSpec | None:
+    """Replace a loaded Ultralytics detect export by its detector graph (see the module
+    docstring) and its preprocessing by the letterbox; the spec, or None for any other ONNX.
+    ``default_size``: the preprocessing size when no --input-size was given."""
+    if loaded.onnx_model is None or not is_yolo(loaded.onnx_model):
+        return None
+    asked = tuple(loaded.preprocessing.size)
+    graph, spec = detector_graph(loaded.onnx_model, None if asked == tuple(default_size) else asked)
+    if asked != spec.image_size:
+        log.info("Ultralytics export: input size %s (as exported)", "x".join(map(str, spec.image_size)))
+    loaded.onnx_model = graph
+    loaded.preprocessing = LetterboxPreprocessing(size=spec.image_size, mean=(0.0, 0.0, 0.0),
+                                                  std=(1.0, 1.0, 1.0))
+    return spec
+
+
+# -- post-processing (Ultralytics' non_max_suppression, in numpy) -----------------------------
+
+def postprocess(rows: np.ndarray, spec: DetectorSpec) -> Detections:
+    """One image's detections from its rows (A, 4 + K) as ``non_max_suppression`` with
+    multi_label False: each anchor's best class, kept when its score > ``score_thresh``; the
+    best ``topk_candidates`` (max_nms); NMS (IoU > ``nms_thresh`` dropped) on the boxes offset
+    by label x ``class_offset`` (class-aware; 0 when ``agnostic``); the best
+    ``detections_per_img``."""
+    labels = np.argmax(rows[:, BOX:], axis=1)
+    scores = rows[np.arange(len(rows)), BOX + labels]
+    anchors = np.flatnonzero(scores > spec.score_thresh)
+    if len(anchors) > spec.topk_candidates:
+        anchors = anchors[np.argsort(-scores[anchors], kind="stable")[:spec.topk_candidates]]
+    boxes, labels, scores = rows[anchors, :BOX], labels[anchors], scores[anchors]
+    offset = np.float32(0 if spec.agnostic else spec.class_offset)
+    shifted = boxes + (labels.astype(np.float32) * offset)[:, None]
+    keep = nms(shifted, scores, spec.nms_thresh)[:spec.detections_per_img]
+    return Detections(boxes[keep], scores[keep], labels[keep], anchors[keep])

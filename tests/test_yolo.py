@@ -1,0 +1,326 @@
+"""Ultralytics YOLO detect exports (camexport.yolo): YOLOv8n and YOLO11n built from their yaml
+(random weights, seeded; nothing downloaded, YOLO_OFFLINE), exported by Ultralytics itself
+(``model.export(format="onnx", imgsz=160)``) and built by camexport from that file.
+
+A random-weight YOLO's activations shrink about tenfold per block (1e-10 at the neck) and its
+prior class bias (about -10) gives every anchor the same score 1e-5: ties everywhere. So the
+batch-norm statistics are set from the test images (unit-scale activations) and the class
+branch's last convolutions get weights N(0, 0.1) and bias -3: scores spread over 0.1-0.9 and
+the predictor's own conf 0.25 keeps 16-119 boxes per image. The box branch's DFL logits get a
+bias falling with the bin (-0.5 k), so box sides are a few strides (up to 200 px) rather than
+7.5 strides (400 px), where float32 alone (Ultralytics' own torch model included) is 2e-3 px
+off float64. References: the
+Ultralytics torch model in float64 on the same letterboxed tensor, its non_max_suppression,
+torch autograd, pytorch-grad-cam 1.5.7's EigenCAM.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(tempfile.gettempdir(), "camexport-ultralytics"))
+ultralytics = pytest.importorskip("ultralytics")
+
+import pytorch_grad_cam as pgc
+
+from camexport.build import build
+from camexport.data import letterbox, preprocess
+from camexport.detection import BOX, FasterRCNNBoxScoreTarget
+from camexport.explain import Explainer
+
+SIZE = 160
+MODELS = ("yolov8n", "yolo11n")
+#: gradients: float32 onnxruntime against float64 torch, relative L2 error (measured: YOLOv8n
+#: up to 3e-5, YOLO11n up to 8.4e-5, larger for anchors of the coarser scales)
+GRADIENT_TOLERANCE = 2e-4
+#: CAMs in [0, 1] (measured: 1.2e-5 YOLOv8n, 3.5e-5 YOLO11n, against pgc on the float64 model)
+CAM_TOLERANCE = 1e-4
+#: the class branch's last convolutions (see the module docstring)
+CLASS_STD, CLASS_BIAS = 0.1, -3.0
+#: box corners, pixels; scores
+BOX_TOLERANCE, SCORE_TOLERANCE = 1e-3, 5e-5
+
+pytestmark = pytest.mark.xdist_group("yolo")
+
+
+class Prepared:
+    """One model: Ultralytics' torch model (float64), its neck modules, the camexport artifact
+    of its ONNX export (the three neck outputs), the artifact with the stacked neck, images."""
+
+    def __init__(self, name: str, root: str):
+        from ultralytics import YOLO
+
+        rng = np.random.default_rng(1)
+        self.images = [rng.integers(0, 256, shape, np.uint8) for shape in ((120, 200, 3), (200, 150, 3))]
+        self.x = np.stack([preprocess(image, (SIZE, SIZE), (0, 0, 0), (1, 1, 1), resize="letterbox")
+                           for image in self.images])
+        torch.manual_seed(0)
+        yolo = YOLO(f"{name}.yaml")
+        detect = yolo.model.model[-1]
+        with torch.no_grad():
+            for branch in detect.cv3:
+                branch[-1].weight.normal_(0, CLASS_STD)
+                branch[-1].bias.fill_(CLASS_BIAS)
+            for branch in detect.cv2:  # box distances of a few strides, not 7.5 (boxes of 100 px, not 400)
+                branch[-1].weight.mul_(0.2)
+                branch[-1].bias.copy_(-0.5 * torch.arange(detect.reg_max).repeat(4))
+            # batch-norm statistics of the test images: activations of unit scale at every depth
+            for norm in yolo.model.modules():
+                if isinstance(norm, torch.nn.BatchNorm2d):
+                    norm.momentum = None
+                    norm.reset_running_stats()
+            yolo.model.train()
+            yolo.model(torch.tensor(self.x))
+            yolo.model.eval()
+        here = os.getcwd()
+        os.chdir(root)  # a yaml-built model is exported into the working directory
+        try:
+            path = yolo.export(format="onnx", imgsz=SIZE, simplify=False, verbose=False)
+        finally:
+            os.chdir(here)
+        self.path = os.path.join(root, path) if not os.path.isabs(path) else path
+        self.model = copy.deepcopy(yolo.model).double().eval()
+        self.necks = [int(i) for i in detect.f]
+        self.layers = [f"model.{i}" for i in self.necks]
+        self.explainer = Explainer(build(self.path, self.layers, "gradcam,eigencam",
+                                         out_dir=f"{root}/{name}").directory)
+        self.stacked = Explainer(build(self.path, ["neck"], "eigencam",
+                                       out_dir=f"{root}/{name}-neck").directory)
+
+    def torch_rows(self, x: np.ndarray) -> torch.Tensor:
+        """Ultralytics' (B, 4 + K, A) output in float64."""
+        return self.model(torch.tensor(x, dtype=torch.float64))[0]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("yolo"))
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def yolo(request, root):
+    return Prepared(request.param, root)
+
+
+def test_letterbox_matches_ultralytics():
+    from ultralytics.data.augment import LetterBox
+
+    rng = np.random.default_rng(0)
+    for shape in ((120, 200, 3), (200, 150, 3), (160, 160, 3), (37, 301, 3)):
+        image = rng.integers(0, 256, shape, np.uint8)
+        theirs = LetterBox((SIZE, SIZE), auto=False, stride=32)(image=image)
+        np.testing.assert_array_equal(letterbox(image, (SIZE, SIZE)), theirs)
+
+
+def test_manifest_records_ultralytics_settings(yolo):
+    manifest = yolo.explainer.manifest
+    prep = manifest["preprocessing"]
+    assert prep["resize"] == "letterbox" and prep["pad_value"] == 114
+    assert manifest["preprocessing"]["size"] == [SIZE, SIZE]
+    spec = manifest["detection"]
+    assert spec["kind"] == "yolo" and spec["classes"] == 80
+    assert (spec["score_thresh"], spec["nms_thresh"], spec["detections_per_img"]) == (0.25, 0.7, 300)
+    assert (spec["class_offset"], spec["agnostic"]) == (7680, False)
+    assert [layer["tensor"] for layer in manifest["layers"]] == list(spec["levels"])
+
+
+def test_detections_match_ultralytics(yolo):
+    """The graph's rows (xyxy + scores) and numpy's NMS replay give non_max_suppression's
+    detections (predictor settings) on the same letterboxed tensor; a batch of 2 gives each
+    image's batch-1 rows (the export's batch of 1 is freed)."""
+    from ultralytics.utils.nms import non_max_suppression
+
+    ours = yolo.explainer.detect(yolo.x)
+    with torch.no_grad():
+        theirs = non_max_suppression(yolo.torch_rows(yolo.x), conf_thres=0.25, iou_thres=0.7, max_det=300)
+    for found, reference in zip(ours, theirs):
+        reference = reference.numpy()
+        print(f"{len(found)} detections, box error {np.abs(found.boxes - reference[:, :4]).max():.1e} px")
+        assert len(found) == len(reference) >= 3
+        np.testing.assert_array_equal(found.labels, reference[:, 5].astype(int))
+        np.testing.assert_allclose(found.boxes, reference[:, :4], atol=BOX_TOLERANCE)
+        np.testing.assert_allclose(found.scores, reference[:, 4], atol=SCORE_TOLERANCE)
+    single = yolo.explainer.forward(yolo.x[1:])
+    np.testing.assert_allclose(yolo.explainer.forward(yolo.x)[1:], single, atol=1e-5)
+
+
+@pytest.mark.parametrize("shift", [0.0, 2.5])
+def test_box_score_gradients_match_torch_float64(yolo, shift):
+    """pgc's FasterRCNNBoxScoreTarget (IoU + score of the matched box) on the best detection:
+    its gradient on each neck output equals float64 autograd through Ultralytics' model. With
+    the box as its own reference only the class score's gradient flows; moved 2.5 px, the
+    IoU's flows through the DFL box decoding too."""
+    x = yolo.x[:1]
+    found = yolo.explainer.detect(x)[0]
+    start = np.cumsum([0, *[np.prod(v.shape[-2:]) for v in _levels(yolo, x)]])
+    for level in range(len(yolo.necks)):  # the best detection of each scale
+        inside = np.flatnonzero((found.anchors >= start[level]) & (found.anchors < start[level + 1]))
+        if len(inside):
+            _check_gradients(yolo, x, found, int(inside[0]), shift)
+
+
+def _levels(yolo, x):
+    kept = []
+    hooks = [yolo.model.model[i].register_forward_hook(lambda m, a, out: kept.append(out))
+             for i in yolo.necks]
+    try:
+        with torch.no_grad():
+            yolo.torch_rows(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return kept
+
+
+def _check_gradients(yolo, x, found, k, shift):
+    label, reference = int(found.labels[k]), found.boxes[k:k + 1] + np.float32(shift)
+    target = FasterRCNNBoxScoreTarget([label], reference)
+    ours = yolo.explainer.inputs(x, [target]).gradients
+    kept = []
+
+    def keep(module, args, out):
+        out.retain_grad()
+        kept.append(out)
+
+    hooks = [yolo.model.model[i].register_forward_hook(keep) for i in yolo.necks]
+    try:
+        rows = yolo.torch_rows(x)[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    anchor = int(found.anchors[k])
+    centre, half = rows[:2, anchor], rows[2:4, anchor] / 2
+    box = torch.cat([centre - half, centre + half])
+    from torchvision.ops import box_iou as torch_iou
+
+    # with the box as its own reference the IoU is 1, maximal: camexport (as torch on an exact
+    # tie) passes it no gradient; torch's float64 box is not exactly the float32 reference
+    iou = torch_iou(torch.tensor(reference, dtype=torch.float64), box[None])[0, 0] if shift else 0.0
+    loss = iou + rows[BOX + label, anchor]
+    loss.backward()
+    for layer, mine, value in zip(yolo.layers, ours, kept):
+        theirs = value.grad.numpy()
+        if not theirs.any():  # a finer scale's anchor reads nothing of the coarser ones
+            assert not mine.any(), layer
+            continue
+        error = np.linalg.norm(mine[0] - theirs[0]) / np.linalg.norm(theirs[0])
+        print(f"{layer} anchor {anchor} shift {shift}: gradient error {error:.1e}")
+        assert error <= GRADIENT_TOLERANCE
+
+
+class _Rows(torch.nn.Module):
+    """Ultralytics' model returning its (B, 4 + K, A) rows alone, the neck outputs handed to
+    ``neck`` (an Identity whose output is the list: pgc's hook sees the three levels)."""
+
+    def __init__(self, model, necks):
+        super().__init__()
+        self.model, self.necks, self.neck = model, necks, torch.nn.Identity()
+
+    def forward(self, x):
+        levels = []
+        hooks = [self.model.model[i].register_forward_hook(lambda m, a, out: levels.append(out))
+                 for i in self.necks]
+        try:
+            rows = self.model(x)[0]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self.neck(levels)
+        return rows
+
+
+def _stack(levels):
+    """pgc's fasterrcnn_reshape_transform over the neck levels."""
+    size = min((v.shape[-2:] for v in levels), key=lambda s: s[0] * s[1])
+    return torch.cat([torch.nn.functional.interpolate(torch.abs(v), size, mode="bilinear")
+                      for v in levels], dim=1)
+
+
+def test_eigencam_matches_pgc(yolo):
+    """EigenCAM needs no target (pgc's YOLOv5 tutorial): on the coarsest neck output, and on
+    the three neck outputs stacked (``--layer neck``)."""
+    model = _Rows(yolo.model, yolo.necks)
+    x = torch.tensor(yolo.x, dtype=torch.float64)
+    ours = yolo.explainer(yolo.x, methods=["eigencam"]).cams["eigencam"]
+    # camexport averages the per-layer maps of its three layers; pgc does the same with three
+    with pgc.EigenCAM(model=model, target_layers=[yolo.model.model[i] for i in yolo.necks]) as cam:
+        theirs = cam(input_tensor=x, targets=None)
+    stacked = yolo.stacked(yolo.x, methods=["eigencam"]).cams["eigencam"]
+    with pgc.EigenCAM(model=model, target_layers=[model.neck], reshape_transform=_stack) as cam:
+        theirs_stacked = cam(input_tensor=x, targets=None)
+    for name, mine, reference in (("layers", ours, theirs), ("neck", stacked, theirs_stacked)):
+        diff = np.abs(mine - reference).max()
+        print(f"eigencam {name}: max |diff| {diff:.1e}")
+        assert mine.std() > 0.05 and diff <= CAM_TOLERANCE
+
+
+def test_gradcam_flows_where_torch_inference_has_no_gradient(yolo):
+    """Ultralytics predicts under inference mode: its outputs carry no autograd graph, so a
+    torch CAM of a detection gets no gradient (pgc raises, or gets None). camexport's graph
+    carries its own backward pass: GradCAM of the best detection is a real map."""
+    with torch.inference_mode():
+        rows = yolo.torch_rows(yolo.x[:1])
+    assert not rows.requires_grad
+    with pytest.raises(RuntimeError):
+        rows[0, BOX, 0].backward()
+    found = yolo.explainer.detect(yolo.x[:1])[0]
+    target = FasterRCNNBoxScoreTarget(found.labels[:1], found.boxes[:1])
+    cam = yolo.explainer(yolo.x[:1], targets=[target], methods=["gradcam"]).cams["gradcam"]
+    assert np.isfinite(cam).all() and cam.max() > 0.99 and cam.std() > 0.05
+
+
+def test_run_flags_images_with_nothing_to_explain(yolo, root):
+    """camexport run stores /detections as for torchvision's detectors; an image none of
+    whose detections scores at least --detection-threshold is explained by nothing:
+    detections/explained 0 and an all-zero GradCAM (EigenCAM needs no target: it is kept).
+    An image with no detection at all (NMS keeps none) does not crash the explainer."""
+    import h5py
+    from click.testing import CliRunner
+
+    from camexport.cli import main
+    from camexport.store import ResultReader
+
+    # square images: letterbox and a plain resize agree
+    square = np.stack([letterbox(image, (SIZE, SIZE)) for image in yolo.images])
+    x = np.stack([preprocess(image, (SIZE, SIZE), (0, 0, 0), (1, 1, 1)) for image in square])
+    found = yolo.explainer.detect(x)
+    tops = [float(f.scores[0]) for f in found]
+    threshold = (max(tops) + min(tops)) / 2  # between the two images' best scores
+    data, out = f"{root}/{yolo.explainer.manifest['source']['name']}-data.h5", f"{root}/run-{id(yolo)}.h5"
+    with h5py.File(data, "w") as h5:
+        h5["images"] = square
+    ran = CliRunner().invoke(main, ["run", str(yolo.explainer.path), "--data", data, "--out", out,
+                                    "--methods", "gradcam,eigencam", "--detection-threshold",
+                                    str(threshold), "-q"])
+    assert ran.exit_code == 0, ran.output
+    explained = int(np.argmax(tops))
+    with ResultReader(out) as results:
+        assert not results.has("outputs")
+        for b, f in enumerate(found):
+            stored = results.detections(b)
+            np.testing.assert_allclose(stored.boxes, f.boxes, atol=1e-4)
+            np.testing.assert_array_equal(stored.labels, f.labels)
+        flags = results.read("detections/explained")
+        gradcam, eigencam = results.cams("gradcam"), results.cams("eigencam")
+    assert flags[explained] >= 1 and flags[1 - explained] == 0
+    assert gradcam[explained].max() > 0.99 and not gradcam[1 - explained].any()
+    assert eigencam[1 - explained].max() > 0.99
+    # no detection at all: empty detections, an empty target, zero maps
+    from dataclasses import replace
+
+    spec = replace(yolo.explainer.detection, score_thresh=0.999)
+    rows = yolo.explainer.forward(x[:1])
+    from camexport.yolo import postprocess
+
+    assert len(postprocess(rows[0], spec)) == 0
+    nothing = FasterRCNNBoxScoreTarget([], np.zeros((0, 4)))
+    cam = yolo.explainer(x[:1], targets=[nothing], methods=["gradcam"]).cams["gradcam"]
+    assert np.isfinite(cam).all() and not cam.any()
+
