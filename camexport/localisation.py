@@ -58,6 +58,7 @@ import cv2
 import numpy as np
 
 from camexport.errors import CamexportError
+from camexport.metrics import is_number, metric_tokens
 
 #: Zhang et al. 2016 count a point within 15 px of the object as a hit (here CAM pixels).
 POINTING_TOLERANCE = 15.0
@@ -538,33 +539,11 @@ def _parse(token: str) -> tuple[LocalisationMetric, object]:
     return metric, values[0]
 
 
-def _tokens(spec: str | Sequence[str]) -> list[str]:
-    """Comma-separated tokens; a number continues the parameter list before it, so
-    'iou:0.2,0.5,gini' is two metrics."""
-    pieces = [p.strip() for item in ([spec] if isinstance(spec, str) else spec)
-              for p in str(item).split(",")]
-    tokens: list[str] = []
-    for piece in filter(None, pieces):
-        if tokens and ":" in tokens[-1] and _is_number(piece):
-            tokens[-1] += "," + piece
-        else:
-            tokens.append(piece)
-    return tokens
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def metric_names(spec: str | Sequence[str]) -> list[str]:
     """Canonical names from 'pointing-game:15,iou:0.2,0.5' or a list; the parameter is dropped
     when it is the default; aliases (Quantus' class names), any case, '-' / '_' optional."""
     result = []
-    for token in _tokens(spec):
+    for token in metric_tokens(spec, is_number):
         metric, value = _parse(token)
         if value == metric.default:
             name = metric.name

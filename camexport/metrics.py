@@ -369,33 +369,39 @@ def _format(metric: Metric, value: object) -> str:
     return f"{metric.name}:" + ",".join(v if isinstance(v, str) else f"{v:g}" for v in values)
 
 
-def _tokens(spec: str | Sequence[str]) -> list[str]:
-    """Comma-separated tokens; a number (or 'auto') continues the parameter list before it, so
-    'road-combined:20,40,drop-in-confidence' is two metrics."""
+def metric_tokens(spec: str | Sequence[str], is_value: Callable[[str], bool] | None = None) -> list[str]:
+    """Comma-separated tokens; a value (``is_value``: by default a number or 'auto') continues
+    the parameter list before it, so 'road-combined:20,40,drop-in-confidence' is two metrics.
+    camexport.localisation parses its names with it too."""
+    is_value = is_value or _is_value
     pieces = [p.strip() for item in ([spec] if isinstance(spec, str) else spec)
               for p in str(item).split(",")]
     tokens: list[str] = []
     for piece in filter(None, pieces):
-        if tokens and ":" in tokens[-1] and _is_value(piece):
+        if tokens and ":" in tokens[-1] and is_value(piece):
             tokens[-1] += "," + piece
         else:
             tokens.append(piece)
     return tokens
 
 
-def _is_value(text: str) -> bool:
+def is_number(text: str) -> bool:
     try:
         float(text)
     except ValueError:
-        return text.lower() == "auto"
+        return False
     return True
+
+
+def _is_value(text: str) -> bool:
+    return is_number(text) or text.lower() == "auto"
 
 
 def metric_names(spec: str | Sequence[str]) -> list[str]:
     """Canonical metric names from 'road-combined,drop-in-confidence' or a list. Aliases: the
     library's class names, any case, with or without '-' / '_'. Duplicates are dropped."""
     result = []
-    for token in _tokens(spec):
+    for token in metric_tokens(spec):
         name = _format(*_parse(token))
         if name not in result:
             result.append(name)

@@ -15,11 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import h5py
 import numpy as np
 import pytest
-from cli_helper import cli
+from cli_helper import cli, tiny_workspace
 
 ray = pytest.importorskip("ray", reason="Ray is a test extra (camexport[ray]); it is not installed")
 
@@ -49,22 +48,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """A tiny CNN's artifact, random images packed, and the local engine's result."""
-    import torch
-
-    root = tmp_path_factory.mktemp("ray")
-    torch.manual_seed(0)
-    nn = torch.nn
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
-    torch.save(model, root / "tiny.pt")
-    cli("build", root / "tiny.pt", "--layer", "3", "--trust-pickle", "--input-size", SIZE, SIZE,
-        "--methods", METHODS, "--out", root / "art", "-q")
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(SAMPLES):
-        cv2.imwrite(str(images / f"img{i:03d}.png"), rng.integers(0, 256, (SIZE, SIZE, 3), np.uint8))
-    cli("pack", images, "--out", root / "data.h5", "--size", SIZE, "-q")
+    root = tiny_workspace(tmp_path_factory.mktemp("ray"), SIZE, SAMPLES, METHODS, width_extra=0)
     cli(*_run_args(root, root / "local.h5"))
     return root
 

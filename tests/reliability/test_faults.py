@@ -19,11 +19,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
 import h5py
 import numpy as np
 import pytest
-from cli_helper import cli
+from cli_helper import cli, tiny_workspace
 
 from camexport.artifact import MANIFEST_FILE, verify_artifact
 from camexport.faults import FAULT_VARIABLE
@@ -41,23 +40,8 @@ SEED = 20
 def workspace(tmp_path_factory) -> Path:
     """A tiny CNN's artifact (and its plain ONNX graph, to build from quickly), SAMPLES random
     images packed, and the result of an uninterrupted run."""
-    import torch
-
-    root = tmp_path_factory.mktemp("faults")
-    torch.manual_seed(0)
-    nn = torch.nn
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
-    torch.save(model, root / "tiny.pt")
-    cli("build", root / "tiny.pt", "--layer", "3", "--trust-pickle", "--input-size", SIZE, SIZE,
-        "--methods", METHODS, "--out", root / "art", "-q")
+    root = tiny_workspace(tmp_path_factory.mktemp("faults"), SIZE, SAMPLES, METHODS)
     shutil.copy(root / "art" / "model.plain.onnx", root / "tiny.onnx")
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(SAMPLES):
-        cv2.imwrite(str(images / f"img{i:03d}.png"), rng.integers(0, 256, (SIZE, SIZE + 8, 3), np.uint8))
-    cli("pack", images, "--out", root / "data.h5", "--size", SIZE, "-q")
     cli(*_run_args(root, root / "reference.h5"))
     return root
 

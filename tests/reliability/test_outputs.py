@@ -19,11 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import h5py
 import numpy as np
 import pytest
-from cli_helper import cli
+from cli_helper import cli, tiny_workspace
 
 from camexport.cli import INTERRUPTED
 from camexport.store import ResultReader
@@ -39,22 +38,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """A tiny CNN's artifact, SAMPLES random images, their packed dataset and a finished result."""
-    import torch
-
-    root = tmp_path_factory.mktemp("reliability")
-    torch.manual_seed(0)
-    nn = torch.nn
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
-    torch.save(model, root / "tiny.pt")
-    cli("build", root / "tiny.pt", "--layer", "3", "--trust-pickle", "--input-size", SIZE, SIZE,
-        "--methods", METHODS, "--out", root / "art", "-q")
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(SAMPLES):
-        cv2.imwrite(str(images / f"img{i:03d}.png"), rng.integers(0, 256, (SIZE, SIZE + 8, 3), np.uint8))
-    cli("pack", images, "--out", root / "data.h5", "--size", SIZE, "-q")
+    root = tiny_workspace(tmp_path_factory.mktemp("reliability"), SIZE, SAMPLES, METHODS)
     cli(*_run_args(root, root / "data.h5", root / "reference.h5"))
     return root
 
