@@ -139,6 +139,35 @@ CASES = [
     Case("Pad", [S, np.array([0, 1, 2, 0, 0, 0, 1, 3])]),
 ]
 
+# RoiAlign: 5 boxes on 2 images of a 10 x 12 map (spatial_scale 0.5), two partly outside it; the
+# boxes are constants here (the harness differentiates every graph input), run-time inputs below
+ROIS = np.array([[1.0, 2.5, 13.3, 9.1], [-3.2, -1.7, 6.4, 20.9], [10.1, 4.3, 27.0, 17.6],
+                 [0.7, 0.2, 3.1, 2.4], [16.6, 12.2, 30.5, 25.7]])
+ROI_BATCH = np.array([0, 1, 1, 0, 1])
+ROI_X = (2, 3, 10, 12)
+CASES += [
+    Case("RoiAlign", [ROI_X, ROIS, ROI_BATCH], {"output_height": 3, "output_width": 4,
+                                                "sampling_ratio": 2, "spatial_scale": 0.5},
+         name="RoiAlign-avg-sr2"),  # torchvision's MultiScaleRoIAlign, aligned=True
+    Case("RoiAlign", [ROI_X, ROIS, ROI_BATCH],
+         {"output_height": 3, "output_width": 2, "sampling_ratio": 1, "spatial_scale": 0.5,
+          "coordinate_transformation_mode": "output_half_pixel"}, name="RoiAlign-avg-sr1-output-half"),
+    Case("RoiAlign", [ROI_X, np.vstack([ROIS, [[8.0, 6.0, 5.0, 6.0], [2.0, 2.0, 2.0, 2.0]]]),
+                      np.array([0, 1, 1, 0, 1, 1, 0])],
+         {"output_height": 2, "output_width": 3, "sampling_ratio": 0, "spatial_scale": 0.5},
+         name="RoiAlign-avg-adaptive-degenerate"),  # grid ceil(size / output) per box, 0 for two
+    Case("RoiAlign", [ROI_X, ROIS, ROI_BATCH],
+         {"output_height": 2, "output_width": 3, "sampling_ratio": 0, "spatial_scale": 0.5,
+          "coordinate_transformation_mode": "output_half_pixel"},
+         name="RoiAlign-avg-adaptive-output-half"),
+    Case("RoiAlign", [ROI_X, ROIS, ROI_BATCH], {"mode": "max", "output_height": 3, "output_width": 4,
+                                                "sampling_ratio": 2, "spatial_scale": 0.5},
+         name="RoiAlign-max-sr2"),
+    Case("RoiAlign", [ROI_X, ROIS, ROI_BATCH], {"mode": "max", "output_height": 2, "output_width": 3,
+                                                "sampling_ratio": 0, "spatial_scale": 0.5},
+         name="RoiAlign-max-adaptive"),
+]
+
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_rule(case):
@@ -238,3 +267,67 @@ def test_maxpool_ties_go_to_the_first_max_as_in_torch(attrs):
         run = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         grad = run.run(["grad0"], {"in0": x, "seed_out0": u})[0]
         np.testing.assert_array_equal(grad, xt.grad.numpy().astype(np.float32))
+
+
+@pytest.mark.parametrize("aligned,sampling_ratio", [(True, 2), (False, 2), (True, 1), (True, 0),
+                                                     (False, 0)])
+def test_roialign_matches_torchvision_with_boxes_as_inputs(aligned, sampling_ratio):
+    """Boxes and batch indices are run-time graph inputs (proposals from numpy), with a
+    symbolic box count; one backward graph serves two different box sets. dX equals the autograd
+    gradient of torchvision.ops.roi_align (aligned=True is half_pixel) to 1e-10 in float64, and
+    onnxruntime's float32 run of the same graph to float32 round-off."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+    from torchvision.ops import roi_align
+
+    from camexport.graph.autodiff import differentiate
+    from camexport.graph.builder import Builder, GraphFacts
+
+    shape, out, scale = (2, 4, 13, 17), (7, 5), 0.25
+    attrs = {"output_height": out[0], "output_width": out[1], "sampling_ratio": sampling_ratio,
+             "spatial_scale": scale,
+             "coordinate_transformation_mode": "half_pixel" if aligned else "output_half_pixel"}
+
+    def backward(elem):
+        node = helper.make_node("RoiAlign", ["x", "rois", "batch"], ["y"], name="roi", **attrs)
+        graph = helper.make_graph([node], "g", [
+            helper.make_tensor_value_info("x", elem, list(shape)),
+            helper.make_tensor_value_info("rois", elem, ["boxes", 4]),
+            helper.make_tensor_value_info("batch", onnx.TensorProto.INT64, ["boxes"])],
+            [helper.make_tensor_value_info("y", elem, ["boxes", shape[1], *out])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+        facts = GraphFacts(model)
+        builder = Builder(facts, {"x", "rois", "batch", "y", "dy"})
+        grads = differentiate(model, facts, builder, {"y": "dy"}, ["x"])
+        model.graph.node.extend(builder.nodes)
+        model.graph.initializer.extend(builder.initializers)
+        model.graph.input.append(helper.make_tensor_value_info("dy", elem, ["boxes", shape[1], *out]))
+        model.graph.output.append(helper.make_tensor_value_info(grads["x"], elem, list(shape)))
+        onnx.checker.check_model(model, full_check=True)
+        return model, grads["x"]
+
+    model64, dx = backward(onnx.TensorProto.DOUBLE)
+    model32, _ = backward(onnx.TensorProto.FLOAT)
+    reference = ReferenceEvaluator(model64)
+    session = ort.InferenceSession(model32.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal(shape)
+    for boxes in (9, 4):  # image of 52 x 68 pixels; boxes may stick out of it
+        corner = rng.uniform([-10, -10], [60, 45], (boxes, 2))
+        rois = np.hstack([corner, corner + rng.uniform(1, 40, (boxes, 2))])
+        batch = rng.integers(0, shape[0], boxes)
+        dy = rng.standard_normal((boxes, shape[1], *out))
+        xt = torch.tensor(x, requires_grad=True)
+        y = roi_align(xt, torch.tensor(np.hstack([batch[:, None], rois])), out, scale,
+                      sampling_ratio, aligned)
+        y.backward(torch.tensor(dy))
+        expected = xt.grad.numpy()
+        feeds = {"x": x, "rois": rois, "batch": batch, "dy": dy}
+        got = reference.run([dx], feeds)[0]
+        assert np.abs(got - expected).max() <= 1e-10 * np.abs(expected).max()
+        got32 = session.run([dx], {k: v.astype(np.float32) if v.dtype == np.float64 else v
+                                   for k, v in feeds.items()})[0]
+        assert np.linalg.norm(got32 - expected) <= 1e-5 * np.linalg.norm(expected)
