@@ -25,11 +25,12 @@ import numpy as np
 from camexport.artifact import read_artifact, read_plain
 from camexport.detection import Detections
 from camexport.errors import CamexportError
+from camexport.graph.ablate import ABLATED_CHANNELS, ABLATED_VALUES, ablation_tail
 from camexport.graph.cut import layer_tail, prune, split_by_targets, target_dependent
 from camexport.graph.outputs import TARGET_WEIGHTS, activation_name, gradient_name, graph_outputs
 from camexport.methods import METHODS, canonical_methods
 from camexport.methods.base import Method
-from camexport.methods.inputs import CamInputs
+from camexport.methods.inputs import CamInputs, ablated_copies, channel_axis
 from camexport.methods.pipeline import to_channel_first
 from camexport.methods.registry import method_objects, needs_of
 from camexport.runtime import PROVIDERS, check_graph, require, session
@@ -39,6 +40,10 @@ from camexport.tasks import task_for
 #: pytorch-grad-cam's aug_smooth passes, in its order: (flip along W, factor) (reference §2.8).
 AUG_PASSES = [(False, 0.9), (False, 1.0), (False, 1.1), (True, 0.9), (True, 1.0), (True, 1.1)]
 
+
+#: AblationCAM's rank-1 tail runs ``batch_size`` x this many ablated channels per run (its
+#: per-copy work is small: a larger run amortises the layer's product, computed once per run)
+ABLATION_RUN = 4
 
 #: Sessions of pruned or split graphs an Explainer keeps (each holds its own copy of the weights).
 SESSIONS = 3
@@ -121,6 +126,8 @@ class Explainer:
         self.target_outputs = [name for name in self.graph_outputs if name in dependent]
         self._plain = None
         self._tails: dict[int, object] = {}
+        #: (layer, channel axis) -> session of the rank-1 ablation tail, None: not applicable
+        self._ablation: dict[tuple[int, int], object] = {}
         #: (layer, image, values) of the last tail() call that read values from before the layer
         self._frontier = None
         # one session per output set in use, made on first use and bounded: each session holds
@@ -134,6 +141,7 @@ class Explainer:
         self._pruned.clear()
         self._splits.clear()
         self._tails.clear()
+        self._ablation.clear()
         self._frontier = None
         self._plain = None
 
@@ -162,38 +170,78 @@ class Explainer:
         bypassing a ViT block's norm1), they are computed from ``image`` (1, C, H, W), the image
         the tensors come from, and repeated for every row, as pgc recomputes them from the
         repeated image."""
-        if layer not in self._tails:
-            cut = layer_tail(read_plain(self.path, self.manifest), self.layers[layer]["tensor"],
-                             self.output_name)
-            self._tails[layer] = (cut, session(cut.model, self.provider),
-                                  cut.before and session(cut.before, self.provider))
-        cut, run, before = self._tails[layer]
+        run = self._tail(layer)[1]
         tensor = run.get_inputs()[0].name
-        extra = {}
-        if cut.frontier:
-            if image is None:
-                raise ExplainError(
-                    f"the model after layer {self.layers[layer]['name']!r} also reads values "
-                    f"computed before it ({', '.join(cut.frontier[:3])}), e.g. a residual stream: "
-                    f"give the image the tensors come from, tail(layer, tensors, image)")
-            image = np.ascontiguousarray(image, np.float32)
-            if image.shape[0] != 1:
-                raise ExplainError(f"tail(layer, tensors, image) takes one image (1, ...); got {image.shape}")
-            remembered = self._frontier
-            if remembered and remembered[0] == layer and np.array_equal(remembered[1], image):
-                extra = remembered[2]  # AblationCAM asks again for each chunk of one image
-            else:
-                computed = [n for n in cut.frontier if n != self.input_name]
-                extra = (dict(zip(computed, before.run(computed, {self.input_name: image})))
-                         if computed else {})
-                extra.update({n: image for n in cut.frontier if n == self.input_name})
-                self._frontier = (layer, image.copy(), extra)
+        extra = self._before(layer, image)
         parts = []
         for i in range(0, len(tensors), self.batch_size):
             chunk = tensors[i:i + self.batch_size]
             feed = {tensor: chunk, **{n: np.repeat(v, len(chunk), axis=0) for n, v in extra.items()}}
             parts.append(run.run([self.output_name], feed)[0])
         return np.concatenate(parts)
+
+    def ablate(self, layer: int, tensor: np.ndarray, channels: np.ndarray, values: np.ndarray,
+               image: np.ndarray | None = None) -> np.ndarray:
+        """Model outputs of ``tensor`` (1, ...), layer ``layer``'s tensor of one image, with
+        channel ``channels[i]`` set to ``values[i]`` at every position: one row per i.
+        Where the model after the layer reads it through a linear op (a ViT's norm1 -> q/k/v
+        projection) each batch of channels is one run of the rank-1 tail
+        (:func:`camexport.graph.ablate.ablation_tail`, which also repeats the values from
+        before the layer only where they are read); otherwise the ablated copies run through
+        :meth:`tail`. ``image`` as for :meth:`tail`."""
+        axis = channel_axis(self.layers[layer]["layout"], tensor.ndim)
+        run = self._ablation_tail(layer, axis)
+        if run is None:
+            return self.tail(layer, ablated_copies(tensor, axis, channels, values), image)
+        feed = {name: np.ascontiguousarray(value) for name, value in self._before(layer, image).items()}
+        feed[self.layers[layer]["tensor"]] = np.ascontiguousarray(tensor)
+        channels = np.asarray(channels, np.int64)
+        values = np.asarray(values, tensor.dtype)
+        step = self.batch_size * ABLATION_RUN
+        return np.concatenate([
+            run.run([self.output_name], {**feed, ABLATED_CHANNELS: channels[i:i + step],
+                                         ABLATED_VALUES: values[i:i + step]})[0]
+            for i in range(0, len(channels), step)])
+
+    def _tail(self, layer: int) -> tuple:
+        """(LayerTail, its session, the session of the values from before the layer or None)."""
+        if layer not in self._tails:
+            cut = layer_tail(read_plain(self.path, self.manifest), self.layers[layer]["tensor"],
+                             self.output_name)
+            self._tails[layer] = (cut, session(cut.model, self.provider),
+                                  cut.before and session(cut.before, self.provider))
+        return self._tails[layer]
+
+    def _ablation_tail(self, layer: int, axis: int):
+        """The session of the layer's rank-1 tail, None where the rewrite does not apply."""
+        if (layer, axis) not in self._ablation:
+            cut = self._tail(layer)[0]
+            fast = ablation_tail(cut.model, self.layers[layer]["tensor"], axis)
+            self._ablation[layer, axis] = fast and session(fast, self.provider)
+        return self._ablation[layer, axis]
+
+    def _before(self, layer: int, image: np.ndarray | None) -> dict[str, np.ndarray]:
+        """The values from before the layer that the tail reads (its frontier), computed from
+        ``image`` (1, ...): one row each."""
+        cut, _, before = self._tail(layer)
+        if not cut.frontier:
+            return {}
+        if image is None:
+            raise ExplainError(
+                f"the model after layer {self.layers[layer]['name']!r} also reads values "
+                f"computed before it ({', '.join(cut.frontier[:3])}), e.g. a residual stream: "
+                f"give the image the tensors come from, tail(layer, tensors, image)")
+        image = np.ascontiguousarray(image, np.float32)
+        if image.shape[0] != 1:
+            raise ExplainError(f"tail(layer, tensors, image) takes one image (1, ...); got {image.shape}")
+        remembered = self._frontier
+        if remembered and remembered[0] == layer and np.array_equal(remembered[1], image):
+            return remembered[2]  # AblationCAM asks again for each chunk of one image
+        computed = [n for n in cut.frontier if n != self.input_name]
+        extra = dict(zip(computed, before.run(computed, {self.input_name: image}))) if computed else {}
+        extra.update({n: image for n in cut.frontier if n == self.input_name})
+        self._frontier = (layer, image.copy(), extra)
+        return extra
 
     def outputs_for(self, needs=None) -> tuple[str, ...]:
         """The graph outputs that methods with these ``needs`` (registry.MethodInfo.needs) read;
@@ -314,7 +362,7 @@ class Explainer:
         return self._cam_inputs(x, results, resolved, backward, needs=needs)
 
     def _cam_inputs(self, x, results: dict[str, np.ndarray], resolved: list, backward,
-                    forward=None, tail=None, needs=None) -> CamInputs:
+                    forward=None, tail=None, needs=None, ablate=None) -> CamInputs:
         raw = [results[activation_name(layer["name"])] for layer in self.layers]
         layouts = [layer["layout"] for layer in self.layers]
         labels = [layer["name"] for layer in self.layers]
@@ -327,7 +375,8 @@ class Explainer:
             gradients=[None if g is None else to_channel_first(g, lay)
                        for g, lay in zip(gradients, layouts)],
             raw_activations=raw, raw_gradients=gradients, layouts=layouts, forward=forward or self.forward,
-            tail=_for_images(tail or self.tail, x), backward=backward,
+            tail=_for_images(tail or self.tail, x), ablate=_ablating(ablate or self.ablate, x, raw),
+            backward=backward,
             rerun=lambda batch, targets: self.inputs(batch, targets, needs))
 
     @staticmethod
@@ -406,17 +455,18 @@ class Explainer:
         targets use (None: each slot's own)."""
         outputs = self.outputs_for(needs)
         # ScoreCAM's masked images and AblationCAM's ablated maps are the same for every slot
-        forward, tail = _Memo(self.forward), _Memo(self.tail)
+        forward, tail, ablate = _Memo(self.forward), _Memo(self.tail), _Memo(self.ablate)
         if not any(name in self.target_outputs for name in outputs):  # one run serves all
             once = self._run(x, np.zeros((len(x), *self.output_shape), np.float32), outputs)
             return [self._cam_inputs(x, once, as_targets(column, once[self.output_name]),
-                                     None, forward, tail, needs) for column in columns], None
+                                     None, forward, tail, needs, ablate) for column in columns], None
         cut = self._split_graph(outputs)
         if cut[0] is None:  # the tail reads the image itself: the whole graph once per slot
             per_slot = []
             for column in columns:
                 inputs = self.inputs(x, column, needs)
                 inputs.forward, inputs.tail = forward, tail
+                inputs.ablate = _ablating(ablate, x, inputs.raw_activations)
                 per_slot.append(inputs)
             return per_slot, None
         split, head_session, _ = cut
@@ -428,7 +478,7 @@ class Explainer:
         ran = self._tail_gradients(cut, head, weights)
         backward = self._head_backward(cut, head)
         per_slot = [self._cam_inputs(x, {**head, **{n: v[k] for n, v in ran.items()}},
-                                     resolved[k], backward, forward, tail, needs)
+                                     resolved[k], backward, forward, tail, needs, ablate)
                     for k in range(len(columns))]
 
         def rerun(_x, chosen):
@@ -436,7 +486,7 @@ class Explainer:
             rows = target_weights(targets, model_outputs, self.output_shape)[None]
             again = self._tail_gradients(cut, head, rows)
             return self._cam_inputs(x, {**head, **{n: v[0] for n, v in again.items()}},
-                                    targets, backward, forward, tail, needs)
+                                    targets, backward, forward, tail, needs, ablate)
         return per_slot, rerun
 
     def _head_backward(self, cut: tuple, head: dict[str, np.ndarray]):
@@ -465,6 +515,13 @@ def _for_images(tail, x: np.ndarray):
     """``tail(layer, tensors, b)``: the model after a layer on tensors that come from image b of
     the batch ``x`` (b None: tensors of no one image)."""
     return lambda layer, tensors, b=None: tail(layer, tensors, None if b is None else x[b:b + 1])
+
+
+def _ablating(ablate, x: np.ndarray, raw: list[np.ndarray]):
+    """``ablate(layer, b, channels, values)`` on image b of the batch ``x`` (layer tensors
+    ``raw``), from ``ablate(layer, tensor, channels, values, image)``."""
+    return lambda layer, b, channels, values: ablate(layer, raw[layer][b:b + 1], channels, values,
+                                                     x[b:b + 1])
 
 
 class _Memo:

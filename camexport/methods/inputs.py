@@ -15,6 +15,23 @@ class MethodInputError(CamexportError, ValueError):
     """A method asked for what the artifact or the call does not provide, with the fix."""
 
 
+def channel_axis(layout: dict | None, rank: int) -> int:
+    """The channel axis of a layer's tensor in the graph's own layout: 1 for NCHW, NCDHW and
+    vectors (the default), the last axis for channel-last layouts (ViT tokens, NHWC)."""
+    kind = (layout or {"kind": "NCHW"}).get("kind")
+    return 1 if kind in ("NCHW", "NCDHW", "vector") else rank - 1
+
+
+def ablated_copies(tensor: np.ndarray, axis: int, channels: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """One copy of ``tensor`` (1, ...) per channel: copy i has channel ``channels[i]`` (axis
+    ``axis``) set to ``values[i]`` at every position."""
+    batch = np.repeat(tensor, len(channels), axis=0)
+    moved = np.moveaxis(batch, axis, 1)  # a view: writing it writes batch
+    moved[np.arange(len(channels)), channels] = np.asarray(values, batch.dtype).reshape(
+        len(channels), *[1] * (moved.ndim - 2))
+    return batch
+
+
 def _at_least_float32(tensor: np.ndarray | None) -> np.ndarray | None:
     if tensor is None or tensor.dtype in (np.float32, np.float64):
         return tensor
@@ -31,7 +48,10 @@ class CamInputs:
     inputs and ``tail(layer, tensors, b)`` runs the model from a layer's tensors (raw layout) that
     come from image b (None: from no one image; refused where the model after the layer also reads
     values computed before it); both
-    return model outputs; ``backward(layer, weights)`` is the gradient at a layer (channel-first)
+    return model outputs; ``ablate(layer, b, channels, values)`` gives the model outputs of
+    image b with channel ``channels[i]`` of the layer's tensor set to ``values[i]``, one row per
+    i (AblationCAM; None: :meth:`ablated` runs the copies through ``tail``);
+    ``backward(layer, weights)`` is the gradient at a layer (channel-first)
     for other ``target_weights`` rows; ``rerun(x, targets)`` gives the inputs of another batch
     (SESS's patches). Methods never see a session.
     """
@@ -47,6 +67,7 @@ class CamInputs:
     layouts: list[dict] = field(default_factory=list)
     forward: Callable[[np.ndarray], np.ndarray] | None = None
     tail: Callable[..., np.ndarray] | None = None
+    ablate: Callable[..., np.ndarray] | None = None
     backward: Callable[[int, np.ndarray], np.ndarray] | None = None
     rerun: Callable[[np.ndarray, list], CamInputs] | None = None
     # optional graph outputs (camexport.graph.outputs fills them; None: not built)
@@ -70,6 +91,16 @@ class CamInputs:
     @property
     def size(self) -> tuple[int, int]:
         return tuple(self.x.shape[2:])
+
+    def ablated(self, layer: int, b: int, channels: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Model outputs of image b with channel ``channels[i]`` of layer ``layer`` set to
+        ``values[i]`` (every position), one row per i: ``ablate`` if given, else the ablated
+        copies of the layer's tensor through ``tail``."""
+        if self.ablate is not None:
+            return self.ablate(layer, b, channels, values)
+        raw = self.raw_activations[layer][b:b + 1]
+        axis = channel_axis(self.layouts[layer] if self.layouts else None, raw.ndim)
+        return self.tail(layer, ablated_copies(raw, axis, channels, values), b)
 
     def scores(self, b: int, outputs: np.ndarray) -> np.ndarray:
         """Target b's score on each row of ``outputs`` (float32)."""

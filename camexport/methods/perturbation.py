@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from camexport.methods.base import WeightMethod
-from camexport.methods.inputs import MethodInputError
+from camexport.methods.inputs import MethodInputError, channel_axis
 from camexport.methods.pipeline import eigen_projection
 
 #: ScoreCAM's per-channel mask normalisation epsilon (pytorch-grad-cam, reference §3.7, Q13).
@@ -131,7 +131,9 @@ class AblationCAM(WeightMethod):
     pgc's chunks of ``chunk`` rows (32) whatever the run batch (``batch_size``), over the list
     of ablated channels. ``ratio_channels_to_ablate`` < 1 ablates only the channels that
     :func:`ablation_order` picks (the others get weight 0), as pgc's experimental option, with
-    the Q16 fix for ratios above 0.5."""
+    the Q16 fix for ratios above 0.5. The Explainer runs each batch of ablated channels as
+    one run of the rank-1 tail where the layer feeds a linear op
+    (:mod:`camexport.graph.ablate`: a ViT's norm1 -> q/k/v projection), else the copies."""
 
     name = "ablationcam"
     chunk = 32
@@ -139,13 +141,12 @@ class AblationCAM(WeightMethod):
     ratio_channels_to_ablate = 1.0
 
     def weights(self, inputs, layer):
-        if inputs.tail is None:
+        if inputs.tail is None and inputs.ablate is None:
             raise MethodInputError("AblationCAM needs the tail of the model")
         raw = inputs.raw_activations[layer]
         acts = inputs.activations[layer]
-        layout = inputs.layouts[layer] if inputs.layouts else {"kind": "NCHW"}
-        axis = 1 if layout.get("kind") in ("NCHW", "NCDHW", "vector") else raw.ndim - 1
-        channels = raw.shape[axis]
+        layout = inputs.layouts[layer] if inputs.layouts else None
+        channels = raw.shape[channel_axis(layout, raw.ndim)]
         base = inputs.scores
         weights = []
         for b in range(raw.shape[0]):
@@ -157,11 +158,7 @@ class AblationCAM(WeightMethod):
             scores = np.full(channels, original, np.float32)
             for start in range(0, len(order), self.batch_size):
                 chosen = order[start:start + self.batch_size]
-                batch = np.repeat(raw[b][None], len(chosen), axis=0)
-                index = [slice(None)] * batch.ndim
-                for row, c in enumerate(chosen):
-                    index[0], index[axis] = row, c
-                    batch[tuple(index)] = fills[start + row]
-                scores[chosen] = base(b, inputs.tail(layer, batch, b))
+                values = fills[start:start + len(chosen)].astype(np.float32)
+                scores[chosen] = base(b, inputs.ablated(layer, b, chosen, values))
             weights.append((original - scores) / original)
         return np.asarray(weights, dtype=np.float32)
