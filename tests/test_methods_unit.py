@@ -129,3 +129,137 @@ def test_recomputable_follows_the_declared_needs():
                  "guidedbackprop"):
         assert name not in RECOMPUTABLE, name
         assert METHODS[name].extras or METHODS[name].runs
+
+
+# -- the batched helpers against the straightforward computation --------------------------------
+def _layouts(rng) -> dict[str, np.ndarray]:
+    """(B, C, *spatial) float32 tensors as the methods see them: contiguous NCHW, a channel-last
+    view (ViT tokens, NHWC: numpy then sums the channels pairwise) and a volume."""
+    return {"nchw": rng.standard_normal((3, 37, 5, 6), dtype=np.float32),
+            "channels-last": np.moveaxis(rng.standard_normal((3, 5, 6, 37), dtype=np.float32), -1, 1),
+            "volume": rng.standard_normal((2, 11, 3, 4, 5), dtype=np.float32)}
+
+
+# the methods' formulas written the plain way (pgc's expressions, reference §3.1-§3.3)
+def _plain_raw(name: str, a: np.ndarray, g: np.ndarray) -> np.ndarray:
+    axes = tuple(range(2, a.ndim))
+    expand = (slice(None), slice(None)) + (None,) * len(axes)
+    if name == "gradcam":
+        return (g.mean(axis=axes)[expand] * a).sum(axis=1)
+    if name == "hirescam":
+        return (g * a).sum(axis=1)
+    if name == "gradcamelementwise":
+        return np.maximum(g * a, 0).sum(axis=1)
+    if name == "layercam":
+        return (np.maximum(g, 0) * a).sum(axis=1)
+    sums = a.sum(axis=axes, keepdims=True)
+    if name == "xgradcam":
+        weights = (g * a / (sums + np.float32(1e-7))).sum(axis=axes)
+    else:
+        alpha = g ** 2 / (2 * g ** 2 + sums * g ** 3 + np.float32(1e-6))
+        weights = (np.maximum(g, 0) * np.where(g != 0, alpha, 0)).sum(axis=axes)
+    return (weights[expand] * a).sum(axis=1)
+
+
+@pytest.mark.parametrize("block", [1, 10 ** 9])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_gradient_methods_equal_their_plain_formulas(name, block, monkeypatch):
+    """Bit for bit, on every layout, one image per block or the whole batch at once."""
+    from camexport.methods import pipeline
+
+    monkeypatch.setattr(pipeline, "BLOCK_ELEMENTS", block)
+    rng = np.random.default_rng(0)
+    for layout, a in _layouts(rng).items():
+        g = rng.standard_normal(a.shape, dtype=np.float32)
+        g[:, :, 0] = 0  # G = 0: GradCAM++'s alpha is 0 there
+        inputs = CamInputs(x=np.zeros((len(a), 3, 8, 8), np.float32),
+                           outputs=np.zeros((len(a), 2), np.float32), targets=[None] * len(a),
+                           activations=[a], gradients=[g])
+        np.testing.assert_array_equal(method(name).raw(inputs, 0, False), _plain_raw(name, a, g),
+                                      err_msg=f"{name} {layout}")
+
+
+def test_gradcam_plus_plus_where_the_activation_sum_is_not_finite():
+    """S = inf: 0 * S is nan where G = 0, which pgc's where() turns into alpha = 0."""
+    a = np.ones((1, 2, 2, 2), np.float32)
+    a[0, 0, 0, 0] = np.inf
+    g = np.full_like(a, 0.5)
+    g[0, 0, 1] = 0
+    inputs = CamInputs(x=np.zeros((1, 3, 2, 2), np.float32), outputs=np.zeros((1, 2), np.float32),
+                       targets=[None], activations=[a], gradients=[g])
+    with np.errstate(invalid="ignore"):
+        weights = method("gradcam++").weights(inputs, 0)
+        sums = a.sum(axis=(2, 3), keepdims=True)
+        alpha = g ** 2 / (2 * g ** 2 + sums * g ** 3 + np.float32(1e-6))
+        plain = (np.maximum(g, 0) * np.where(g != 0, alpha, 0)).sum(axis=(2, 3))
+    np.testing.assert_array_equal(weights, plain)
+
+
+def test_product_and_weighted_sums_equal_the_broadcast_products():
+    from camexport.methods.pipeline import product_sum, weighted_sum
+
+    rng = np.random.default_rng(1)
+    for layout, a in _layouts(rng).items():
+        b = rng.standard_normal(a.shape, dtype=np.float32)
+        w = rng.standard_normal(a.shape[:2], dtype=np.float32)
+        expand = w.reshape(w.shape + (1,) * (a.ndim - 2))
+        np.testing.assert_array_equal(product_sum(b, a), (b * a).sum(axis=1), err_msg=layout)
+        np.testing.assert_array_equal(weighted_sum(w, a), (expand * a).sum(axis=1), err_msg=layout)
+
+
+def test_by_images_concatenates_blocks(monkeypatch):
+    from camexport.methods import pipeline
+
+    a = np.arange(5 * 2 * 3, dtype=np.float32).reshape(5, 2, 3)
+    seen = []
+
+    def function(x, y):
+        seen.append(len(x))
+        return x.sum(axis=1) + y[:, 0]
+
+    monkeypatch.setattr(pipeline, "BLOCK_ELEMENTS", 12)  # two images of 6 elements per block
+    np.testing.assert_array_equal(pipeline.by_images(function, a, a), a.sum(axis=1) + a[:, 0])
+    assert seen == [2, 2, 1]
+
+
+def test_resize_and_min_max_as_one_call_per_map():
+    import cv2
+
+    from camexport.methods.pipeline import NORM_EPS, min_max, resize
+
+    rng = np.random.default_rng(2)
+    for count, (h, w) in ((1, (7, 7)), (5, (14, 9))):
+        maps = rng.random((count, h, w), dtype=np.float32)
+        expected = np.stack([cv2.resize(m, (20, 30), interpolation=cv2.INTER_LINEAR) for m in maps])
+        resized = resize(maps, (30, 20))
+        assert resized.shape == (count, 30, 20) and resized.dtype == np.float32
+        np.testing.assert_array_equal(resized, expected)
+        shifted = resized - resized.min(axis=(1, 2), keepdims=True)
+        plain = shifted / (shifted.max(axis=(1, 2), keepdims=True) + np.float32(NORM_EPS))
+        np.testing.assert_array_equal(min_max(resized), plain)
+        assert min_max(resized, out=resized) is resized
+        np.testing.assert_array_equal(resized, plain)
+
+
+def test_spatial_sums_remembered_for_the_same_tensor_only():
+    from camexport.methods.pipeline import spatial_sums
+
+    a = np.ones((2, 3, 4, 4), np.float32)
+    sums = spatial_sums(a)
+    assert spatial_sums(a) is sums and not sums.flags.writeable
+    np.testing.assert_array_equal(sums, np.full((2, 3, 1, 1), 16, np.float32))
+    other = a * 2
+    np.testing.assert_array_equal(spatial_sums(other), 2 * sums)
+
+
+def test_product_sums_of_reversed_and_mixed_layouts():
+    """Layouts where numpy's order is not channel by channel take the plain product."""
+    from camexport.methods.pipeline import product_sum, weighted_sum
+
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((2, 300, 4, 4), dtype=np.float32)
+    last = np.ascontiguousarray(np.moveaxis(a, 1, -1))
+    for first, second in ((a[:, ::-1], a[:, ::-1]), (np.moveaxis(last, -1, 1), a), (a, a[..., ::-1])):
+        np.testing.assert_array_equal(product_sum(first, second), (first * second).sum(axis=1))
+    w = rng.standard_normal((2, 300), dtype=np.float32)
+    np.testing.assert_array_equal(weighted_sum(w, a[:, ::-1]), (w[..., None, None] * a[:, ::-1]).sum(axis=1))

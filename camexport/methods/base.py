@@ -2,7 +2,8 @@
 
 A *weight* method defines ``weights(A, G, inputs, layer) -> (B, C)`` and gets
 ``M = sum_c w A`` (or ``P(w A)`` with eigen_smooth); an *element* method defines
-``elements(A, G) -> (B, C, *spatial)`` and gets ``M = sum_c E`` (or ``P(E)``).
+``elements(A, G) -> (B, C, *spatial)`` and gets ``M = sum_c E`` (or ``P(E)``); it may also
+define ``channel_sum(A, G)``, the same M without building E.
 """
 
 from __future__ import annotations
@@ -10,7 +11,13 @@ from __future__ import annotations
 import numpy as np
 
 from camexport.methods.inputs import CamInputs, MethodInputError
-from camexport.methods.pipeline import aggregate, eigen_projection, layer_map, weighted_sum
+from camexport.methods.pipeline import (
+    aggregate,
+    by_images,
+    eigen_projection,
+    layer_map,
+    weighted_sum,
+)
 
 
 class Method:
@@ -41,7 +48,7 @@ class Method:
     def __call__(self, inputs: CamInputs, eigen_smooth: bool = False) -> np.ndarray:
         maps = [layer_map(self.raw(inputs, layer, eigen_smooth), inputs.size)
                 for layer in range(len(inputs.activations))]
-        return aggregate(maps)
+        return aggregate(maps, reuse=True)
 
     @staticmethod
     def gradients(inputs: CamInputs, layer: int) -> np.ndarray:
@@ -66,13 +73,19 @@ class WeightMethod(Method):
         weights = self.weights(inputs, layer)
         if eigen_smooth:
             return eigen_projection(weights.reshape(weights.shape + (1,) * (acts.ndim - 2)) * acts)
-        return weighted_sum(weights, acts)
+        return by_images(lambda a, w: weighted_sum(w, a), acts, weights)
 
 
 class ElementMethod(Method):
     def elements(self, acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def channel_sum(self, acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
+        """sum_c E (B, *spatial); a method may give it without building E (one einsum)."""
+        return self.elements(acts, grads).sum(axis=1)
+
     def raw(self, inputs, layer, eigen_smooth):
-        elements = self.elements(inputs.activations[layer], self.gradients(inputs, layer))
-        return eigen_projection(elements) if eigen_smooth else elements.sum(axis=1)
+        acts, grads = inputs.activations[layer], self.gradients(inputs, layer)
+        if eigen_smooth:
+            return eigen_projection(self.elements(acts, grads))
+        return self.channel_sum(acts, grads)

@@ -51,7 +51,8 @@ class RefineCAM(Method):
         base = self.base()
         product = None
         for layer in range(len(inputs.activations)):
-            final = aggregate([layer_map(base.raw(inputs, layer, eigen_smooth), inputs.size)])
+            final = aggregate([layer_map(base.raw(inputs, layer, eigen_smooth), inputs.size)],
+                              reuse=True)
             product = final if product is None else product * final
         return min_max(product).astype(np.float32)
 

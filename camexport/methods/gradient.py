@@ -8,8 +8,11 @@ import numpy as np
 from camexport.methods.base import ElementMethod, Method, WeightMethod
 from camexport.methods.inputs import MethodInputError
 from camexport.methods.pipeline import (
+    by_images,
     eigen_projection,
+    product_sum,
     spatial_axes,
+    spatial_sums,
 )
 
 #: GradCAM++ denominator epsilon (pytorch-grad-cam, reference §3.2, Q10).
@@ -35,6 +38,9 @@ class HiResCAM(ElementMethod):
     def elements(self, acts, grads):
         return grads * acts
 
+    def channel_sum(self, acts, grads):
+        return by_images(product_sum, grads, acts)
+
 
 class GradCAMElementWise(ElementMethod):
     """M = sum_c relu(G * A) (ReLU before the channel sum)."""
@@ -42,7 +48,27 @@ class GradCAMElementWise(ElementMethod):
     name = "gradcamelementwise"
 
     def elements(self, acts, grads):
-        return np.maximum(grads * acts, 0)
+        product = grads * acts
+        return np.maximum(product, 0, out=product)
+
+    def channel_sum(self, acts, grads):
+        return by_images(lambda a, g: self.elements(a, g).sum(axis=1), acts, grads)
+
+
+def _gradcam_pp_weights(grads: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """pgc's GradCAM++ weights from G and S, its expression in its order, in three buffers."""
+    g2 = grads * grads
+    g3 = g2 * grads
+    denominator = np.multiply(g2, 2)
+    denominator += np.multiply(g3, sums, out=g3)
+    denominator += grads.dtype.type(GRADCAM_PP_EPS)
+    alpha = np.divide(g2, denominator, out=g2)
+    if not np.isfinite(sums).all():
+        # where G = 0 the expression is 0 / eps = 0, unless S is inf or nan (0 * S)
+        alpha[grads == 0] = 0
+    weighted = np.maximum(grads, 0, out=denominator)
+    weighted *= alpha
+    return weighted.sum(axis=spatial_axes(grads))
 
 
 class GradCAMPlusPlus(WeightMethod):
@@ -52,14 +78,14 @@ class GradCAMPlusPlus(WeightMethod):
     name = "gradcam++"
 
     def weights(self, inputs, layer):
-        acts, grads = inputs.activations[layer], self.gradients(inputs, layer)
-        axes = spatial_axes(acts)
-        g2 = grads**2
-        g3 = g2 * grads
-        sums = acts.sum(axis=axes, keepdims=True)
-        alpha = g2 / (2 * g2 + sums * g3 + grads.dtype.type(GRADCAM_PP_EPS))
-        alpha = np.where(grads != 0, alpha, 0)
-        return (np.maximum(grads, 0) * alpha).sum(axis=axes)
+        sums = spatial_sums(inputs.activations[layer])
+        return by_images(_gradcam_pp_weights, self.gradients(inputs, layer), sums)
+
+
+def _xgradcam_weights(acts: np.ndarray, grads: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    ratio = grads * acts
+    ratio /= sums + acts.dtype.type(XGRADCAM_EPS)
+    return ratio.sum(axis=spatial_axes(acts))
 
 
 class XGradCAM(WeightMethod):
@@ -68,10 +94,8 @@ class XGradCAM(WeightMethod):
     name = "xgradcam"
 
     def weights(self, inputs, layer):
-        acts, grads = inputs.activations[layer], self.gradients(inputs, layer)
-        axes = spatial_axes(acts)
-        sums = acts.sum(axis=axes, keepdims=True)
-        return (grads * acts / (sums + acts.dtype.type(XGRADCAM_EPS))).sum(axis=axes)
+        acts = inputs.activations[layer]
+        return by_images(_xgradcam_weights, acts, self.gradients(inputs, layer), spatial_sums(acts))
 
 
 class LayerCAM(ElementMethod):
@@ -81,6 +105,9 @@ class LayerCAM(ElementMethod):
 
     def elements(self, acts, grads):
         return np.maximum(grads, 0) * acts
+
+    def channel_sum(self, acts, grads):
+        return by_images(lambda a, g: product_sum(np.maximum(g, 0), a), acts, grads)
 
 
 class EigenGradCAM(Method):
