@@ -38,8 +38,11 @@ from camexport.store import OutputLock
 AUTH_MODE = "RAY_AUTH_MODE"
 DEFAULT_TOKEN = Path.home() / ".ray" / "auth_token"
 
-#: Ranges per Ray Data block: one, so the pool balances and a retry redoes a single batch.
-_RANGES_PER_BLOCK = 1
+#: Ray Data blocks per actor of the pool at most: a block is one task of an actor (~50 ms of
+#: Ray's own work each, measured); a retried block recomputes only its ranges with no shard yet
+BLOCKS_PER_WORKER = 8
+#: ... and at most this many ranges in a block (progress and the live view advance per block)
+RANGES_PER_BLOCK = 64
 
 
 @dataclass
@@ -192,8 +195,10 @@ def _drive(ray, job: Job, options: RayOptions, progress) -> RunSummary:
                 # restarts and retries set explicitly (Ray Data's defaults for actor pools today)
                 # although 2.60 calls these arguments deprecated: the run depends on them
                 warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
-                results = ray.data.from_items(ranges, override_num_blocks=len(ranges)).map_batches(
-                    ShardWorker, batch_size=_RANGES_PER_BLOCK,
+                blocks = min(len(ranges), max(BLOCKS_PER_WORKER * options.pool[1],
+                                              -(-len(ranges) // RANGES_PER_BLOCK)))
+                results = ray.data.from_items(ranges, override_num_blocks=blocks).map_batches(
+                    ShardWorker, batch_size=1,
                     fn_constructor_kwargs={"config": asdict(job.config),
                                            "threads": max(1, int(options.cpus_per_worker))},
                     compute=ray.data.ActorPoolStrategy(min_size=options.pool[0], max_size=options.pool[1]),
