@@ -88,11 +88,18 @@ LinearRule = Callable[[Builder, onnx.NodeProto, str, int], tuple[str, str] | Non
 LINEAR: dict[str, LinearRule] = {}
 
 
-def linear(op_type: str):
-    def register(fn: LinearRule) -> LinearRule:
-        LINEAR[op_type] = fn
-        return fn
-    return register
+def _registrar(table: dict):
+    """A decorator factory: ``@registrar(op_type)`` puts the function in ``table``."""
+
+    def for_op(op_type: str):
+        def register(fn):
+            table[op_type] = fn
+            return fn
+        return register
+    return for_op
+
+
+linear = _registrar(LINEAR)
 
 
 @linear("MatMul")
@@ -166,11 +173,7 @@ Carry = Callable[[Builder, onnx.NodeProto, Form], Form | None]
 CARRY: dict[str, Carry] = {}
 
 
-def carry(op_type: str):
-    def register(fn: Carry) -> Carry:
-        CARRY[op_type] = fn
-        return fn
-    return register
+carry = _registrar(CARRY)
 
 
 def _constant_inputs(builder: Builder, node: onnx.NodeProto) -> list[np.ndarray] | None:
