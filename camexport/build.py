@@ -30,6 +30,7 @@ from camexport.graph.fuse import EIGEN_SQUARINGS
 from camexport.graph.fuse import fuse as fuse_heads
 from camexport.graph.locate import AUTO_LAYER, check_map, resolve
 from camexport.graph.outputs import BIAS_GRADIENTS, FULLGRAD_BIASES, graph_outputs
+from camexport.graph.prune_rows import prune_rows
 from camexport.graph.rules import MAXPOOL_WITHOUT_INDICES
 from camexport.layout import infer_layout
 from camexport.load import Loaded, load
@@ -293,7 +294,12 @@ def make_augmented(
         raise BuildError(f"--layer values {layers} name the same layer more than once")
     needs = set().union(*(METHODS[m].graph_needs for m in methods)) if methods else set()
     extras = graph_outputs(needs, fullgrad_biases)
-    augmented = augment(plain, tensors, score=score, output=output, extras=extras,
+    source = plain
+    if not detector and BIAS_GRADIENTS.key not in needs:
+        # the score's rows only (a ViT's last block for its class token); FullGrad's bias terms
+        # read every position of the layers after the target layer, so they keep the whole graph
+        source = prune_rows(plain, keep=tensors.values())
+    augmented = augment(source, tensors, score=score, output=output, extras=extras,
                         overrides=None if maxpool_indices else MAXPOOL_WITHOUT_INDICES,
                         forward_only=tuple(aliases))
     manifest = {

@@ -212,3 +212,24 @@ def test_reshape_that_mixes_the_rows_axis_stops():
     pruned = prune_rows(kept)
     assert GraphFacts(pruned).shape("r") == (None, 1, 6)
     _assert_same_outputs(kept, pruned)
+
+
+def test_augmented_graph_is_pruned_and_keeps_the_layer_whole(vit):
+    """camexport build prunes the whole graph before differentiating it: the last block runs on
+    the class token in the augmented graph too, while the layer (every token) is read whole, and
+    its activations and gradients are those of the plain graph (gradients checked against pgc by
+    test_methods_parity)."""
+    from camexport.artifact import read_artifact
+
+    _, explainer = vit
+    model, _ = read_artifact(explainer.path)
+    assert any("/rows/" in node.name for node in model.graph.node)
+    facts = GraphFacts(model)
+    tokens = 1 + (VIT_SIZE // 16) ** 2
+    for name in (f"activation/{VIT_LAYER}", f"gradient/{VIT_LAYER}"):
+        assert facts.shape(name)[1] == tokens, name
+    x = np.random.default_rng(1).standard_normal((2, 3, VIT_SIZE, VIT_SIZE)).astype(np.float32)
+    plain = read_plain(explainer.path, explainer.manifest)
+    whole = _run(plain, {plain.graph.input[0].name: x})
+    outputs = explainer(x, targets=None, methods=["gradcam"]).inputs.outputs
+    assert np.abs(outputs - whole).max() <= RELATIVE * np.abs(whole).max()

@@ -35,7 +35,7 @@ inserted; Gather indices, Slice bounds and Reshape shapes are re-based on the ro
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -384,9 +384,23 @@ def plan_rows(model: onnx.ModelProto, facts: GraphFacts | None = None) -> list[P
     return plans
 
 
-def prune_rows(model: onnx.ModelProto) -> onnx.ModelProto:
+def prune_rows(model: onnx.ModelProto, keep: Collection[str] = ()) -> onnx.ModelProto:
     """``model`` computing only the rows of its tensors that its outputs depend on (see the
-    module docstring); ``model`` itself when nothing can be pruned."""
+    module docstring); ``model`` itself when nothing can be pruned. Values named in ``keep``
+    are read whole, as graph outputs are (a CAM layer whose every token is explained)."""
+    extra = [name for name in dict.fromkeys(keep) if name not in {o.name for o in model.graph.output}]
+    if extra:
+        facts = GraphFacts(model)
+        widened = onnx.ModelProto()
+        widened.CopyFrom(model)
+        widened.graph.output.extend(
+            helper.make_tensor_value_info(name, facts.dtype(name), facts.shape(name)) for name in extra)
+        pruned = prune_rows(widened)
+        if pruned is widened:
+            return model
+        for _ in extra:
+            pruned.graph.output.pop()
+        return pruned
     graph = model.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
            for node in graph.node for a in node.attribute):
