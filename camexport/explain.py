@@ -36,6 +36,7 @@ from camexport.methods.registry import method_objects, needs_of
 from camexport.runtime import PROVIDERS, check_graph, require, session
 from camexport.targets import TargetError, as_target, as_targets, target_list, target_weights
 from camexport.tasks import task_for
+from camexport.tuning import BatchTuner
 
 #: pytorch-grad-cam's aug_smooth passes, in its order: (flip along W, factor) (reference §2.8).
 AUG_PASSES = [(False, 0.9), (False, 1.0), (False, 1.1), (True, 0.9), (True, 1.0), (True, 1.1)]
@@ -125,6 +126,7 @@ class Explainer:
         #: graph outputs that depend on the target (gradients, score)
         self.target_outputs = [name for name in self.graph_outputs if name in dependent]
         self._plain = None
+        self._forward_batches = BatchTuner(batch_size)
         self._tails: dict[int, object] = {}
         #: (layer, channel axis) -> session of the rank-1 ablation tail, None: not applicable
         self._ablation: dict[tuple[int, int], object] = {}
@@ -157,12 +159,12 @@ class Explainer:
 
     # -- model runs --------------------------------------------------------------------
     def forward(self, x: np.ndarray) -> np.ndarray:
-        """Model outputs of the plain graph, in batches."""
+        """Model outputs of the plain graph, in batches of at most ``batch_size`` images, the
+        size picked by measurement (:class:`camexport.tuning.BatchTuner`)."""
         if self._plain is None:
             self._plain = session(read_plain(self.path, self.manifest), self.provider)
-        return np.concatenate([
-            self._plain.run([self.output_name], {self.input_name: x[i:i + self.batch_size]})[0]
-            for i in range(0, len(x), self.batch_size)])
+        return self._forward_batches.run(
+            x, lambda chunk: self._plain.run([self.output_name], {self.input_name: chunk})[0])
 
     def tail(self, layer: int, tensors: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
         """Model outputs computed from layer ``layer``'s tensors (the model after the layer only).

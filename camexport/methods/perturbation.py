@@ -40,12 +40,13 @@ class ScoreCAM(WeightMethod):
     scores of the masked inputs; M = sum_c w A with the low-resolution A. Up to B*C forwards, in
     batches of ``batch_size`` masked images: every channel whose map is constant has the same
     all-zero mask, hence the same masked input (zeros) and score, so that input runs once per
-    image (pgc runs it for each such channel; post-ReLU layers of trained models have many)."""
+    image (pgc runs it for each such channel; post-ReLU layers of trained models have many).
+    The masked images are made ``batch_size`` at a time and handed to ``inputs.forward``, which
+    picks its own inner batch (the Explainer's by measurement, :mod:`camexport.tuning`)."""
 
     name = "scorecam"
-    #: masked images per forward: onnxruntime CPU per image, 2 cores, at 8/16/32/64: resnet50
-    #: 41/35/36/44 ms, vit_small 45/49/50/69 ms
-    batch_size = 16
+    #: masked images made at once (64 at 224^2: 38 MB); not the inner batch of the forwards
+    batch_size = 64
 
     def weights(self, inputs, layer):
         if inputs.forward is None:
