@@ -10,7 +10,11 @@ samples (repeated) and times, each as a child process of the CLI on the same dat
   (``ray start`` is a cluster's cost, paid once, not a run's), and 1 worker with Ray started by the
   run itself (what a laptop user sees);
 - the merge of the shards into one file (ResultWriter.finish) per shard, from a finished run's
-  parts folder kept aside: the driver's serial cost that grows with the dataset (docs/scale-out.md).
+  parts folder kept aside: the driver's serial cost that grows with the dataset (docs/scale-out.md);
+- Ray's own floor, in a child process on the running cluster: importing Ray, joining it and a
+  Ray Data pipeline of the same shape as the run's (the same ranges and blocks, a pool of one
+  actor) over a callable that does nothing, then the same with an actor that imports camexport
+  (what any actor of the run must do): the fixed cost of one Ray run before any CAM is computed.
 
 Prints a table, images/s and ratios to the local engine, and writes JSON (--json).
 """
@@ -78,6 +82,47 @@ def merge_cost(artifact: Path, data: Path, folder: Path) -> dict:
             "view_ms_per_shard": 1000 * view / len(shards)}
 
 
+def floor(address: str, ranges: int, blocks: int, import_camexport: bool) -> None:
+    """One child process: import Ray, join ``address``, run a one-actor Ray Data pipeline of
+    ``ranges`` ranges in ``blocks`` blocks over a callable that does nothing (its actor importing
+    camexport.run when ``import_camexport``), as camexport.ray_engine shapes the run's. The token
+    mode is set as camexport.ray_engine.import_ray sets it (imported here it would import
+    camexport, which this floor leaves out)."""
+    if Path.home().joinpath(".ray", "auth_token").is_file():
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import ray
+    import ray.data
+
+    class Idle:
+        def __init__(self):
+            if import_camexport:
+                import camexport.run  # noqa: F401
+
+        def __call__(self, batch):
+            return batch
+
+    ray.init(address=address, include_dashboard=False, logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    items = [{"start": 16 * i, "stop": 16 * i + 16} for i in range(ranges)]
+    pipeline = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        Idle, batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1),
+        num_cpus=os.cpu_count())
+    assert len(list(pipeline.iter_rows())) == ranges
+    ray.shutdown()
+
+
+def timed_floor(address: str, ranges: int, import_camexport: bool) -> float:
+    from camexport.ray_engine import BLOCKS_PER_WORKER, RANGES_PER_BLOCK
+
+    blocks = min(ranges, max(BLOCKS_PER_WORKER, -(-ranges // RANGES_PER_BLOCK)))
+    command = [sys.executable, __file__, "--floor", address, "--ranges", str(ranges), "--blocks", str(blocks)]
+    if import_camexport:
+        command.append("--import-camexport")
+    start = time.perf_counter()
+    subprocess.run(command, capture_output=True, check=True)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,7 +130,14 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet50", choices=sorted(LAYER))
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--floor", help=argparse.SUPPRESS)
+    parser.add_argument("--ranges", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--blocks", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--import-camexport", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.floor:
+        floor(args.floor, args.ranges, args.blocks, args.import_camexport)
+        return
     import ray
 
     folder = Path(tempfile.mkdtemp(prefix="bench-ray-"))
@@ -106,6 +158,10 @@ def main() -> None:
                 rows[f"ray, {workers} worker{'s' * (workers > 1)} x {cpus} CPU, cluster running"] = timed_run(
                     artifact, data, folder / f"ray-{workers}.h5", "--engine", "ray", "--address", address,
                     "--workers", str(workers), "--cpus-per-worker", str(cpus))
+            ranges = -(-args.images // 16)
+            floors = {"Ray's floor: import, join, 1-actor pipeline doing nothing":
+                      timed_floor(address, ranges, False),
+                      "Ray's floor, the actor importing camexport": timed_floor(address, ranges, True)}
         finally:
             ray.shutdown()
         merge = merge_cost(artifact, data, folder)
@@ -116,6 +172,8 @@ def main() -> None:
     print(f"{'engine':<52} {'seconds':>8} {'img/s':>7} {'vs local':>9}")
     for name, seconds in rows.items():
         print(f"{name:<52} {seconds:8.1f} {args.images / seconds:7.1f} {seconds / local:8.2f}x")
+    for name, seconds in floors.items():
+        print(f"{name:<60} {seconds:8.1f} s = {100 * seconds / local:.0f} % of the local run")
     print(f"final merge: {merge['shards']} shards ({merge['samples']} samples, "
           f"{merge['bytes'] / 1e6:.1f} MB) in {merge['seconds']:.2f}s = "
           f"{merge['ms_per_shard']:.2f} ms/shard, "
@@ -123,7 +181,8 @@ def main() -> None:
           f"{merge['view_ms_per_shard']:.2f} ms/shard")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "images": args.images, "arch": args.arch,
-                                         "seconds": rows, "merge": merge}, indent=2))
+                                         "seconds": rows, "ray_floor_seconds": floors,
+                                         "merge": merge}, indent=2))
 
 
 if __name__ == "__main__":
