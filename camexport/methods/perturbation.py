@@ -14,24 +14,29 @@ SCORECAM_EPS = 1e-8
 ABLATION_STEP = 1e7
 
 
+def _interpolation(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float32 weights of corner-aligned linear interpolation: row i holds
+    1 - t at floor(u) and t at floor(u) + 1, u = i (n_in - 1) / (n_out - 1), t = u - floor(u)."""
+    scale = np.float32((n_in - 1) / (n_out - 1)) if n_out > 1 else np.float32(0)
+    coords = np.arange(n_out, dtype=np.float32) * scale
+    low = np.minimum(np.floor(coords).astype(np.int64), n_in - 1)
+    high = np.minimum(low + 1, n_in - 1)
+    frac = (coords - low).astype(np.float32)
+    weights = np.zeros((n_out, n_in), np.float32)
+    rows = np.arange(n_out)
+    np.add.at(weights, (rows, low), 1 - frac)
+    np.add.at(weights, (rows, high), frac)
+    return weights
+
+
 def upsample_align_corners(maps: np.ndarray, size) -> np.ndarray:
     """Bilinear resize of (N, h, w) float32 maps with corner-aligned sampling,
-    u = i (n_in - 1) / (n_out - 1), as torch's UpsamplingBilinear2d."""
-    out = maps.astype(np.float32)
-    for axis, n_out in zip((1, 2), size):
-        n_in = out.shape[axis]
-        if n_in == n_out:
-            continue
-        scale = np.float32((n_in - 1) / (n_out - 1)) if n_out > 1 else np.float32(0)
-        coords = np.arange(n_out, dtype=np.float32) * scale
-        low = np.minimum(np.floor(coords).astype(np.int64), n_in - 1)
-        high = np.minimum(low + 1, n_in - 1)
-        frac = (coords - low).astype(np.float32)
-        shape = [1, 1, 1]
-        shape[axis] = n_out
-        frac = frac.reshape(shape)
-        out = np.take(out, low, axis=axis) * (1 - frac) + np.take(out, high, axis=axis) * frac
-    return out
+    u = i (n_in - 1) / (n_out - 1), as torch's UpsamplingBilinear2d: two matrix products
+    R_h A R_w^T with the interpolation weights (float32 round-off of torch's two-tap sums)."""
+    maps = np.asarray(maps, dtype=np.float32)
+    (height, width), (h, w) = size, maps.shape[1:]
+    rows = maps if h == height else np.matmul(_interpolation(h, height), maps)
+    return rows if w == width else np.matmul(rows, _interpolation(w, width).T)
 
 
 class ScoreCAM(WeightMethod):
@@ -56,29 +61,56 @@ class ScoreCAM(WeightMethod):
             raise MethodInputError("ScoreCAM works on 2-D feature maps")
         weights = []
         for b in range(acts.shape[0]):
-            up = upsample_align_corners(acts[b], inputs.size)
-            low = up.min(axis=(1, 2), keepdims=True)
-            high = up.max(axis=(1, 2), keepdims=True)
-            masks = (up - low) / (high - low + np.float32(SCORECAM_EPS))
-            scores = self._scores(inputs, b, masks, (high == low).reshape(-1))
+            scores = self._scores(inputs, b, acts[b])
             shifted = np.exp(scores - scores.max())
             weights.append(shifted / shifted.sum())
         return np.asarray(weights, dtype=np.float32)
 
-    def _scores(self, inputs, b: int, masks: np.ndarray, zero: np.ndarray) -> np.ndarray:
-        """Target scores of image b masked by each of ``masks`` (C, H, W); the masks flagged in
-        ``zero`` (constant maps: U - min U = 0 exactly) are all zero and share one forward."""
-        run = np.flatnonzero(~zero)
+    def _scores(self, inputs, b: int, maps: np.ndarray) -> np.ndarray:
+        """Target scores of image b masked by each of ``maps`` (C, h, w), upsampled and min-max
+        normalised ``batch_size`` maps at a time. The masked images are written into one buffer
+        and run whenever it is full. A constant map gives an all-zero mask (its upsampled map is
+        constant: U - min U = 0): those share one forward, run last. Constancy is read on the
+        low-resolution map, exactly; pgc reads it on its float32 upsampling, which leaves a
+        non-zero constant map constant only up to round-off (0.37 at 7 -> 224: a spread of
+        3e-8) that its 1e-8 turns into an arbitrary mask."""
+        size = self.batch_size
+        image = np.asarray(inputs.x[b], dtype=np.float32)
+        buffer = np.empty((min(size, len(maps) + 1), *image.shape), np.float32)
+        zero = np.zeros(len(maps), bool)
+        order, found, filled = [], [], 0  # channels in the order run, their scores, buffer rows
+
+        def place(masks: np.ndarray, channels: np.ndarray) -> None:
+            nonlocal filled
+            done = 0
+            while done < len(channels):
+                take = min(size - filled, len(channels) - done)
+                np.multiply(image[None], masks[done:done + take, None], out=buffer[filled:filled + take])
+                order.extend(channels[done:done + take].tolist())
+                filled, done = filled + take, done + take
+                if filled == size:
+                    found.append(inputs.scores(b, inputs.forward(buffer)))
+                    filled = 0
+
+        flat = maps.reshape(len(maps), -1)
+        zero[:] = flat.max(axis=1) == flat.min(axis=1)
+        live = np.flatnonzero(~zero)
+        for start in range(0, len(live), size):
+            channels = live[start:start + size]
+            up = upsample_align_corners(maps[channels], inputs.size)
+            low = up.min(axis=(1, 2), keepdims=True)
+            high = up.max(axis=(1, 2), keepdims=True)
+            np.subtract(up, low, out=up)
+            np.divide(up, high - low + np.float32(SCORECAM_EPS), out=up)
+            place(up, channels)
         if zero.any():
-            run = np.append(run, np.flatnonzero(zero)[0])
-        found = []
-        for start in range(0, len(run), self.batch_size):
-            chunk = inputs.x[b][None] * masks[run[start:start + self.batch_size], None]
-            found.append(inputs.scores(b, inputs.forward(chunk.astype(np.float32))))
+            place(np.zeros((1, *inputs.size), np.float32), np.flatnonzero(zero)[:1])
+        if filled:
+            found.append(inputs.scores(b, inputs.forward(buffer[:filled])))
         found = np.concatenate(found).astype(np.float32)
-        scores = np.empty(len(masks), np.float32)
-        scores[run] = found
-        scores[zero] = found[-1]  # (an empty assignment when no mask is all zero)
+        scores = np.empty(len(maps), np.float32)
+        scores[order] = found
+        scores[zero] = found[-1]  # (an empty assignment when no map is constant)
         return scores
 
 
