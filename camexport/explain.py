@@ -210,8 +210,8 @@ class Explainer:
         if layer not in self._tails:
             cut = layer_tail(read_plain(self.path, self.manifest), self.layers[layer]["tensor"],
                              self.output_name)
-            self._tails[layer] = (cut, session(cut.model, self.provider),
-                                  cut.before and session(cut.before, self.provider))
+            self._tails[layer] = (cut, session(cut.model, self.provider, spin=False),
+                                  cut.before and session(cut.before, self.provider, spin=False))
         return self._tails[layer]
 
     def _ablation_tail(self, layer: int, axis: int):
@@ -219,7 +219,7 @@ class Explainer:
         if (layer, axis) not in self._ablation:
             cut = self._tail(layer)[0]
             fast = ablation_tail(cut.model, self.layers[layer]["tensor"], axis)
-            self._ablation[layer, axis] = fast and session(fast, self.provider)
+            self._ablation[layer, axis] = fast and session(fast, self.provider, spin=False)
         return self._ablation[layer, axis]
 
     def _before(self, layer: int, image: np.ndarray | None) -> dict[str, np.ndarray]:
