@@ -314,14 +314,21 @@ def samples(folder):
 @click.option("--skip-unreadable", is_flag=True, help="Skip files that are not images instead of stopping.")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing --out made by camexport pack (nothing else is replaced).")
+@click.option("--annotations", type=click.Path(),
+              help="Boxes and masks to store with the images (resized and cropped alike): a COCO "
+                   "instances .json, Pascal VOC .xml (a file or a folder) or a folder of label .png.")
+@click.option("--annotation-classes", type=click.Path(),
+              help='JSON mapping category name (or id) to the model\'s class index, e.g. {"cat": 281}.')
 @click.option("-q", "--quiet", is_flag=True)
-def pack(images, out, size, labels, skip_unreadable, overwrite, quiet):
-    """Pack IMAGES (a folder or a glob) into an HDF5 input dataset (/images uint8 RGB)."""
+def pack(images, out, size, labels, skip_unreadable, overwrite, annotations, annotation_classes, quiet):
+    """Pack IMAGES (a folder or a glob) into an HDF5 input dataset (/images uint8 RGB; with
+    --annotations /boxes, /box_labels and /masks too)."""
     from camexport.data import pack as pack_images
 
     with _terminate_as_interrupt():
         count, skipped = pack_images(images, out, size=size, labels=labels, skip_unreadable=skip_unreadable,
-                                     overwrite=overwrite)
+                                     overwrite=overwrite, annotations=annotations,
+                                     annotation_classes=annotation_classes)
     for path in skipped:
         click.echo(f"skipped unreadable {path}", err=True)
     if not quiet:
@@ -335,7 +342,10 @@ def pack(images, out, size, labels, skip_unreadable, overwrite, quiet):
 @click.option("--methods", default="gradcam", show_default=True, help="Comma-separated CAM methods.")
 @click.option("--metrics", default="",
               help="Comma-separated metrics, parameters after a colon: road-combined:20,40,60,80, "
-              "road-morf:70, drop-in-confidence, deletion-auc, ... (camexport.metrics.METRICS).")
+              "road-morf:70, drop-in-confidence, deletion-auc, complexity, coherency[:METHOD], "
+              "arcc[:METHOD][:20,40,60,80], adcc[:METHOD] (METHOD re-run on x*cam; default: the "
+              "CAM's own), ... (camexport.metrics.METRICS; `camexport evaluate` adds them, and "
+              "localisation metrics, to a finished --out).")
 @click.option("--targets", default="pred", show_default=True,
               help="pred (top class), label, a class index, or concept:FILE.npy (embedding models: "
                    "cosine similarity to a (D,) concept, or (N, D), one per sample).")
@@ -419,15 +429,18 @@ def run(artifact, data, out, methods, metrics, targets, detection_threshold, pro
 @click.argument("results")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def show(results, as_json):
-    """Summarise a result file: counts, methods, metric means per method, provenance."""
+    """Summarise a result file: counts, methods, metric means per method and the methods' ranking
+    (as `camexport report`'s), provenance."""
+    from camexport.report import rank_methods, ranking_lines
     from camexport.store import summary
+    from camexport.store.reader import describe_state
 
     info = summary(results)
+    ranking = rank_methods(info["metrics"], info["methods"])
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        click.echo(json.dumps({**info, "ranking": ranking.as_dict()}, indent=2))
         return
-    state = {"complete": "complete", "running": f"in progress: pid {info['writer']} is writing it",
-             "unfinished": "unfinished: rerun the same command to finish"}[info["state"]]
+    state = describe_state(info)
     click.echo(f"{info['path']}: {info['done']}/{info['samples']} samples done ({state}), "
                f"{info['invalid']} invalid; provider {info['provider']}; "
                f"camexport {info['camexport_version']}")
@@ -436,6 +449,32 @@ def show(results, as_json):
         click.echo(f"{metric}:")
         for name, value in per_method.items():
             click.echo(f"  {name:<20} {value: .4f}")
+    for line in ranking_lines(ranking):
+        click.echo(line)
+
+
+@main.command()
+@click.argument("results")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for index.html and its PNGs.")
+@click.option("--data", help="Input dataset for the galleries' photos, if it moved since the run.")
+@click.option("--top-classes", default=5, show_default=True, help="Classes in the per-class breakdown.")
+@click.option("--gallery", default=4, show_default=True, help="Images in each best / worst gallery.")
+@click.option("--gallery-metric", help="Metric choosing the galleries' images [default: road-combined if "
+                                       "stored, else the first ranked metric].")
+@click.option("--class-names", type=click.Path(exists=True, dir_okay=False),
+              help="Text file, one class name per line.")
+def report(results, out_dir, data, top_classes, gallery, gallery_metric, class_names):
+    """An HTML report with plots: ranking, means with 95 % intervals, per-class breakdown, curves,
+    best / worst galleries."""
+    from camexport.render import read_class_names
+    from camexport.report import report as write_report
+
+    names = read_class_names(class_names) if class_names else None
+    written = write_report(results, out_dir, data=data, top_classes=top_classes, gallery=gallery,
+                           gallery_metric=gallery_metric, class_names=names,
+                           inputs=[class_names] if class_names else [])
+    click.echo(f"wrote {out_dir}/index.html and {len(written) - 1} PNGs")
 
 
 @main.command()
@@ -478,6 +517,34 @@ def recompute(results, methods, eigen_smooth):
     with _terminate_as_interrupt():
         names = recompute_cams(results, methods.split(","), eigen_smooth=eigen_smooth)
     click.echo(f"added {', '.join(names)} to {results}")
+
+
+@main.command()
+@click.argument("results")
+@click.option("--metrics", required=True,
+              help="Comma-separated metrics to add: those of `run --metrics` (the model re-runs "
+                   "on perturbed images) and localisation metrics against the input's /boxes "
+                   "(pointing-game, iou, maxboxacc, gini, ...).")
+@click.option("--data", help="Input dataset, if it moved since the run.")
+@click.option("--artifact", help="Artifact directory, if it moved since the run.")
+@click.option("--overwrite-metrics", is_flag=True, help="Recompute metrics the file holds already.")
+@click.option("--provider", type=_LibraryChoice("camexport.runtime", "PROVIDERS"), default="cpu",
+              show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress line.")
+def evaluate(results, metrics, data, artifact, overwrite_metrics, provider, quiet):
+    """Add metrics to a finished result file without recomputing its CAMs.
+
+    Killed, interrupted or terminated, the same command resumes where it stopped; the file is
+    replaced only once every score is computed (its CAMs, outputs and metrics are never lost)."""
+    from camexport.evaluate import evaluate_results
+
+    with _terminate_as_interrupt():
+        summary = evaluate_results(results, metrics, data=data, artifact=artifact,
+                                   overwrite=overwrite_metrics, provider=provider, progress=_Progress(quiet))
+    for name in summary.skipped:
+        click.echo(f"{name} is in {results} already: skipped (--overwrite-metrics recomputes it)", err=True)
+    if summary.added:
+        click.echo(f"added {', '.join(summary.added)} to {results} ({summary.seconds:.1f}s)")
 
 
 if __name__ == "__main__":

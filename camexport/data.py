@@ -88,17 +88,23 @@ def letterbox(image: np.ndarray, size, pad_value: int = 114) -> np.ndarray:
     the rest padded with ``pad_value``, split round(d / 2 -+ 0.1) top/bottom and left/right."""
     import cv2
 
-    height, width = size
-    ratio = min(height / image.shape[0], width / image.shape[1])
-    new_w, new_h = max(round(image.shape[1] * ratio), 1), max(round(image.shape[0] * ratio), 1)
-    pad_w, pad_h = (width - new_w) / 2, (height - new_h) / 2
+    new_w, new_h, left, top = letterbox_placement(image.shape[:2], size)
+    right, bottom = size[1] - new_w - left, size[0] - new_h - top
     if (image.shape[1], image.shape[0]) != (new_w, new_h):
         image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    top, bottom = round(pad_h - 0.1), round(pad_h + 0.1)
-    left, right = round(pad_w - 0.1), round(pad_w + 0.1)
     out = np.full((new_h + top + bottom, new_w + left + right, image.shape[2]), pad_value, image.dtype)
     out[top:top + new_h, left:left + new_w] = image
     return out
+
+
+def letterbox_placement(shape, size) -> tuple[int, int, int, int]:
+    """Where :func:`letterbox` puts an image of ``shape`` (H, W) in ``size`` (h, w): the resized
+    width and height and the left and top padding, (new_w, new_h, left, top); a point x, y of
+    the image lands at x · new_w / W + left, y · new_h / H + top."""
+    height, width = size
+    ratio = min(height / shape[0], width / shape[1])
+    new_w, new_h = max(round(shape[1] * ratio), 1), max(round(shape[0] * ratio), 1)
+    return new_w, new_h, round((width - new_w) / 2 - 0.1), round((height - new_h) / 2 - 0.1)
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -138,13 +144,20 @@ def fit(image: np.ndarray, size: int) -> np.ndarray:
     """Shorter side to ``size`` (bilinear; area when shrinking), then a centred size x size crop."""
     import cv2
 
-    height, width = image.shape[:2]
-    scale = size / min(height, width)
-    new = (max(size, round(width * scale)), max(size, round(height * scale)))
-    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    resized = cv2.resize(image, new, interpolation=interpolation)
-    top, left = (new[1] - size) // 2, (new[0] - size) // 2
+    new_w, new_h, left, top = fit_placement(image.shape[:2], size)
+    interpolation = cv2.INTER_AREA if size < min(image.shape[:2]) else cv2.INTER_LINEAR
+    resized = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
     return np.ascontiguousarray(resized[top:top + size, left:left + size])
+
+
+def fit_placement(shape, size: int) -> tuple[int, int, int, int]:
+    """What :func:`fit` does to an image of ``shape`` (H, W): the resized width and height and
+    the left and top of the crop, (new_w, new_h, left, top); a point x, y of the image (pixel
+    edges, continuous) lands at x · new_w / W − left, y · new_h / H − top."""
+    height, width = shape
+    scale = size / min(height, width)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    return new_w, new_h, (new_w - size) // 2, (new_h - size) // 2
 
 
 def labels_from_names(paths: list[Path]) -> list[int]:
@@ -222,13 +235,18 @@ def read_labels(path: Path, paths: list[Path]) -> list[int]:
 
 
 def pack(spec: str | Path, out: str | Path, size: int = 224, labels: str | Path | None = None,
-         skip_unreadable: bool = False, progress=None, overwrite: bool = False) -> tuple[int, list[Path]]:
+         skip_unreadable: bool = False, progress=None, overwrite: bool = False,
+         annotations: str | Path | None = None, annotation_classes: str | Path | None = None
+         ) -> tuple[int, list[Path]]:
     """Image files into an input dataset (/images uint8 at size x size, /names, /labels).
 
     ``labels``: a CSV of ``file name,label`` lines, or ``names`` for labels at the end of the
-    file names. An existing ``out`` is refused, unless ``overwrite`` and it is an input dataset
-    made by pack; ``out`` is never one of the inputs, and one pack at a time writes it. Returns
-    the count and the files skipped as unreadable."""
+    file names. ``annotations``: a COCO instances JSON, Pascal VOC XML (a file or a folder) or a
+    folder of label PNGs, stored as /boxes, /box_count, /box_labels (and /masks) after the same
+    resize and crop as the images; ``annotation_classes``: a JSON mapping from category to the
+    model's class index (:mod:`camexport.annotations`). An existing ``out`` is refused, unless
+    ``overwrite`` and it is an input dataset made by pack; ``out`` is never one of the inputs,
+    and one pack at a time writes it. Returns the count and the files skipped as unreadable."""
     from camexport.store import PACKED, OutputLock, StoreError, existing_kind, refuse_foreign, refuse_inputs
 
     if size < 1:
@@ -240,18 +258,29 @@ def pack(spec: str | Path, out: str | Path, size: int = 224, labels: str | Path 
     out = Path(out)
     inputs = [("input image", path) for path in paths]
     inputs.append(("--labels file", None if labels in (None, "names") else labels))
+    inputs += [("--annotations file", annotations), ("--annotation-classes file", annotation_classes)]
+    if annotations is not None and Path(annotations).is_dir():
+        inputs += [("--annotations file", path) for path in Path(annotations).iterdir()]
     refuse_inputs([(out, "--out"), (out.with_name(out.name + ".lock"), "--out (its lock file)")], inputs)
+    found = None
+    if annotations is not None:
+        from camexport.annotations import read_source
+
+        found = read_source(annotations, annotation_classes)
+    elif annotation_classes is not None:
+        raise ImageError("--annotation-classes maps the classes of --annotations: pass --annotations "
+                         "FILE too, or leave --annotation-classes out")
     with OutputLock(out, "pack"):
         kind = existing_kind(out)
         refuse_foreign(out, kind, PACKED, "pack")
         if kind is not None and not overwrite:
             raise StoreError(f"--out {out} exists ({kind}); pass --overwrite to replace it, or "
                              f"choose another --out")
-        return _pack(paths, spec, out, size, labels, skip_unreadable, progress)
+        return _pack(paths, spec, out, size, labels, skip_unreadable, progress, found)
 
 
 def _pack(paths: list[Path], spec, out: Path, size: int, labels, skip_unreadable: bool,
-          progress) -> tuple[int, list[Path]]:
+          progress, found=None) -> tuple[int, list[Path]]:
     from camexport.store import write_input
 
     if labels is None:
@@ -260,7 +289,7 @@ def _pack(paths: list[Path], spec, out: Path, size: int, labels, skip_unreadable
         values = labels_from_names(paths)
     else:
         values = read_labels(Path(labels), paths)
-    skipped = []
+    skipped, packed = [], []
 
     def items():
         for i, (path, label) in enumerate(zip(paths, values)):
@@ -273,11 +302,18 @@ def _pack(paths: list[Path], spec, out: Path, size: int, labels, skip_unreadable
                 continue
             if progress:
                 progress(i + 1, len(paths))
-            yield path.name, fit(image, size), label
+            packed.append(path.name)
+            if found is None:
+                yield path.name, fit(image, size), label
+            else:
+                yield path.name, fit(image, size), label, found.place(path.name, image.shape[:2], size)
 
-    count = write_input(out, items(), (size, size))
+    kind = None if found is None else "masks" if found.masks else "boxes"
+    count = write_input(out, items(), (size, size), annotations=kind)
     if count == 0:
         raise ImageError(f"none of the {len(paths)} files in {spec} could be read as an image")
+    if found is not None:
+        found.report(packed)
     return count, skipped
 
 

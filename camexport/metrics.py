@@ -29,10 +29,21 @@ leaks, which ROAD was made to avoid). ``deletion-auc`` / ``insertion-auc`` are R
 CAM (ties in row-major order) are set to 0 in normalised space (deletion; the dataset mean colour
 under mean/std normalisation) or copied from x onto a Gaussian blur of x (insertion); the score is
 the trapezoidal mean of the target's value over the S + 1 points (use ClassifierOutputSoftmaxTarget
-for RISE's probability). ARCC is not here: it needs a CAM method inside the metric.
+for RISE's probability). ``adcc`` is Poppi et al. 2021's ADCC, of the ARCC family below.
+
+The ARCC family (reference §7.5) re-runs a CAM method inside the metric: ``coherency[:METHOD]``,
+``arcc[:METHOD][:percentiles]`` (``arcc::30,70``: own method, other percentiles) and
+``adcc[:METHOD]`` call ``cam_fn(method, images, targets) -> cams`` (evaluate's ``cam_fn``; one
+callable serves every method the names ask for) on x ⊙ cam, with ``cam_targets``, the targets the
+CAMs were made for (default: ``targets``, as the library passes its one list to both). Without
+METHOD the method is the one that made the CAMs (evaluate's ``cam_method``; `camexport run` and
+`camexport evaluate` score each method's CAMs with the method itself, as the library's ARCC is
+used). ``complexity`` needs neither model nor method.
 
 Parity (tests/test_metrics.py, random resnet18, 64×64, batch 3): every library metric within 3e-7
-of pytorch-grad-cam 1.5.7, imputed pixels within 2e-8 (noise 0).
+of pytorch-grad-cam 1.5.7, imputed pixels within 2e-8 (noise 0). The ARCC family
+(tests/test_arcc.py, camexport's graph against pgc's GradCAM in torch, random resnet18 and the
+pretrained EfficientNet-Lite0): complexity exact, coherency and ARCC within 1e-5.
 
 The driver under ``evaluate`` is open to callers that choose the perturbations, the noise source
 and vector targets themselves (``perturbation_run``): ``camexport.compat.metrics``, the library's
@@ -76,16 +87,25 @@ BLUR_SIZE = 11
 BLUR_SIGMA = 5.0
 #: Most images per model call.
 MAX_BATCH = 64
+#: ARCC's ROADCombined thresholds (the library's ARCC default road_percentiles).
+ARCC_PERCENTILES = (20, 40, 60, 80)
+#: The library's epsilons (reference §7.5): Pearson's denominator, and each reciprocal of ARCC's
+#: harmonic mean (ADCC's too: Poppi et al. write none, the same ε keeps a zero term finite).
+PEARSON_EPS = 1e-8
+HARMONIC_EPS = 1e-8
 
 #: what the metrics module offers (the imputer is re-exported from camexport.imputation)
-__all__ = ["METRICS", "Metric", "MetricError", "evaluate", "metric_names", "noisy_linear_impute",
-           "perturbation_run", "removal_mask"]
+__all__ = ["METRICS", "CamFn", "Metric", "MetricError", "evaluate", "metric_methods", "metric_names",
+           "noisy_linear_impute", "pearson", "perturbation_run", "removal_mask"]
 
 Plan = Callable[[], np.ndarray]
 """Computes one perturbed image (C, H, W); may run in a worker thread."""
 Perturbation = Callable[[int, NormalSource], Plan]
 """(image index, generator) -> plan; called in order in the caller's thread, so random draws are
 made in a fixed order."""
+CamFn = Callable[[str, np.ndarray, list], np.ndarray]
+"""(method, images (n, C, H, W), targets) -> that method's CAMs (n, H, W) in [0, 1]: what the
+ARCC family re-runs on x ⊙ cam."""
 
 
 class MetricError(CamexportError, ValueError):
@@ -100,7 +120,10 @@ class MetricError(CamexportError, ValueError):
 class _Run:
     """One evaluate call: the batch, the model, the generator and the worker pool.
     ``scalar_targets``: refuse targets that give more than one number per image (evaluate's
-    contract); pytorch-grad-cam's metrics also take vector targets (SoftmaxOutputTarget)."""
+    contract); pytorch-grad-cam's metrics also take vector targets (SoftmaxOutputTarget).
+    ``cam_fn``, ``cam_targets`` and ``cam_method``: the CAM method callable, the targets the CAMs
+    were made for and the method that made them, for the metrics that re-run a method
+    (coherency, ARCC, ADCC)."""
 
     x: np.ndarray
     cams: np.ndarray
@@ -110,6 +133,9 @@ class _Run:
     noise: float
     pool: ThreadPoolExecutor | None
     scalar_targets: bool = True
+    cam_fn: CamFn | None = None
+    cam_targets: list | None = None
+    cam_method: str | None = None
 
     def _outputs(self, images: np.ndarray) -> np.ndarray:
         outputs = np.asarray(self.model(images), np.float32)
@@ -157,6 +183,24 @@ class _Run:
     def change(self, perturbations: Sequence[Perturbation]) -> np.ndarray:
         """after − before (P, B), float32 (PerturbationConfidenceMetric, reference §7.1)."""
         return self.scores(perturbations) - self.before
+
+    def method_cams(self, method: str | None, images: np.ndarray) -> np.ndarray:
+        """``method``'s CAMs (B, H, W) float32 of ``images`` for the CAMs' targets, via cam_fn;
+        None: the method that made the CAMs."""
+        method = method or self.cam_method
+        if method is None:
+            raise MetricError("this metric re-runs the CAM method that made the CAMs: pass "
+                              "cam_method='gradcam' (its name), or name it: coherency:gradcam")
+        if self.cam_fn is None:
+            raise MetricError(f"this metric re-runs {method} on x ⊙ cam: pass cam_fn=(method, images, "
+                              f"targets) -> cams, e.g. lambda m, x, t: explainer(x, targets=t, "
+                              f"methods=[m]).cams[m]")
+        targets = self.targets if self.cam_targets is None else self.cam_targets
+        cams = np.asarray(self.cam_fn(method, images, targets), np.float32)
+        if cams.shape != self.cams.shape:
+            raise MetricError(f"cam_fn gave {method} maps of shape {cams.shape} for {len(images)} "
+                              f"images; it must give {self.cams.shape}")
+        return cams
 
     # perturbations
 
@@ -272,6 +316,59 @@ def _auc(deletion: bool) -> Callable[[_Run, int], np.ndarray]:
     return metric
 
 
+# The ARCC family (reference §7.5): complexity, coherency, ARCC; and ADCC (Poppi et al. 2021)
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """ρ_i = cov(a_i, b_i) / (σ(a_i) σ(b_i) + PEARSON_EPS) over the pixels of each map (B, ...),
+    divisor n − 1 throughout (the library's batch_pearson_coherency); float64 inside, (B,) float32."""
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    dof = a.shape[1] - 1
+    spread = np.sqrt((a * a).sum(axis=1) / dof) * np.sqrt((b * b).sum(axis=1) / dof)
+    return np.float32((a * b).sum(axis=1) / dof / (spread + PEARSON_EPS))
+
+
+def _harmonic(*terms: np.ndarray) -> np.ndarray:
+    """n / Σ 1/(t + ε): the harmonic mean of n terms in [0, 1], ε = HARMONIC_EPS."""
+    return np.float32(len(terms) / sum(1 / (t + HARMONIC_EPS) for t in terms))
+
+
+def _complexity(run: _Run, _=None) -> np.ndarray:
+    """Complexity: mean_ij |cam_ij| (the L1 norm over H·W). Lower is better."""
+    return np.abs(run.cams).reshape(len(run.cams), -1).mean(axis=1)
+
+
+def _coherency(run: _Run, method: str | None) -> np.ndarray:
+    """Coherency: (ρ(M(x ⊙ cam), cam) + 1) / 2, M the CAM method re-run for the CAMs' targets,
+    the CAM broadcast over the channels. Higher is better."""
+    mixed = run.x * run.cams[:, None]
+    return (pearson(run.method_cams(method, mixed), run.cams) + 1) / 2
+
+
+def _arcc(run: _Run, param: tuple) -> np.ndarray:
+    """ARCC = 3 / (1/(coherency + ε) + 1/(1 − complexity + ε) + 1/(road + ε)), road =
+    clip(2 · ROADCombined(percentiles), 0, 1): a harmonic mean (the library's docstring says
+    geometric). Higher is better."""
+    method, percentiles = param
+    complexity, coherency = _complexity(run), _coherency(run, method)
+    road = np.clip(_road_combined(run, percentiles) * 2, 0, 1)  # [-0.5, 0.5] -> [-1, 1] -> [0, 1]
+    return _harmonic(coherency, 1 - complexity, road)
+
+
+def _adcc(run: _Run, method: str | None) -> np.ndarray:
+    """ADCC (Poppi, Cornia, Baraldi, Cucchiara 2021, "Revisiting the evaluation of class activation
+    mapping for explainability: a novel metric and experimental analysis", CVPR workshops):
+    3 / (1/coherency + 1/(1 − complexity) + 1/(1 − AD)), AD = max(y − o, 0) / y the average drop
+    of one image, y = t(f(x)), o = t(f(x ⊙ cam)) (the paper's y is the class probability: the
+    softmax target, `camexport run`'s default --metric-score), each reciprocal's term + ε.
+    Higher is better."""
+    drop = _drop_in_confidence(run) / run.before
+    return _harmonic(_coherency(run, method), 1 - _complexity(run), 1 - drop)
+
+
 # ---------------------------------------------------------------------------------------------
 # The one table
 
@@ -279,7 +376,9 @@ def _auc(deletion: bool) -> Callable[[_Run, int], np.ndarray]:
 @dataclass(frozen=True)
 class Metric:
     """A metric as users name it. ``param`` is '' (none), 'percentile' (a number in [0, 100] or
-    'auto'), 'percentiles' (a list of those) or 'steps' (an integer ≥ 1)."""
+    'auto'), 'percentiles' (a list of those), 'steps' (an integer ≥ 1), 'method' (a CAM method
+    to re-run; None: the CAMs' own) or 'method-percentiles' (a method, then optionally ':'
+    percentiles: ``arcc:gradcam:20,40``, ``arcc::20,40``; the value is (method, percentiles))."""
 
     name: str
     summary: str
@@ -315,6 +414,13 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
            _auc(True), False, "steps", AUC_STEPS, ("deletion",)),
     Metric("insertion-auc", "mean target value as pixels return onto a blurred image in CAM order "
            "(RISE insertion)", _auc(False), True, "steps", AUC_STEPS, ("insertion",)),
+    Metric("complexity", "mean |cam| over the pixels", _complexity, False, aliases=("Complexity",)),
+    Metric("coherency", "(ρ(M(x ⊙ cam), cam) + 1) / 2, M the method after the colon (default: "
+           "the CAMs' own)", _coherency, True, "method", aliases=("Coherency",)),
+    Metric("arcc", "harmonic mean of coherency, 1 − complexity and clip(2 · road-combined, 0, 1)",
+           _arcc, True, "method-percentiles", ARCC_PERCENTILES, ("ARCC",)),
+    Metric("adcc", "harmonic mean of coherency, 1 − complexity and 1 − average drop (Poppi et al.)",
+           _adcc, True, "method", aliases=("ADCC",)),
 ]}
 
 
@@ -349,6 +455,8 @@ def _parse(token: str) -> tuple[Metric, object]:
     if key not in _LOOKUP:
         raise MetricError(f"unknown metric {name.strip()!r}; choose from {', '.join(METRICS)}")
     metric = METRICS[_LOOKUP[key]]
+    if metric.param.startswith("method"):
+        return metric, _parse_method(metric, param)
     if not param.strip():
         return metric, metric.default
     if not metric.param:
@@ -362,11 +470,43 @@ def _parse(token: str) -> tuple[Metric, object]:
     return metric, values[0]
 
 
+def _parse_method(metric: Metric, text: str) -> str | None | tuple[str | None, tuple]:
+    """'[METHOD]' or, for 'method-percentiles', '[METHOD][:p1,p2,...]'; the method canonical,
+    None for the CAMs' own method."""
+    from camexport.methods import MethodError, canonical_methods
+
+    method, colon, percentiles = text.partition(":")
+    usage = f"{metric.name}[:METHOD]" + ("[:P1,P2,...]" if metric.param == "method-percentiles" else "")
+    if "," in method or (colon and metric.param == "method"):
+        raise MetricError(f"{metric.name} re-runs a CAM method on x ⊙ cam: write {usage}, e.g. "
+                          f"{metric.name}:gradcam (got {metric.name}:{text})")
+    try:
+        method = canonical_methods([method])[0] if method.strip() else None
+    except MethodError as err:
+        raise MetricError(f"{metric.name}:{text}: {err}") from None
+    if metric.param == "method":
+        return method
+    if not percentiles.strip():
+        return method, metric.default
+    return method, tuple(_parse_value(metric, v) for v in percentiles.split(","))
+
+
+def _numbers(values: tuple) -> str:
+    return ",".join(v if isinstance(v, str) else f"{v:g}" for v in values)
+
+
 def _format(metric: Metric, value: object) -> str:
+    if metric.param == "method":
+        return metric.name + (f":{value}" if value else "")
+    if metric.param == "method-percentiles":
+        method, percentiles = value
+        name = metric.name + (f":{method}" if method else "")
+        if percentiles != metric.default:  # arcc:gradcam:30,70, or arcc::30,70 for the CAMs' own
+            name += ("" if method else ":") + ":" + _numbers(percentiles)
+        return name
     if value == metric.default:
         return metric.name
-    values = value if isinstance(value, tuple) else (value,)
-    return f"{metric.name}:" + ",".join(v if isinstance(v, str) else f"{v:g}" for v in values)
+    return f"{metric.name}:" + _numbers(value if isinstance(value, tuple) else (value,))
 
 
 def metric_tokens(spec: str | Sequence[str], is_value: Callable[[str], bool] | None = None) -> list[str]:
@@ -397,6 +537,17 @@ def _is_value(text: str) -> bool:
     return is_number(text) or text.lower() == "auto"
 
 
+def metric_methods(spec: str | Sequence[str]) -> list[str]:
+    """The CAM methods the metrics of ``spec`` name (coherency:gradcam -> gradcam), in order."""
+    found = []
+    for token in metric_tokens(spec):
+        metric, value = _parse(token)
+        if metric.param.startswith("method"):
+            method = value if metric.param == "method" else value[0]
+            found += [method] if method and method not in found else []
+    return found
+
+
 def metric_names(spec: str | Sequence[str]) -> list[str]:
     """Canonical metric names from 'road-combined,drop-in-confidence' or a list. Aliases: the
     library's class names, any case, with or without '-' / '_'. Duplicates are dropped."""
@@ -414,17 +565,22 @@ def metric_names(spec: str | Sequence[str]) -> list[str]:
 
 def evaluate(name: str, x: np.ndarray, cams: np.ndarray, targets: Sequence,
              model: Callable[[np.ndarray], np.ndarray], seed: int | None = 0, *,
-             noise: float = NOISE, workers: int | None = None) -> np.ndarray:
+             noise: float = NOISE, workers: int | None = None, cam_fn: CamFn | None = None,
+             cam_targets: Sequence | None = None, cam_method: str | None = None) -> np.ndarray:
     """Scores (B,) float32 of metric ``name`` (with an optional ':param', see metric_names) for
     the CAMs (B, H, W) of the preprocessed images x (B, C, H, W), one target object per image.
 
     ``seed`` seeds the ROAD imputer's noise (None: fresh entropy); ``noise`` is its standard
     deviation (0 for a noise-free imputer). ``workers`` threads compute perturbed images
-    (default: the CPU count, at most 8); the result does not depend on it.
+    (default: the CPU count, at most 8); the result does not depend on it. ``cam_fn`` (method,
+    images, targets) -> CAMs re-runs a CAM method for coherency, arcc and adcc, on
+    ``cam_targets`` (the targets the CAMs were made for; default ``targets``); ``cam_method``:
+    the method that made the CAMs, re-run when the name gives none (``coherency``).
     """
     metric, param = _parse(name)
     with perturbation_run(x, cams, targets, model, np.random.default_rng(seed), noise=noise,
-                          workers=workers) as run:
+                          workers=workers, cam_fn=cam_fn, cam_targets=cam_targets,
+                          cam_method=cam_method) as run:
         return np.asarray(metric.compute(run, param), np.float32)
 
 
@@ -432,12 +588,14 @@ def evaluate(name: str, x: np.ndarray, cams: np.ndarray, targets: Sequence,
 def perturbation_run(x: np.ndarray, cams: np.ndarray, targets: Sequence,
                      model: Callable[[np.ndarray], np.ndarray], rng: NormalSource, *,
                      noise: float = NOISE, workers: int | None = None,
-                     scalar_targets: bool = True) -> Iterator[_Run]:
+                     scalar_targets: bool = True, cam_fn: CamFn | None = None,
+                     cam_targets: Sequence | None = None, cam_method: str | None = None) -> Iterator[_Run]:
     """The driver behind :func:`evaluate`, checked inputs and a worker pool, for callers that
     choose the perturbations themselves (``camexport.compat.metrics``): ``run.scores`` /
     ``run.change`` of ``run.multiply``, ``run.road(...)`` or any ``(b, rng) -> plan``.
     ``rng`` draws the imputer noise (``standard_normal``); ``scalar_targets=False`` lets targets
-    give a vector per image (scores (P, B, K))."""
+    give a vector per image (scores (P, B, K)); ``cam_fn``, ``cam_targets``, ``cam_method``: see
+    :func:`evaluate`."""
     x = np.asarray(x, np.float32)
     if x.ndim != 4:
         raise MetricError(f"x must be a preprocessed batch (B, C, H, W), got shape {x.shape}")
@@ -449,9 +607,14 @@ def perturbation_run(x: np.ndarray, cams: np.ndarray, targets: Sequence,
     if not np.isfinite(cams).all():
         raise MetricError("cams contain NaN or Inf; metrics need finite maps in [0, 1]")
     targets = _as_targets(targets, batch)
+    if cam_targets is not None:
+        cam_targets = list(cam_targets)
+        if len(cam_targets) != batch:
+            raise MetricError(f"{len(cam_targets)} cam_targets for {batch} images: give the target "
+                              f"each CAM was made for")
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     with ThreadPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
-        yield _Run(x, cams, targets, model, rng, noise, pool, scalar_targets)
+        yield _Run(x, cams, targets, model, rng, noise, pool, scalar_targets, cam_fn, cam_targets, cam_method)
 
 
 def _as_targets(targets: Sequence, batch: int) -> list:

@@ -165,6 +165,10 @@ class Job:
         self.explainer = Explainer(artifact, provider=config.provider, batch_size=max(config.batch_size, 16))
         manifest = self.explainer.manifest
         self.config = config = replace(config, methods=_check_methods(config.methods, manifest))
+        if config.metrics:  # the methods coherency, arcc and adcc re-run must be in the graph too
+            from camexport.metrics import metric_methods
+
+            _check_methods(metric_methods(config.metrics), manifest)
         self.prep = manifest["preprocessing"]
         size = tuple(self.prep["size"])
         text = "x".join(map(str, size))
@@ -224,24 +228,56 @@ class Job:
             if result is not None:
                 cams[rows] = result.cams[name]
             arrays[f"cams/{name}"] = cams
-            arrays.update(self._metrics(name, x[rows], rows, n, result, classes, chosen, start))
+            if result is not None:
+                arrays.update(self._metrics(config.metrics, name, x[rows], rows, n, result.cams[name],
+                                            result.targets, classes, chosen, start))
+            else:
+                arrays.update({f"metrics/{m}/{name}": np.full(n, np.nan, np.float32) for m in config.metrics})
         if config.save_activations or config.save_gradients:
             arrays.update(self._raw_tensors(x, rows, result, n))
         return arrays
 
-    def _metrics(self, name, x, rows, n, result, classes, chosen, start) -> dict[str, np.ndarray]:
-        """``/metrics/<metric>/<name>`` of a batch (NaN for samples not explained)."""
-        arrays = {}
-        for metric in self.config.metrics:
-            from camexport.metrics import evaluate
+    def _metrics(self, metrics, name, x, rows, n, cams, cam_targets, classes, chosen,
+                 start) -> dict[str, np.ndarray]:
+        """``/metrics/<metric>/<name>`` of a batch of ``n`` samples from the CAMs ``cams`` of its
+        explained ones ``rows`` (images ``x``), made for ``cam_targets``; NaN for the others."""
+        from camexport.metrics import evaluate
 
+        arrays = {}
+        scored = self.task.metric_targets(self.config, classes[rows], chosen) if len(rows) else []
+        for metric in metrics:
             scores = np.full(n, np.nan, np.float32)
-            if result is not None:
-                scores[rows] = evaluate(metric, x, result.cams[name],
-                                        self.task.metric_targets(self.config, classes[rows], chosen),
-                                        self.explainer.forward, seed=self.config.seed + start)
+            if len(rows):
+                scores[rows] = evaluate(metric, x, cams, scored, self.explainer.forward,
+                                        seed=self.config.seed + start, cam_fn=self.cam_fn,
+                                        cam_targets=cam_targets, cam_method=name)
             arrays[f"metrics/{metric}/{name}"] = scores
         return arrays
+
+    def stored_metrics(self, start: int, stop: int, cams: dict[str, np.ndarray], classes: np.ndarray,
+                       metrics: list[str]) -> dict[str, np.ndarray]:
+        """``/metrics/<metric>/<method>`` of samples start..stop-1 from CAMs made before
+        (``camexport evaluate``): ``cams`` {method: (n, H, W)} and ``classes`` (/targets) as
+        stored; images, targets, seed and the explained rows as :meth:`batch` has them, so the
+        scores are the run's own when the run's batches started at ``start``."""
+        x = self._inputs(self.data.images(start, stop))
+        n = stop - start
+        rows = np.flatnonzero(np.isfinite(x).reshape(n, -1).all(axis=1))
+        targets = self.targets(start, stop)
+        asked = None if targets is None else [targets[i] for i in rows]
+        chosen, _ = self.task.prepare(self, x[rows], asked, rows, n)
+        cam_targets = chosen if chosen is not None else [int(c) for c in classes[rows]]
+        arrays = {}
+        for name, maps in cams.items():
+            arrays.update(self._metrics(metrics, name, x[rows], rows, n, np.asarray(maps, np.float32)[rows],
+                                        cam_targets, classes, chosen, start))
+        return arrays
+
+    def cam_fn(self, method: str, x: np.ndarray, targets: list) -> np.ndarray:
+        """``method``'s CAMs of ``x`` for ``targets`` as the run makes them (the metrics that
+        re-run a method: coherency, arcc, adcc)."""
+        return self.explainer(x, targets=targets, methods=[method], eigen_smooth=self.config.eigen_smooth,
+                              aug_smooth=self.config.aug_smooth).cams[method]
 
     def _raw_tensors(self, x, rows, result, n) -> dict[str, np.ndarray]:
         """Layer activations and gradients in the graph's layout, for `camexport recompute`:

@@ -14,3 +14,15 @@ fi
 # rapidocr ships PaddlePaddle ONNX exports (text detector, orientation classifier) that the
 # foreign-graph tests read from its package folder; its own dependencies are not needed
 .venv/bin/python -m pip install --quiet --no-deps rapidocr-onnxruntime==1.4.4
+# Chromium (Debian's package) for the headless-browser check of `camexport report` in
+# tests/test_report.py, which skips with the reason when it is missing. Installed only when
+# missing, as root with apt-get; a failure is reported and never fails the setup.
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        echo "setup.sh: chromium not installed (installing it needs root and apt-get): the report's" \
+             "browser test will be skipped" >&2
+    elif ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+             --no-install-recommends chromium; } >/dev/null 2>&1; then
+        echo "setup.sh: apt-get could not install chromium: the report's browser test will be skipped" >&2
+    fi
+fi

@@ -172,6 +172,7 @@ def test_deletion_insertion_auc(name, steps):
 def test_every_metric_has_a_case():
     covered = {metric_names(n)[0].partition(":")[0] for n, *_ in PARITY + ADDITIONS}
     covered |= {"deletion-auc", "insertion-auc"}  # test_deletion_insertion_auc
+    covered |= {"complexity", "coherency", "arcc", "adcc"}  # tests/test_arcc.py
     assert covered == set(METRICS)
 
 

@@ -7,6 +7,14 @@ Input dataset (``camexport pack`` writes it; any h5py user can too)::
               or (N, 3, D, H, W) float32 preprocessed volumes or clips (3-D models)
     /labels   (N,) int      optional, -1 = unknown
     /names    (N,) str      optional, e.g. the source file names
+    /boxes    (N, D, 4) float32  optional (`pack --annotations`): x1 y1 x2 y2 in stored-image
+              pixels, continuous edges (COCO's), NaN past the count; D the most boxes of an
+              image (at least 1). camexport.annotations.read_annotations reads them at a CAM's size
+    /box_count  (N,) int32       real boxes of each image (0: none)
+    /box_labels (N, D) int64     the model's class index of each box, -1 past the count
+    /masks    (N, D, H, W) bool  optional, one mask per box (aligned with /boxes, False past the
+              count), chunked (1, 1, H, W), gzip; a segmentation dataset's boxes are its
+              masks' extents
     attributes camexport_kind = "input dataset", camexport_version (pack writes them; they let
               `pack --overwrite` recognise a file it may replace; the run does not need them)
 
@@ -40,7 +48,10 @@ Result file (``camexport run`` writes it; read it with :class:`ResultReader`)::
                                   model_sha256, graph_sha256 (str); fingerprint (JSON of what
                                   determines the results: graph sha256, data, count, parameters),
                                   manifest, methods, metrics, layers (JSON); complete (bool);
-                                  recomputed (JSON list of the methods `camexport recompute` added)
+                                  recomputed (JSON list of the methods `camexport recompute` added);
+                                  evaluated (JSON list of the metrics `camexport evaluate` added,
+                                  also listed in metrics; its crash-safe shards:
+                                  :mod:`camexport.store.evaluations`)
 
 While a run is going ``OUT.h5`` is a live view of the finished batches: every dataset above but
 /labels and /names, rows not done yet read as NaN (float), -1 (int) or False (bool), complete

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 
 from camexport import __version__
-from camexport.store import INPUT_KIND, KIND_ATTR, StoreError, _string_array, _written
+from camexport.store import INPUT_KIND, KIND_ATTR, VECTOR_CHUNK, StoreError, _string_array, _written
 
 
 def _check_images(path: Path, handle: h5py.File, made: str) -> bool:
@@ -141,11 +141,15 @@ class _NothingPacked(Exception):
     """No image came: the temporary file is dropped and an existing ``--out`` kept."""
 
 
-def write_input(path: str | Path, images: Iterator[tuple[str, np.ndarray, int]],
-                size: tuple[int, int]) -> int:
+def write_input(path: str | Path, images: Iterator[tuple], size: tuple[int, int],
+                annotations: str | None = None) -> int:
     """An input dataset from (name, (H, W, 3) uint8 image, label) items, written atomically
     through the store's guarded writer: an error on the way (a full disk too) leaves no file and
-    an existing one untouched. Returns the count; with no items nothing is written (0)."""
+    an existing one untouched. Returns the count; with no items nothing is written (0).
+
+    ``annotations`` "boxes" or "masks": every item carries a fourth element, the image's objects
+    (boxes (k, 4) float x1 y1 x2 y2, labels (k,) int, masks (k, H, W) bool or None), stored as
+    /boxes, /box_count, /box_labels and, for "masks", /masks (the layout in camexport.store)."""
     path = Path(path)
     height, width = size
     names, labels = [], []
@@ -155,12 +159,15 @@ def write_input(path: str | Path, images: Iterator[tuple[str, np.ndarray, int]],
             stored = h5.create_dataset("images", (0, height, width, 3), np.uint8,
                                        maxshape=(None, height, width, 3),
                                        chunks=(1, height, width, 3), compression="gzip")
-            for name, image, label in images:
+            objects = _ObjectWriter(h5, size, annotations == "masks") if annotations else None
+            for name, image, label, *found in images:
                 if guard.error is not None:
                     break
                 guard.held.raise_pending()  # a Ctrl-C between two images, not inside HDF5
                 stored.resize(len(names) + 1, axis=0)
                 stored[len(names)] = image
+                if objects is not None:
+                    objects.add(len(names), *found[0])
                 names.append(name)
                 labels.append(label)
             if not names:
@@ -181,3 +188,41 @@ def write_input(path: str | Path, images: Iterator[tuple[str, np.ndarray, int]],
     return len(names)
 
 
+#: Rows of /boxes and /box_labels per chunk (their depth D grows as images with more boxes come).
+OBJECT_CHUNK = (256, 8)
+
+
+class _ObjectWriter:
+    """/boxes (N, D, 4) float32 NaN-padded, /box_count (N,) int32, /box_labels (N, D) int64
+    -1-padded and optionally /masks (N, D, H, W) bool, one image at a time; D grows to the
+    largest count (at least 1), the fill values pad what an image does not use."""
+
+    def __init__(self, h5: h5py.File, size: tuple[int, int], masks: bool):
+        self.depth = 1
+        self.boxes = h5.create_dataset("boxes", (0, 1, 4), np.float32, maxshape=(None, None, 4),
+                                       chunks=(*OBJECT_CHUNK, 4), fillvalue=np.nan, compression="gzip")
+        self.labels = h5.create_dataset("box_labels", (0, 1), np.int64, maxshape=(None, None),
+                                        chunks=OBJECT_CHUNK, fillvalue=-1, compression="gzip")
+        self.count = h5.create_dataset("box_count", (0,), np.int32, maxshape=(None,),
+                                       chunks=(VECTOR_CHUNK,), compression="gzip")
+        self.masks = None
+        if masks:
+            self.masks = h5.create_dataset("masks", (0, 1, *size), bool, maxshape=(None, None, *size),
+                                           chunks=(1, 1, *size), fillvalue=False, compression="gzip")
+
+    def add(self, row: int, boxes: np.ndarray, labels: np.ndarray, masks: np.ndarray | None) -> None:
+        k = len(boxes)
+        if k > self.depth:
+            self.depth = k
+            for dataset in (self.boxes, self.labels, self.masks):
+                if dataset is not None:
+                    dataset.resize(k, axis=1)
+        for dataset in (self.boxes, self.labels, self.count, self.masks):
+            if dataset is not None:
+                dataset.resize(row + 1, axis=0)
+        self.count[row] = k
+        if k:
+            self.boxes[row, :k] = boxes
+            self.labels[row, :k] = labels
+            if self.masks is not None:
+                self.masks[row, :k] = masks

@@ -93,7 +93,7 @@ def writer_alive(path: str | Path) -> str | None:
 
 
 #: Root attributes of a result file stored as JSON text (:attr:`ResultReader.attrs` parses them).
-JSON_ATTRS = ("fingerprint", "manifest", "methods", "metrics", "layers", "recomputed")
+JSON_ATTRS = ("fingerprint", "manifest", "methods", "metrics", "layers", "recomputed", "evaluated")
 
 #: Rows of a per-sample dataset: an index, a slice or increasing indices.
 Rows = int | slice | np.ndarray | list
@@ -300,6 +300,12 @@ def summary(path: str | Path) -> dict:
         }
 
 
+def describe_state(info: dict) -> str:
+    """A :func:`summary`'s state in words, as ``camexport show`` and ``camexport report`` say it."""
+    return {"complete": "complete", "running": f"in progress: pid {info['writer']} is writing it",
+            "unfinished": "unfinished: rerun the same command to finish"}[info["state"]]
+
+
 # -- editing results -----------------------------------------------------------------------------
 class ResultEditor:
     """A result file open for editing (see :func:`edit_results`); ``reader`` reads it."""
@@ -316,6 +322,13 @@ class ResultEditor:
         if name in self._h5:
             del self._h5[name]
         return self._h5.create_dataset(name, shape, dtype, chunks=_chunks(shape), compression=compression)
+
+    def replace_dataset(self, name: str, values: np.ndarray, compression: str = "gzip") -> None:
+        """A per-sample dataset (e.g. ``metrics/arcc:gradcam/gradcam``) in place of any old one,
+        chunked as the result layout chunks it."""
+        if name in self._h5:
+            del self._h5[name]
+        self._h5.create_dataset(name, data=values, chunks=_chunks(values.shape), compression=compression)
 
     def set_attr(self, key: str, value) -> None:
         """Set a root attribute: str, bool and numbers as they are, anything else as JSON."""
