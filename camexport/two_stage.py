@@ -1,4 +1,4 @@
-"""Two-stage detectors (torchvision Faster R-CNN), step 1: the region proposals.
+"""Two-stage detectors (torchvision Faster R-CNN): the region proposals and the box head.
 
 A two-stage detector picks its proposals by index (per-level top-k, NMS), which has no gradient,
 and torchvision detaches them. So the model is split where the indices are chosen:
@@ -12,8 +12,19 @@ and torchvision detaches them. So the model is split where the indices are chose
    the anchors (``AnchorGenerator``), ``BoxCoder.decode``, the per-level top ``pre_nms_top_n``,
    clipping, ``remove_small_boxes``, ``score_thresh``, per-level NMS and ``post_nms_top_n``.
    Everything it needs is in :func:`rpn_settings`, a JSON-serialisable dict for a manifest.
-3. (Later) a second graph takes the image and the proposals and runs MultiScaleRoIAlign + the box
-   head (camexport.graph.rules.roialign differentiates RoiAlign with run-time boxes).
+3. :class:`BoxGraph` (exported; step 2): the image and the proposals in, backbone + FPN again,
+   MultiScaleRoIAlign, the box head and predictor; out ``box_rows`` (B, P, C, 5): for every
+   proposal and class the decoded box clipped to the image and the class probability
+   (softmax), laid out [x1, y1, x2, y2, p]. Proposals are padded to one count P per batch.
+   MultiScaleRoIAlign picks each box's FPN level by its size (a data-dependent split that
+   exports to no fixed-shape graph), so the graph pools every box on every level and sums the
+   levels weighted by a one-hot ``box_levels`` (B, P, L) input that :func:`box_inputs` computes
+   with torchvision's LevelMapper rule: the chosen level times 1 plus the others times 0 is the
+   chosen level's pooling exactly. The box head is row-wise, so a gradient pass may run the
+   graph on the proposals of the explained detections only and get their rows unchanged.
+   camexport.graph.rules.roialign differentiates RoiAlign with run-time boxes.
+4. :func:`detections` (numpy) replays ``RoIHeads.postprocess_detections`` on one image's rows:
+   background dropped, ``score_thresh``, small boxes, class-wise NMS, ``detections_per_img``.
 
 The graph runs at a fixed input size: the model's resize (GeneralizedRCNNTransform's
 min_size/max_size) and batch padding are not applied, so torchvision's padded size and image
@@ -24,10 +35,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from camexport.detection import BOX, DetectionError, nms
+from camexport.detection import BOX, DetectionError, Detections, nms
 
 #: The first two graph outputs; the FPN levels follow as ``fpn_<level name>``.
 OBJECTNESS, DELTAS = "objectness", "rpn_deltas"
+#: The box graph's inputs after the image, and its output.
+PROPOSALS, LEVELS, BOX_ROWS = "proposals", "box_levels", "box_rows"
+#: what pads a batch's proposals to one count: a 1 px box pooled with weight 0 on every level
+PAD_BOX = (0.0, 0.0, 1.0, 1.0)
 #: torchvision.ops.batched_nms: on CPU, above this many box coordinates it runs NMS per level
 #: (``_batched_nms_vanilla``), at or below it offsets the boxes per level (coordinate trick).
 VANILLA_NMS_NUMEL = 4000
@@ -55,6 +70,21 @@ def rpn_settings(model) -> dict:
 
 # -- the exported module ----------------------------------------------------------------------
 
+def _take_backbone(module, model, size: tuple[int, int]) -> dict:
+    """Give ``module`` the model's ``backbone``, its normalisation as buffers ``mean`` and
+    ``std`` and the input ``size``; the backbone's features of one zero image (their names and
+    sizes)."""
+    import torch
+
+    module.backbone = model.backbone
+    transform = model.transform
+    module.register_buffer("mean", torch.tensor(transform.image_mean).reshape(1, 3, 1, 1))
+    module.register_buffer("std", torch.tensor(transform.image_std).reshape(1, 3, 1, 1))
+    module.size = tuple(int(s) for s in size)
+    with torch.no_grad():
+        return module.backbone(torch.zeros(1, 3, *module.size))
+
+
 def _rpn_graph_class():
     import torch
     from torchvision.models.detection.rpn import concat_box_prediction_layers
@@ -64,13 +94,8 @@ def _rpn_graph_class():
 
         def __init__(self, model, size: tuple[int, int]):
             super().__init__()
-            self.backbone, self.head = model.backbone, model.rpn.head
-            transform = model.transform
-            self.register_buffer("mean", torch.tensor(transform.image_mean).reshape(1, 3, 1, 1))
-            self.register_buffer("std", torch.tensor(transform.image_std).reshape(1, 3, 1, 1))
-            self.size = tuple(int(s) for s in size)
-            with torch.no_grad():
-                features = self.backbone(torch.zeros(1, 3, *self.size))
+            self.head = model.rpn.head
+            features = _take_backbone(self, model, size)
             self.level_names = tuple(features)
             self.output_names = (OBJECTNESS, DELTAS, *(f"fpn_{n}" for n in self.level_names))
             self.settings = {**rpn_settings(model), "image_size": list(self.size),
@@ -98,6 +123,135 @@ def rpn_graph(model, size: tuple[int, int]):
     if len(size) != 2:
         raise DetectionError(f"a detector takes 2-D images; input size {size} has {len(size)} values")
     return _rpn_graph_class()(model.eval(), size).eval()
+
+
+def box_settings(model, size: tuple[int, int], pooled, feature_sizes) -> dict:
+    """What :func:`box_inputs` and :func:`detections` need from a Faster R-CNN's RoIHeads, as
+    plain JSON types: MultiScaleRoIAlign's levels (torchvision's ``_setup_scales`` on the
+    graph's image size and the ``pooled`` levels' ``feature_sizes``) and the eval
+    post-processing settings."""
+    import math
+
+    heads, pool = model.roi_heads, model.roi_heads.box_roi_pool
+    scales = [2.0 ** round(math.log2(float(h) / float(size[0]))) for h, _ in feature_sizes]
+    return {
+        "pooled_levels": list(pooled),
+        "pool_scales": scales,
+        "level_min": int(-math.log2(scales[0])),
+        "level_max": int(-math.log2(scales[-1])),
+        "canonical_scale": int(pool.canonical_scale),
+        "canonical_level": int(pool.canonical_level),
+        "output_size": [int(s) for s in pool.output_size],
+        "sampling_ratio": int(pool.sampling_ratio),
+        "box_weights": [float(w) for w in heads.box_coder.weights],
+        "bbox_xform_clip": float(heads.box_coder.bbox_xform_clip),
+        "score_thresh": float(heads.score_thresh),
+        "nms_thresh": float(heads.nms_thresh),
+        "detections_per_img": int(heads.detections_per_img),
+        "image_size": [int(s) for s in size],
+    }
+
+
+def _box_graph_class():
+    import torch
+    from torchvision.ops import boxes as box_ops
+    from torchvision.ops import roi_align
+
+    class BoxGraph(torch.nn.Module):
+        """(image in [0, 1] (B, 3, H, W), proposals (B, P, 4), box_levels (B, P, L)) →
+        box_rows (B, P, C, 5)."""
+
+        def __init__(self, model, size: tuple[int, int]):
+            super().__init__()
+            heads = model.roi_heads
+            self.box_head, self.box_predictor = heads.box_head, heads.box_predictor
+            self.box_coder = heads.box_coder
+            features = _take_backbone(self, model, size)
+            # MultiScaleRoIAlign pools the backbone's levels that its featmap_names name, in the
+            # backbone's order (MobileNet's FPN has '0', '1' and 'pool' of the default '0'-'3')
+            pooled = [n for n in features if n in heads.box_roi_pool.featmap_names]
+            self.settings = box_settings(model, self.size, pooled,
+                                         [tuple(features[n].shape[-2:]) for n in pooled])
+            self.pooled = tuple(pooled)
+            self.output_names = (BOX_ROWS,)
+
+        def forward(self, x, proposals, box_levels):
+            settings = self.settings
+            features = self.backbone((x - self.mean) / self.std)
+            batch, count = proposals.shape[0], proposals.shape[1]
+            flat = proposals.reshape(-1, BOX)
+            index = torch.arange(batch, dtype=flat.dtype).reshape(-1, 1, 1).expand(batch, count, 1)
+            index = index.reshape(-1, 1)
+            rois = torch.cat([index, flat], dim=1)
+            weights = box_levels.reshape(-1, len(self.pooled), 1, 1, 1)
+            pooled = 0
+            for level, (name, scale) in enumerate(zip(self.pooled, settings["pool_scales"])):
+                pooled = pooled + weights[:, level] * roi_align(
+                    features[name], rois, output_size=settings["output_size"], spatial_scale=scale,
+                    sampling_ratio=settings["sampling_ratio"], aligned=False)
+            logits, regression = self.box_predictor(self.box_head(pooled))
+            boxes = self.box_coder.decode_single(regression.reshape(batch * count, -1), flat)
+            boxes = box_ops.clip_boxes_to_image(boxes.reshape(batch * count, -1, BOX), self.size)
+            scores = torch.softmax(logits, -1).unsqueeze(-1)
+            return torch.cat([boxes, scores], dim=-1).reshape(batch, count, -1, BOX + 1)
+
+    return BoxGraph
+
+
+def box_graph(model, size: tuple[int, int]):
+    """The exportable :class:`BoxGraph` of a torchvision Faster R-CNN at input ``size`` (H, W);
+    its ``settings`` are :func:`box_settings`."""
+    rpn_graph(model, size)  # the same checks
+    return _box_graph_class()(model.eval(), size).eval()
+
+
+def levels(boxes: np.ndarray, settings: dict) -> np.ndarray:
+    """torchvision's LevelMapper in float32: the pooled level (0-based) of each (n, 4) box,
+    floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6), clamped."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, BOX)
+    side = np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+    with np.errstate(divide="ignore"):
+        level = np.floor(np.float32(settings["canonical_level"])
+                         + np.log2(side / np.float32(settings["canonical_scale"])) + np.float32(1e-6))
+    level = np.clip(level, settings["level_min"], settings["level_max"])
+    return level.astype(np.int64) - settings["level_min"]
+
+
+def box_inputs(proposals: list[np.ndarray], settings: dict, count: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The box graph's ``proposals`` (B, P, 4) and ``box_levels`` (B, P, L) for one list of
+    per-image proposals: padded to ``count`` (default: the most any image has) with
+    :data:`PAD_BOX` on no level."""
+    count = max([len(p) for p in proposals] + [1]) if count is None else count
+    padded = np.tile(np.asarray(PAD_BOX, np.float32), (len(proposals), count, 1))
+    weights = np.zeros((len(proposals), count, len(settings["pooled_levels"])), np.float32)
+    for k, boxes in enumerate(proposals):
+        if len(boxes) > count:
+            raise DetectionError(f"image {k} has {len(boxes)} proposals; the batch holds {count}")
+        padded[k, :len(boxes)] = boxes
+        weights[k, np.arange(len(boxes)), levels(boxes, settings)] = 1.0
+    return padded, weights
+
+
+def detections(rows: np.ndarray, settings: dict, count: int | None = None) -> Detections:
+    """One image's detections from its ``box_rows`` (P, C, 5) (the first ``count`` proposals;
+    the rest is padding), as RoIHeads.postprocess_detections: background (class 0) dropped,
+    probabilities above ``score_thresh``, boxes with a side under 0.01 px dropped, NMS within
+    each class, the best ``detections_per_img``. ``anchors`` holds the flat row index
+    proposal x C + class each detection came from."""
+    rows = np.asarray(rows)
+    rows = rows[:len(rows) if count is None else count]
+    classes = rows.shape[1]
+    boxes = rows[:, 1:, :BOX].reshape(-1, BOX)
+    scores = rows[:, 1:, BOX].reshape(-1)
+    flat = (np.arange(len(rows))[:, None] * classes + np.arange(1, classes)[None]).reshape(-1)
+    keep = np.flatnonzero(scores > settings["score_thresh"])
+    sides = np.minimum(boxes[keep, 2] - boxes[keep, 0], boxes[keep, 3] - boxes[keep, 1])
+    keep = keep[sides >= np.float32(1e-2)]
+    boxes, scores, flat = boxes[keep], scores[keep], flat[keep]
+    labels = flat % classes
+    keep = batched_nms(boxes, scores, labels, settings["nms_thresh"])[:settings["detections_per_img"]]
+    return Detections(boxes[keep], scores[keep], labels[keep], flat[keep])
 
 
 def name_outputs(plain, names) -> None:

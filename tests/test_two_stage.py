@@ -1,4 +1,5 @@
-"""camexport.two_stage, step 1 of two-stage detectors: the RPN graph and the numpy proposals.
+"""camexport.two_stage: the RPN graph and the numpy proposals (step 1); the box graph, its
+numpy post-processing and its gradients with the proposals held fixed (step 2).
 
 Faster R-CNN with random seeded weights at 320 x 320, batch 2. The reference proposals are
 torchvision's own ``model.rpn`` (eval) on the backbone features of the normalised image, so the
@@ -160,3 +161,160 @@ def test_few_proposals_take_the_coordinate_trick_nms(case):
         ours, scores, _ = two_stage.select(objectness[k], deltas[k], settings)
         assert len(ours) > 10
         _assert_equal_up_to_ties(ours, theirs.numpy(), scores, REPLAY_ATOL)
+
+
+# -- step 2: the box graph ------------------------------------------------------------------
+
+#: class probabilities, absolute: the ONNX box graph against torchvision's roi_heads
+SCORE_ATOL = 1e-5
+#: box coordinates, px, of every (proposal, class) row between two float32 computations (ONNX
+#: and torch, or torch at another batch size): 2e-5 of the image side. Random box deltas make
+#: boxes up to the image's size, and exp(dw) x width amplifies a 1e-7 relative feature error
+#: (measured: up to 3.2e-3 px on ResNet-50's 91 x 176 rows, 1.5e-5 px on MobileNet). The
+#: detections themselves (best classes after NMS) stay within REPLAY_ATOL.
+ROW_ATOL = 2e-5 * max(SIZE)
+#: layer gradients of the box graph against float64 torch autograd (max |diff| / max |ref|)
+GRADIENT_RTOL = 1e-5
+#: the layer whose gradient is checked, per model: the FPN's input from the last stage
+LAYERS = {"fasterrcnn_mobilenet_v3_large_fpn": "backbone.body.16",
+          "fasterrcnn_resnet50_fpn": "backbone.body.layer4"}
+
+
+@pytest.fixture(scope="module")
+def boxes(case):
+    """The box graph exported on the RPN's reference proposals, run by onnxruntime; the score
+    threshold is set to keep ~0.2 % of the (proposal, class) pairs (random weights give every
+    class ~1/91), and torchvision's roi_heads run with it on the same proposals."""
+    model, normalised = case["model"], case["normalised"]
+    graph = two_stage.box_graph(model, SIZE)
+    x = torch.rand(2, 3, *SIZE, generator=torch.Generator().manual_seed(1))
+    proposals = [r for r in case["reference"]]
+    padded, weights = two_stage.box_inputs(proposals, graph.settings)
+    inputs = (x, torch.from_numpy(padded), torch.from_numpy(weights))
+    with torch.no_grad():
+        rows = graph(*inputs).numpy()
+    probabilities = np.concatenate([rows[k, :len(p), 1:, 4].ravel() for k, p in enumerate(proposals)])
+    threshold = float(np.quantile(probabilities, 0.998))
+    model.roi_heads.score_thresh = threshold
+    graph.settings["score_thresh"] = threshold
+    with torch.no_grad():
+        features = model.backbone(normalised)
+        reference, _ = model.roi_heads(features, [torch.from_numpy(p) for p in proposals],
+                                       [SIZE] * len(proposals))
+    batch, count = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("count", min=1, max=4096)
+    plain = _dynamo(graph, inputs, ({0: batch}, {0: batch, 1: count}, {0: batch, 1: count}))
+    two_stage.name_outputs(plain, graph.output_names)
+    names = [i.name for i in plain.graph.input]
+    onnx_rows = session(plain, threads=2).run(None, dict(zip(names, [t.numpy() for t in inputs])))[0]
+    return {"graph": graph, "plain": plain, "inputs": inputs, "proposals": proposals, "rows": rows,
+            "onnx": onnx_rows, "reference": reference, "model": model}
+
+
+def test_levels_match_torchvision_level_mapper(case, boxes):
+    from torchvision.ops.poolers import LevelMapper
+
+    settings = boxes["graph"].settings
+    mapper = LevelMapper(settings["level_min"], settings["level_max"], settings["canonical_scale"],
+                         settings["canonical_level"])
+    proposals = boxes["proposals"]
+    # proposals of every size: the RPN's, and squares on both sides of each level's boundary
+    sides = np.float32(224) * np.float32(2.0) ** np.arange(-4, 3, dtype=np.float32)
+    squares = np.stack([np.zeros_like(sides), np.zeros_like(sides), sides, sides], 1)
+    squares = np.concatenate([squares, squares * np.float32(0.999), squares * np.float32(1.001)])
+    for boxes_ in [*proposals, squares]:
+        theirs = mapper([torch.from_numpy(boxes_)]).numpy()
+        np.testing.assert_array_equal(two_stage.levels(boxes_, settings), theirs)
+    # ResNet-50's FPN pools 4 levels (strides 4-32); MobileNet's two are both at stride 32
+    used = np.unique(two_stage.levels(np.concatenate(proposals), settings))
+    assert (len(used) > 1) == (settings["level_min"] < settings["level_max"])
+
+
+def test_box_graph_rows_match_torch_and_onnx(boxes):
+    """The ONNX graph's rows equal the torch wrapper's; padding rows are ignored."""
+    ours, theirs = boxes["onnx"], boxes["rows"]
+    assert ours.shape == theirs.shape and ours.shape[-1] == 5
+    for k, p in enumerate(boxes["proposals"]):
+        error = np.abs(ours[k, :len(p)] - theirs[k, :len(p)])
+        assert error[..., :4].max() <= ROW_ATOL and error[..., 4].max() <= SCORE_ATOL
+
+
+@pytest.mark.parametrize("source", ["torch", "onnx"])
+def test_detections_match_torchvision_roi_heads(boxes, source):
+    """On the same proposals: torchvision's detections, same count and labels, boxes within
+    1e-3 px, scores within SCORE_ATOL (ties in any order)."""
+    rows = boxes["rows"] if source == "torch" else boxes["onnx"]
+    settings = boxes["graph"].settings
+    total = 0
+    for k, theirs in enumerate(boxes["reference"]):
+        found = two_stage.detections(rows[k], settings, len(boxes["proposals"][k]))
+        assert len(found) == len(theirs["scores"])
+        total += len(found)
+        np.testing.assert_allclose(found.scores, theirs["scores"].numpy(), atol=SCORE_ATOL, rtol=0)
+        ours = np.concatenate([found.boxes, found.labels[:, None]], 1)
+        reference = np.concatenate([theirs["boxes"].numpy(), theirs["labels"].numpy()[:, None]], 1)
+        _assert_equal_up_to_ties(ours, reference, found.scores, REPLAY_ATOL)
+        # each detection's flat row index names its proposal and class
+        proposal, label = found.anchors // rows.shape[2], found.anchors % rows.shape[2]
+        np.testing.assert_array_equal(label, found.labels)
+        np.testing.assert_allclose(rows[k, proposal, label, :4], found.boxes)
+    assert total > 4
+
+
+def test_box_rows_of_a_subset_of_proposals_are_the_same(boxes):
+    """The box head is row-wise: the explained detections' proposals alone give their rows (what
+    lets a gradient pass run on those few proposals)."""
+    rows, settings = boxes["rows"], boxes["graph"].settings
+    found = two_stage.detections(rows[0], settings, len(boxes["proposals"][0]))
+    chosen = np.unique(found.anchors // rows.shape[2])[:5]
+    padded, weights = two_stage.box_inputs([boxes["proposals"][0][chosen]], settings)
+    with torch.no_grad():
+        subset = boxes["graph"](boxes["inputs"][0][:1], torch.from_numpy(padded),
+                                torch.from_numpy(weights)).numpy()
+    # the same numbers up to float32 round-off of another batch shape
+    np.testing.assert_allclose(subset[0, ..., :4], rows[0, chosen, ..., :4], atol=ROW_ATOL, rtol=0)
+    np.testing.assert_allclose(subset[0, ..., 4], rows[0, chosen, ..., 4], atol=1e-6, rtol=0)
+
+
+def test_box_graph_gradients_match_float64_autograd(case, boxes, request):
+    """d(sum of weighted rows)/d(layer) through RoIAlign (the rule with run-time boxes), the box
+    head and the decoding, proposals held fixed: camexport's augmented graph against torch
+    autograd in float64 on the same inputs, on 6 proposals of each image."""
+    import copy
+
+    from camexport.graph.augment import augment
+    from camexport.graph.locate import resolve
+    from camexport.graph.outputs import gradient_name
+
+    name = case["model"].__class__.__name__
+    layer = LAYERS[request.node.callspec.params["case"]]
+    plain, graph = boxes["plain"], boxes["graph"]
+    label, tensor = resolve(plain, layer)
+    augmented = augment(plain, {label: tensor}, output=two_stage.BOX_ROWS)
+    chosen = [p[:: max(1, len(p) // 6)][:6] for p in boxes["proposals"]]
+    padded, levels = two_stage.box_inputs(chosen, graph.settings)
+    x = boxes["inputs"][0]
+    shape = (len(x), padded.shape[1], boxes["rows"].shape[2], 5)
+    target = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    names = [i.name for i in augmented.graph.input]
+    feeds = dict(zip(names, [x.numpy(), padded, levels, target]))
+    ours = session(augmented, threads=2).run([gradient_name(label)], feeds)[0]
+
+    double = copy.deepcopy(graph).double()
+    module = double.get_submodule(layer)
+    kept = {}
+
+    def keep(_, __, out):
+        out.retain_grad()
+        kept["a"] = out
+
+    hook = module.register_forward_hook(keep)
+    try:
+        rows = double(x.double(), torch.from_numpy(padded).double(), torch.from_numpy(levels).double())
+        (rows * torch.from_numpy(target).double()).sum().backward()
+    finally:
+        hook.remove()
+    theirs = kept["a"].grad.numpy()
+    assert ours.shape == theirs.shape
+    error = np.abs(ours - theirs).max() / np.abs(theirs).max()
+    print(f"{name} {layer}: box graph gradient error {error:.2e}")
+    assert np.abs(theirs).max() > 0 and error <= GRADIENT_RTOL
