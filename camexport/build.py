@@ -36,6 +36,7 @@ from camexport.layout import infer_layout
 from camexport.load import Loaded, load
 from camexport.methods import FUSABLE, METHODS, canonical_methods
 from camexport.precision import PRECISIONS, measure_drift, to_float16
+from camexport.yolo import ultralytics_task
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +149,10 @@ def check_input_size(loaded: Loaded, own: tuple[int, ...]) -> None:
     the asked input size (too small for its strides, a --depth for a 2-D model, none for a 3-D
     one): the forward error and the size that works, found by trying. ``own``: the model's own
     size. Models that are no torch module (ONNX, ExportedProgram) and detectors (they resize
-    their inputs) are not checked."""
+    their inputs; an Ultralytics detector is checked against its stride when wrapped) are not
+    checked."""
     module = loaded.module
-    if module is None or detection.detector_kind(module):
+    if module is None or detection.detector_kind(module) or ultralytics_task(module) == "detect":
         return
     size = tuple(loaded.preprocessing.size)
     channels = loaded.preprocessing.channels

@@ -381,15 +381,21 @@ def detection_targets(found: Detections, threshold: float, category: int | None 
 
 def wrap(loaded) -> DetectorSpec | None:
     """Replace a loaded torchvision RetinaNet/FCOS by its :class:`DetectorGraph` at the
-    loaded input size (images in [0, 1]: the graph normalises them itself), or an Ultralytics
-    YOLO ONNX export by its detector graph (camexport.yolo); the spec, or None for a model that
-    is not a detector."""
+    loaded input size (images in [0, 1]: the graph normalises them itself), an Ultralytics
+    YOLO ONNX export or model by its detector graph (camexport.yolo; a YOLO classify model by
+    its logits); the spec, or None for a model that is not a detector."""
     if loaded.onnx_model is not None:
         from camexport import yolo
         from camexport.load import Preprocessing
 
         return yolo.wrap(loaded, Preprocessing().size)
-    if loaded.module is None or not detector_kind(loaded.module):
+    if loaded.module is None:
+        return None
+    from camexport import yolo
+
+    if yolo.ultralytics_task(loaded.module):
+        return yolo.wrap_module(loaded)
+    if not detector_kind(loaded.module):
         return None
     graph = detector_graph(loaded.module, tuple(loaded.preprocessing.size))
     loaded.module = graph

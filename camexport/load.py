@@ -73,6 +73,8 @@ def load(model: str, arch: str | None = None, trust_pickle: bool = False) -> Loa
     if model == BUILTIN:
         return _builtin()
     path = Path(model)
+    if path.suffix.lower() in (".yaml", ".yml"):  # Ultralytics also finds its own by name
+        return _ultralytics_yaml(path)
     if path.is_dir():
         raise LoadError(f"{model} is a directory, not a model file: pass a .pt, .pt2 or .onnx file, "
                         f"or {BUILTIN!r} (an artifact directory is read by camexport run and inspect)")
@@ -175,8 +177,17 @@ def _torch_file(path: Path, arch: str | None, trust_pickle: bool) -> Loaded:
         except Exception as err:
             raise LoadError(f"{path} looks like TorchScript but does not load: {err}") from err
         return Loaded(str(path), digest, "torchscript", path.stem, module=module.eval())
+    if trust_pickle:  # an Ultralytics checkpoint imports ultralytics while unpickling: offline
+        import os
+
+        os.environ.setdefault("YOLO_OFFLINE", "1")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] == "ultralytics":
+            _ultralytics_import(path)
+        raise LoadError(f"{path} holds a pickled object whose module {err.name!r} is not installed: "
+                        f"install it, or save a state_dict and pass --arch") from err
     except Exception as err:
         # a pickled object (not bytes that are no pickle) is refused as "Unsupported global"
         if not trust_pickle and "weights_only" in str(err) and "global" in str(err).lower():
@@ -190,6 +201,9 @@ def _torch_file(path: Path, arch: str | None, trust_pickle: bool) -> Loaded:
                         f"module saved by torch.save: is it truncated or corrupt?") from err
     if isinstance(obj, torch.nn.Module):
         return Loaded(str(path), digest, "pickled_module", path.stem, module=obj.eval())
+    checkpoint = _ultralytics_checkpoint(obj)
+    if checkpoint is not None:
+        return _ultralytics(checkpoint, path, digest, "ultralytics_checkpoint")
     state = obj
     if isinstance(obj, dict):
         for key in ("state_dict", "model_state_dict", "model"):
@@ -210,6 +224,63 @@ def _torch_file(path: Path, arch: str | None, trust_pickle: bool) -> Loaded:
                         f"the state_dict was saved from") from err
     return Loaded(str(path), digest, "state_dict", arch, module=module.eval(),
                   preprocessing=preprocessing)
+
+
+def _ultralytics_checkpoint(obj):
+    """The model of an Ultralytics checkpoint (a dict whose ``ema`` or ``model`` is the module,
+    as Ultralytics' own loader reads it), or None."""
+    if not isinstance(obj, dict):
+        return None
+    module = obj.get("ema") or obj.get("model")
+    return module if type(module).__module__.startswith("ultralytics.") else None
+
+
+def _ultralytics_import(path: Path):
+    """Import ultralytics offline (no settings checks, downloads or fonts), or say how to get it."""
+    import os
+
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    try:
+        import ultralytics
+    except ImportError as err:
+        raise LoadError(f"{path} is an Ultralytics model; reading it needs the ultralytics package: "
+                        f"pip install ultralytics (or export it with `yolo export format=onnx` and "
+                        f"pass the .onnx, which needs no ultralytics)") from err
+    return ultralytics
+
+
+def _ultralytics(module, path: Path, digest: str, kind: str) -> Loaded:
+    """A Loaded Ultralytics model, with Ultralytics' preprocessing (/255, no mean or std) at its
+    default size (detect: letterboxed to 640; classify: 224), which --input-size overrides."""
+    from camexport.yolo import DEFAULT_SIZE, LetterboxPreprocessing, check_task, ultralytics_task
+
+    task = ultralytics_task(module)
+    check_task(task, str(path))
+    side = DEFAULT_SIZE[task]
+    prep_class = LetterboxPreprocessing if task == "detect" else Preprocessing
+    preprocessing = prep_class(size=(side, side), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    return Loaded(str(path), digest, kind, path.stem, module=module.float().eval(),
+                  preprocessing=preprocessing)
+
+
+def _ultralytics_yaml(path: Path) -> Loaded:
+    """An Ultralytics model built from its yaml (random weights, as ``YOLO('yolo11n.yaml')``)."""
+    _ultralytics_import(path)
+    from ultralytics.nn.tasks import ClassificationModel, DetectionModel, guess_model_task, yaml_model_load
+
+    try:
+        config = yaml_model_load(str(path))
+    except Exception as err:  # yaml, key and file errors have no common base
+        raise LoadError(f"{path} is not an Ultralytics model yaml, or no such file and no model of "
+                        f"Ultralytics by that name ({type(err).__name__}: {err})") from err
+    task = guess_model_task(config)
+    models = {"detect": DetectionModel, "classify": ClassificationModel}
+    if task not in models:
+        from camexport.yolo import check_task
+
+        check_task(task, str(path))
+    digest = sha256(path) if path.is_file() else hashlib.sha256(str(config).encode()).hexdigest()
+    return _ultralytics(models[task](config, verbose=False), path, digest, "ultralytics_yaml")
 
 
 def _check_fit(module, state: dict, path: Path, arch: str, shown: int = 3) -> None:

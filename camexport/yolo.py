@@ -21,6 +21,7 @@ preprocessing says ``"resize": "letterbox"``).
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from dataclasses import dataclass
@@ -330,3 +331,128 @@ def postprocess(rows: np.ndarray, spec: DetectorSpec) -> Detections:
     shifted = boxes + (labels.astype(np.float32) * offset)[:, None]
     keep = nms(shifted, scores, spec.nms_thresh)[:spec.detections_per_img]
     return Detections(boxes[keep], scores[keep], labels[keep], anchors[keep])
+
+
+# -- Ultralytics models (a .pt checkpoint or a yaml), exported by camexport itself ------------
+
+#: Ultralytics' default image size (cfg/default.yaml imgsz) for detect and classify models
+DEFAULT_SIZE = {"detect": 640, "classify": 224}
+
+
+def ultralytics_task(module) -> str | None:
+    """'detect', 'classify' (or another Ultralytics task name) for an Ultralytics model module
+    (``DetectionModel``, ``ClassificationModel``, ...), None for any other module."""
+    if not type(module).__module__.startswith("ultralytics.") or not hasattr(module, "save"):
+        return None
+    head = type(module.model[-1]).__name__
+    return {"Detect": "detect", "Classify": "classify", "Segment": "segment", "Pose": "pose",
+            "OBB": "obb"}.get(head, head)
+
+
+def check_task(task: str, where: str) -> None:
+    """Refuse Ultralytics tasks camexport cannot export yet, naming the ones it can."""
+    if task not in DEFAULT_SIZE:
+        raise DetectionError(f"{where} is an Ultralytics {task} model; camexport exports detect and "
+                             f"classify models from PyTorch (segment, pose and OBB heads are not yet "
+                             f"supported)")
+
+
+def _layers(graph, x):
+    """Ultralytics' ``_predict_once`` up to its head: the head's inputs."""
+    saved = []
+    for index in range(len(graph.model) - 1):  # by index: a slice would rename the layers
+        module = graph.model[index]
+        if module.f != -1:
+            x = saved[module.f] if isinstance(module.f, int) else [x if j == -1 else saved[j]
+                                                                   for j in module.f]
+        x = module(x)
+        saved.append(x if module.i in graph.save else None)
+    head = graph.model[-1].f
+    if isinstance(head, int):
+        return x if head == -1 else saved[head]
+    return [x if j == -1 else saved[j] for j in head]
+
+
+def _module_graph_classes():
+    import torch
+
+    from camexport.detection import _stack_levels
+
+    class YoloGraph(torch.nn.Module):
+        """An Ultralytics DetectionModel as a camexport detector graph: image in [0, 1]
+        (B, 3, H, W) → (detections (B, A, 4 + K) xyxy + sigmoid scores, fpn_stack). Its layers
+        keep Ultralytics' names (``model.N``, as in Ultralytics' own ONNX exports). The Detect
+        head's anchors are computed once at ``size``, so the batch axis exports free."""
+
+        def __init__(self, model, size: tuple[int, int]):
+            super().__init__()
+            from ultralytics.utils.tal import make_anchors
+
+            model = copy.deepcopy(model).float().eval()
+            self.model, self.save = model.model, set(model.save)
+            head = self.model[-1]
+            if getattr(head, "end2end", False):
+                raise DetectionError("this Ultralytics model has an end-to-end (NMS-free) head: its "
+                                     "outputs are selected boxes, with no per-anchor rows to explain")
+            self.size = tuple(int(s) for s in size)
+            with torch.no_grad():
+                levels = _layers(self, torch.zeros(1, 3, *self.size))
+            anchors, strides = (a.transpose(0, 1) for a in make_anchors(levels, head.stride, 0.5))
+            self.register_buffer("anchors", anchors.unsqueeze(0))
+            self.register_buffer("strides", strides)
+            self.necks = tuple(int(i) for i in head.f)
+            settings = ULTRALYTICS_NMS
+            self.spec = DetectorSpec(
+                kind=KIND, classes=int(head.nc), level_sizes=(int(anchors.shape[-1]),),
+                image_size=self.size, score_thresh=settings["conf"], nms_thresh=settings["iou"],
+                detections_per_img=settings["max_det"], topk_candidates=settings["max_nms"],
+                levels=tuple(f"model.{i}" for i in self.necks), class_offset=float(settings["max_wh"]),
+                agnostic=settings["agnostic"])
+
+        def forward(self, x):
+            head = self.model[-1]
+            levels = _layers(self, x)
+            raw = head.forward_head(levels, **head.one2many)
+            box = head.decode_bboxes(head.dfl(raw["boxes"]), self.anchors) * self.strides
+            centre, size = box[:, :2], box[:, 2:]
+            half = size / 2  # Ultralytics' xywh2xyxy, as the ONNX path rewrites it
+            rows = torch.cat([centre - half, centre + half, raw["scores"].sigmoid()], 1)
+            return rows.transpose(1, 2), _stack_levels(levels)
+
+    class YoloClassifier(torch.nn.Module):
+        """An Ultralytics ClassificationModel returning its logits (B, K) (its Classify head
+        returns probabilities and logits in eval): a classifier like any other."""
+
+        def __init__(self, model):
+            super().__init__()
+            model = copy.deepcopy(model).float().eval()
+            self.model, self.save = model.model, set(model.save)
+
+        def forward(self, x):
+            return self.model[-1](_layers(self, x))[1]
+
+    return YoloGraph, YoloClassifier
+
+
+def wrap_module(loaded) -> DetectorSpec | None:
+    """Replace a loaded Ultralytics detect model by its :class:`YoloGraph` at the loaded size
+    (the letterbox preprocessing), a classify model by its logits; the detector spec, or None
+    for a classifier or any other module."""
+    task = ultralytics_task(loaded.module)
+    if task is None:
+        return None
+    check_task(task, loaded.source)
+    graph_class, classifier_class = _module_graph_classes()
+    size = tuple(loaded.preprocessing.size)
+    if task == "classify":
+        loaded.module = classifier_class(loaded.module).eval()
+        return None
+    stride = int(max(loaded.module.stride))
+    if len(size) != 2 or any(s % stride for s in size):
+        raise DetectionError(f"an Ultralytics detect model takes images whose sides are multiples of "
+                             f"its stride {stride}; --input-size {'x'.join(map(str, size))} is not: "
+                             f"pass e.g. --input-size {DEFAULT_SIZE['detect']} {DEFAULT_SIZE['detect']}")
+    graph = graph_class(loaded.module, size).eval()
+    loaded.module = graph
+    loaded.preprocessing = LetterboxPreprocessing(size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    return graph.spec

@@ -48,18 +48,38 @@ def _node_modules(node: onnx.NodeProto) -> list[str]:
     return []
 
 
+def _scopes(nodes: list[onnx.NodeProto], consumers: dict[str, list[int]]) -> list[list[str]]:
+    """Each node's enclosing module paths. A node the exporter left without any record of them
+    (the Split of a ``chunk`` after onnxscript's rewrites) belongs to the modules that enclose both all its
+    producers and all its consumers: inside a C2f block's ``chunk`` it is that block's, so the
+    block hands one tensor to the rest of the graph, not its first convolution's output too."""
+    scopes = [_node_modules(node) for node in nodes]
+    producer = {value: k for k, node in enumerate(nodes) for value in node.output}
+    for k, node in enumerate(nodes):
+        # only a node with no record at all: one at the top level records its (empty) scope
+        if scopes[k] or exporter_record(node, SCOPE_KEY) is not None or node.name.startswith("/"):
+            continue
+        sources = [producer[v] for v in node.input if v in producer]
+        sinks = [c for v in node.output for c in consumers.get(v, ())]
+        if not sources or not sinks:
+            continue
+        common = set.intersection(*(set(scopes[j]) for j in [*sources, *sinks]))
+        scopes[k] = [path for path in scopes[sources[0]] if path in common]
+    return scopes
+
+
 def module_outputs(model: onnx.ModelProto, facts: GraphFacts | None = None) -> dict[str, Candidate]:
     """Every module path in the graph, with the float tensors it hands to the rest of the graph."""
     facts = facts or GraphFacts(model)
     members: dict[str, set[int]] = defaultdict(set)
     nodes = list(model.graph.node)
-    for k, node in enumerate(nodes):
-        for path in _node_modules(node):
-            members[path].add(k)
     consumers: dict[str, list[int]] = defaultdict(list)
     for k, node in enumerate(nodes):
         for name in node.input:
             consumers[name].append(k)
+    for k, paths in enumerate(_scopes(nodes, consumers)):
+        for path in paths:
+            members[path].add(k)
     graph_outputs = {o.name for o in model.graph.output}
     result = {}
     for path, inside in members.items():
