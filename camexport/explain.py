@@ -27,7 +27,6 @@ from camexport.detection import Detections
 from camexport.errors import CamexportError
 from camexport.graph.ablate import ABLATED_CHANNELS, ABLATED_VALUES, ablation_tail
 from camexport.graph.cut import layer_tail, prune, split_by_targets, target_dependent
-from camexport.graph.fuse import cam_name
 from camexport.graph.outputs import TARGET_WEIGHTS, activation_name, gradient_name, graph_outputs
 from camexport.methods import METHODS, canonical_methods
 from camexport.methods.base import Method
@@ -126,9 +125,6 @@ class Explainer:
         dependent = target_dependent(model)
         #: graph outputs that depend on the target (gradients, score)
         self.target_outputs = [name for name in self.graph_outputs if name in dependent]
-        #: method -> its fused head (float32 CAMs of all layers) when the artifact has one that
-        #: equals the method's own maps (the gradient family; not EigenCAM's sign convention)
-        self.heads = _head_outputs(self.manifest, self.layers, self.graph_outputs)
         self._plain = None
         self._forward_batches = BatchTuner(batch_size)
         self._tails: dict[int, object] = {}
@@ -325,19 +321,16 @@ class Explainer:
         outputs = self.forward(np.ascontiguousarray(x, np.float32)) if outputs is None else outputs
         return self.task.detections(outputs, self.path)
 
-    def inputs(self, x: np.ndarray, targets=None, needs=None, free: bool = False,
-               heads: Sequence[str] = ()) -> CamInputs:
+    def inputs(self, x: np.ndarray, targets=None, needs=None, free: bool = False) -> CamInputs:
         """Run the graph once (twice for targets that need the outputs first) and gather what
         methods read; ``needs`` (registry.MethodInfo.needs) restricts the run to what methods
         with those needs read (default: every output). ``free``: only methods that ignore
-        targets will read the result, so a model with no top class needs none. ``heads``:
-        methods whose fused heads (:attr:`heads`) the same run reads into ``CamInputs.heads``."""
+        targets will read the result, so a model with no top class needs none."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         targets = self.task.bind(targets)
         if self.score_function != "logit":
             raise ExplainError("explain needs an artifact built with --score logit")
         outputs = self.outputs_for(needs)
-        outputs = (*outputs, *(self.heads[m] for m in heads if self.heads[m] not in outputs))
         dependent = [name for name in outputs if name in self.target_outputs]
         zeros = np.zeros((len(x), *self.output_shape), np.float32)
         if targets is None:
@@ -368,9 +361,7 @@ class Explainer:
             _zero_rows(again, ~_rows_any(rows), gradients)
             return to_channel_first(again[gradient_name(spec["name"])], spec["layout"])
 
-        inputs = self._cam_inputs(x, results, resolved, backward, needs=needs)
-        inputs.heads = {m: results[self.heads[m]] for m in heads}
-        return inputs
+        return self._cam_inputs(x, results, resolved, backward, needs=needs)
 
     def _cam_inputs(self, x, results: dict[str, np.ndarray], resolved: list, backward,
                     forward=None, tail=None, needs=None, ablate=None) -> CamInputs:
@@ -407,14 +398,8 @@ class Explainer:
         needs = needs_of(implementations)
         free = not any(impl.uses_targets for impl in implementations.values())
         if not aug_smooth:
-            # methods with their options as built, no smoothing and no user transform: the
-            # artifact's fused heads, from the same graph run (the same maps within 1.4e-6)
-            heads = [] if eigen_smooth or prepare is not None else [
-                name for name, impl in implementations.items()
-                if name in self.heads and type(impl) is METHODS[name].implementation and not vars(impl)]
-            inputs = self.inputs(x, targets, needs, free, heads) if heads else gather(x, targets, needs, free)
-            cams = {name: inputs.heads[name] if name in inputs.heads
-                    else impl(self._retargeted(impl, inputs, targets), eigen_smooth)
+            inputs = gather(x, targets, needs, free)
+            cams = {name: impl(self._retargeted(impl, inputs, targets), eigen_smooth)
                     for name, impl in implementations.items()}
             return Explanation(cams, inputs.outputs, inputs.targets, inputs)
         total = {name: None for name in implementations}
@@ -554,21 +539,6 @@ class _Memo:
         if key not in self.results:
             self.results[key] = self.function(*args)
         return self.results[key]
-
-
-#: fused heads whose maps are their method's own (EigenCAM's head fixes the sign by its own rule)
-SAME_AS_METHOD = ("gradcam", "hirescam", "gradcamelementwise", "gradcam++", "xgradcam", "layercam")
-
-
-def _head_outputs(manifest: dict, layers: list[dict], outputs: Sequence[str]) -> dict[str, str]:
-    """method -> the graph output of its fused head over all the artifact's layers, for float32
-    heads of :data:`SAME_AS_METHOD` (uint8 heads are rounded; they are for deployment)."""
-    fused = manifest.get("fused") or {}
-    if fused.get("dtype") != "float32":
-        return {}
-    names = {m: cam_name(m) if len(layers) > 1 else cam_name(m, layers[0]["name"])
-             for m in fused.get("methods", ()) if m in SAME_AS_METHOD}
-    return {m: name for m, name in names.items() if name in outputs}
 
 
 def _rows_any(weights: np.ndarray) -> np.ndarray:

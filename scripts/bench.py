@@ -24,8 +24,6 @@ once and run at the inner batch Explainer.forward picks by measurement (camexpor
 longer than --cold-limit seconds is itself the single timed run (runs=1): pgc's resnet50
 ScoreCAM and AblationCAM take minutes each. A method that fails on camexport is reported
 (ERROR) and not run on pgc; the JSON is rewritten after each model.
-The artifacts are built with the GradCAM family as fused heads (``--fuse``), which
-camexport's Explainer reads from its graph run instead of post-processing the maps in numpy.
 "six" is "all six gradient methods together": one camexport call that computes the six
 GradCAM-family maps from one graph run; its pgc column is the sum of the six pgc medians (pgc
 runs one forward and backward per method). Its target is against one plain forward.
@@ -141,14 +139,7 @@ def _reusable(directory: Path, sha: str, layer: str, size: int, methods: list[st
         return False
     return (manifest["source"]["sha256"] == sha and manifest["layers"][0]["requested"] == layer
             and manifest["preprocessing"]["size"] == [size, size]
-            and set(methods) <= set(manifest["methods"])
-            and set(_fused(methods)) <= set((manifest.get("fused") or {}).get("methods", ())))
-
-
-def _fused(methods: list[str]) -> list[str]:
-    """The gradient family among ``methods``: built as fused heads, which Explainer reads from
-    the graph run instead of post-processing the maps in numpy (the same maps within 1.4e-6)."""
-    return [m for m in methods if m in GRADIENT_FAMILY]
+            and set(methods) <= set(manifest["methods"]))
 
 
 def prepare(name: str, size: int, methods: list[str], work: Path) -> dict:
@@ -171,7 +162,7 @@ def prepare(name: str, size: int, methods: list[str], work: Path) -> dict:
         log(f"[{name}] building {setup.layer} at {size}x{size} ({','.join(methods)}) ...")
         start = time.perf_counter()
         build(weights, [setup.layer], arch=setup.arch, methods=methods, out_dir=directory,
-              input_size=(size, size), overwrite=True, fuse=_fused(methods) or None)
+              input_size=(size, size), overwrite=True)
         log(f"[{name}] built in {time.perf_counter() - start:.0f} s")
     manifest = json.loads((directory / "manifest.json").read_text())
     return {"artifact": str(directory), "weights": weights, "arch": setup.arch, "layer": setup.layer,

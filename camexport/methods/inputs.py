@@ -70,9 +70,6 @@ class CamInputs:
     ablate: Callable[..., np.ndarray] | None = None
     backward: Callable[[int, np.ndarray], np.ndarray] | None = None
     rerun: Callable[[np.ndarray, list], CamInputs] | None = None
-    #: fused heads read from the graph with the rest, by method name: (B, H, W) CAMs
-    #: (camexport.explain.Explainer, for artifacts built with --fuse)
-    heads: dict[str, np.ndarray] = field(default_factory=dict)
     # optional graph outputs (camexport.graph.outputs fills them; None: not built)
     #: d score / d x (FullGrad's input term), like ``x``
     input_gradient: np.ndarray | None = None
