@@ -103,12 +103,30 @@ def test_pack_coco_boxes_labels_and_masks(coco_h5):
     assert stored["masks"][0, 0].sum() == 62 * 43
 
 
-def test_pack_coco_reports_what_it_leaves_out(photos, tmp_path, caplog):
+class _Kept(logging.Handler):
+    """The records of one logger (the suite runs with pytest's logging plugin off: no caplog)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_pack_coco_reports_what_it_leaves_out(photos, tmp_path):
     """The whiskers lose all area to the crop; the astronaut is not packed: one line each."""
     out = tmp_path / "two.h5"
-    with caplog.at_level(logging.WARNING, logger="camexport.annotations"):
+    logger, kept = logging.getLogger("camexport.annotations"), _Kept()
+    level = logger.level
+    logger.addHandler(kept)
+    logger.setLevel(logging.WARNING)
+    try:
         cli("pack", str(photos / "c*.png"), "--out", out, "--size", SIZE, "--annotations", COCO, "-q")
-    lines = [r.getMessage() for r in caplog.records]
+    finally:
+        logger.removeHandler(kept)
+        logger.setLevel(level)
+    lines = [r.getMessage() for r in kept.records]
     assert len(lines) == 2
     assert "1 annotated images are not among the packed images (first: 'astronaut.png')" in lines[0]
     assert "1 objects have no area left" in lines[1]
