@@ -177,10 +177,8 @@ def _torch_file(path: Path, arch: str | None, trust_pickle: bool) -> Loaded:
         except Exception as err:
             raise LoadError(f"{path} looks like TorchScript but does not load: {err}") from err
         return Loaded(str(path), digest, "torchscript", path.stem, module=module.eval())
-    if trust_pickle:  # an Ultralytics checkpoint imports ultralytics while unpickling: offline
-        import os
-
-        os.environ.setdefault("YOLO_OFFLINE", "1")
+    if trust_pickle:  # an Ultralytics checkpoint imports ultralytics while unpickling
+        _ultralytics_offline()
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
     except ModuleNotFoundError as err:
@@ -199,11 +197,11 @@ def _torch_file(path: Path, arch: str | None, trust_pickle: bool) -> Loaded:
         raise LoadError(f"{path} is not a readable torch file ({type(err).__name__}: "
                         f"{text.splitlines()[0]}); expected a state_dict, TorchScript, or a pickled "
                         f"module saved by torch.save: is it truncated or corrupt?") from err
+    ultralytics_model = _ultralytics_model(obj)
+    if ultralytics_model is not None:
+        return _ultralytics(ultralytics_model, path, digest, "ultralytics_checkpoint")
     if isinstance(obj, torch.nn.Module):
         return Loaded(str(path), digest, "pickled_module", path.stem, module=obj.eval())
-    checkpoint = _ultralytics_checkpoint(obj)
-    if checkpoint is not None:
-        return _ultralytics(checkpoint, path, digest, "ultralytics_checkpoint")
     state = obj
     if isinstance(obj, dict):
         for key in ("state_dict", "model_state_dict", "model"):
@@ -226,20 +224,27 @@ def _torch_file(path: Path, arch: str | None, trust_pickle: bool) -> Loaded:
                   preprocessing=preprocessing)
 
 
-def _ultralytics_checkpoint(obj):
-    """The model of an Ultralytics checkpoint (a dict whose ``ema`` or ``model`` is the module,
-    as Ultralytics' own loader reads it), or None."""
-    if not isinstance(obj, dict):
-        return None
-    module = obj.get("ema") or obj.get("model")
-    return module if type(module).__module__.startswith("ultralytics.") else None
+def _ultralytics_model(obj):
+    """The Ultralytics model an unpickled object holds: the module itself, or a checkpoint's
+    (a dict whose ``ema`` or ``model`` is the module, as Ultralytics' own loader reads it); None
+    for anything else."""
+    from camexport.yolo import ultralytics_task
+
+    if isinstance(obj, dict):
+        obj = obj.get("ema") or obj.get("model")
+    return obj if ultralytics_task(obj) else None
 
 
-def _ultralytics_import(path: Path):
-    """Import ultralytics offline (no settings checks, downloads or fonts), or say how to get it."""
+def _ultralytics_offline() -> None:
+    """Ultralytics imported from here on makes no settings checks, downloads or font fetches."""
     import os
 
     os.environ.setdefault("YOLO_OFFLINE", "1")
+
+
+def _ultralytics_import(path: Path):
+    """Import ultralytics offline, or say how to get it."""
+    _ultralytics_offline()
     try:
         import ultralytics
     except ImportError as err:
@@ -268,17 +273,16 @@ def _ultralytics_yaml(path: Path) -> Loaded:
     _ultralytics_import(path)
     from ultralytics.nn.tasks import ClassificationModel, DetectionModel, guess_model_task, yaml_model_load
 
+    from camexport.yolo import check_task
+
     try:
         config = yaml_model_load(str(path))
     except Exception as err:  # yaml, key and file errors have no common base
         raise LoadError(f"{path} is not an Ultralytics model yaml, or no such file and no model of "
                         f"Ultralytics by that name ({type(err).__name__}: {err})") from err
     task = guess_model_task(config)
+    check_task(task, str(path))
     models = {"detect": DetectionModel, "classify": ClassificationModel}
-    if task not in models:
-        from camexport.yolo import check_task
-
-        check_task(task, str(path))
     digest = sha256(path) if path.is_file() else hashlib.sha256(str(config).encode()).hexdigest()
     return _ultralytics(models[task](config, verbose=False), path, digest, "ultralytics_yaml")
 

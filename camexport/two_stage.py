@@ -116,13 +116,18 @@ def rpn_graph(model, size: tuple[int, int]):
     """The exportable :class:`RPNGraph` of a torchvision Faster R-CNN at input ``size`` (H, W);
     its ``settings`` are :func:`rpn_settings` plus the image size and the FPN levels' names and
     sizes."""
+    _check(model, size)
+    return _rpn_graph_class()(model.eval(), size).eval()
+
+
+def _check(model, size) -> None:
+    """Refuse a model that is no torchvision Faster R-CNN, or a size that is not (H, W)."""
     from torchvision.models.detection import FasterRCNN
 
     if not isinstance(model, FasterRCNN):
         raise DetectionError(f"{type(model).__name__} is no torchvision Faster R-CNN")
     if len(size) != 2:
         raise DetectionError(f"a detector takes 2-D images; input size {size} has {len(size)} values")
-    return _rpn_graph_class()(model.eval(), size).eval()
 
 
 def box_settings(model, size: tuple[int, int], pooled, feature_sizes) -> dict:
@@ -201,7 +206,7 @@ def _box_graph_class():
 def box_graph(model, size: tuple[int, int]):
     """The exportable :class:`BoxGraph` of a torchvision Faster R-CNN at input ``size`` (H, W);
     its ``settings`` are :func:`box_settings`."""
-    rpn_graph(model, size)  # the same checks
+    _check(model, size)
     return _box_graph_class()(model.eval(), size).eval()
 
 
