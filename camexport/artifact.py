@@ -202,6 +202,27 @@ def read_plain(path: str | Path, expected: Mapping | None = None) -> onnx.ModelP
     return _load_verified(path, PLAIN_FILE, expected)[0]
 
 
+def extra_file(key: str) -> str:
+    """The file of an artifact's extra graph ``key`` (a two-stage detector's ``rpn``)."""
+    return f"model.{key}.onnx"
+
+
+def read_extra(path: str | Path, key: str, expected: Mapping | None = None) -> onnx.ModelProto:
+    """An artifact's extra graph ``key`` (manifest ``graphs``), its digest checked against the
+    manifest's."""
+    directory, manifest = verify_artifact(path)
+    digest = (manifest.get("graphs") or {}).get(key)
+    if digest is None:
+        raise ArtifactError(f"{directory} has no {key!r} graph (its manifest lists "
+                            f"{sorted(manifest.get('graphs') or {}) or 'none'})")
+    file = directory / extra_file(key)
+    data = file.read_bytes() if file.is_file() else b""
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ArtifactError(f"{file} is missing or does not match {MANIFEST_FILE}; "
+                            f"{REBUILD.format(dir=directory)}")
+    return _load_verified(path, extra_file(key), expected)[0]
+
+
 def _load_verified(path: str | Path, name: str, expected: Mapping | None) -> tuple[onnx.ModelProto, dict]:
     directory, manifest = verify_artifact(path)
     fix = REBUILD.format(dir=directory)
@@ -322,9 +343,11 @@ def artifact_writer(target: Path, overwrite: bool = False) -> Iterator[None]:
 
 
 def write_artifact(directory: Path, plain: onnx.ModelProto, augmented: onnx.ModelProto,
-                   manifest: Mapping) -> None:
+                   manifest: Mapping, extra: Mapping[str, bytes] | None = None) -> None:
     """Write the three files of an artifact into a temporary directory beside ``directory``,
-    then rename it into place (module docstring). Call it within :func:`artifact_writer`."""
+    then rename it into place (module docstring). Call it within :func:`artifact_writer`.
+    ``extra``: serialised extra graphs by key (:func:`extra_file`), whose digests the manifest
+    records under ``graphs``."""
     partial, old = _scratch_prefixes(directory)
     scratch = Path(tempfile.mkdtemp(prefix=partial, dir=directory.parent))
     try:
@@ -332,7 +355,11 @@ def write_artifact(directory: Path, plain: onnx.ModelProto, augmented: onnx.Mode
         if hashlib.sha256(plain_bytes).hexdigest() != manifest["plain_sha256"]:
             raise RuntimeError("camexport bug: the plain graph changed after its digest was taken")
         recorded = {**manifest, GRAPH_DIGEST_KEY: hashlib.sha256(graph).hexdigest()}
+        extra = dict(extra or {})
+        if {k: hashlib.sha256(v).hexdigest() for k, v in extra.items()} != dict(manifest.get("graphs") or {}):
+            raise RuntimeError("camexport bug: the extra graphs do not match the manifest's digests")
         for name, data in ((PLAIN_FILE, plain_bytes), (AUGMENTED_FILE, graph),
+                           *((extra_file(k), v) for k, v in extra.items()),
                            (MANIFEST_FILE, json.dumps(recorded, indent=2).encode())):
             with open(scratch / name, "wb") as handle:
                 handle.write(data)

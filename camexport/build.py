@@ -122,7 +122,8 @@ def build(
                         "image_layout": manifest["preprocessing"]["layout"]}
         augmented = _finish(augmented, manifest, precision, fused_methods, fuse_options, clock)
         with clock.step("write", "writing artifact"):
-            write_artifact(directory, plain, augmented, manifest)
+            write_artifact(directory, plain, augmented, manifest,
+                           {key: graph.SerializeToString() for key, graph in loaded.graphs.items()})
     return BuildResult(directory, manifest, clock.timings)
 
 
@@ -254,6 +255,10 @@ def export_plain(loaded: Loaded) -> tuple[onnx.ModelProto, detection.DetectorSpe
     """The plain ONNX graph of a loaded model at its input size, and the detector spec when it
     is a torchvision RetinaNet/FCOS (exported up to its head outputs, camexport.detection)."""
     detector = detection.wrap(loaded)
+    if detector and detector.two_stage:
+        from camexport import two_stage
+
+        return two_stage.export(loaded), detector
     plain = to_onnx(loaded)
     if detector:
         detection.name_outputs(plain)
@@ -323,5 +328,8 @@ def make_augmented(
         manifest["fullgrad_biases"] = fullgrad_biases
     if detector:
         manifest["detection"] = detector.as_dict()
+    if loaded.graphs:
+        manifest["graphs"] = {key: hashlib.sha256(graph.SerializeToString()).hexdigest()
+                              for key, graph in loaded.graphs.items()}
     set_manifest(augmented, manifest)
     return augmented, manifest

@@ -11,8 +11,10 @@ torchvision's ``postprocess_detections`` on those rows in numpy. The target
 :class:`FasterRCNNBoxScoreTarget` is a function of the rows, so its gradient (IoU + score of
 the matched detection, through the chain rule) enters the graph as ``target_weights``.
 
-Two-stage detectors (Faster/Mask R-CNN) are refused: their box head reads the features at the
-proposals through RoIAlign, whose gradient has no standard ONNX operator.
+Two-stage detectors (torchvision Faster R-CNN) are split where their proposals are chosen
+(camexport.two_stage): their rows are per proposal and class (P, C, 5), and the same target and
+post-processing hooks read them through the spec (``flat_rows``, ``score_column``). Mask R-CNN
+and Keypoint R-CNN are refused.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import numpy as np
 from camexport.errors import CamexportError
 from camexport.targets import TargetError
 
+#: The spec kind of a two-stage detector (camexport.two_stage).
+TWO_STAGE = "fasterrcnn"
 #: The layer name of the stacked FPN levels (pgc's tutorial: target_layers=[model.backbone]).
 STACK_LAYER = "backbone"
 #: The graph outputs of a detector artifact.
@@ -52,9 +56,32 @@ class DetectorSpec:
     #: boxes by label x class_offset (its max_wh), or class-agnostic
     class_offset: float = 0.0
     agnostic: bool = False
+    #: a two-stage detector (kind "fasterrcnn", camexport.two_stage) only: its RPN and box
+    #: settings ({"rpn": ..., "box": ...}); level_sizes is then (proposals per image,)
+    settings: dict | None = None
+
+    @property
+    def two_stage(self) -> bool:
+        return self.kind == TWO_STAGE
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """One image's rows: (anchors, 4 + K), or (proposals, C, 5) for a two-stage detector."""
+        count = sum(self.level_sizes)
+        return (count, self.classes, BOX + 1) if self.two_stage else (count, BOX + self.classes)
+
+    def flat_rows(self, rows: np.ndarray) -> np.ndarray:
+        """One image's rows as (n, columns), n indexed by Detections.anchors."""
+        return rows.reshape(-1, rows.shape[-1]) if self.two_stage else rows
+
+    def score_column(self, label: int) -> int:
+        """The column of a flat row that holds the score of class ``label``."""
+        return BOX if self.two_stage else BOX + label
 
     def as_dict(self) -> dict:
         record = {**asdict(self), "layout": "x1 y1 x2 y2 score_0 ... score_K-1 per anchor"}
+        if self.two_stage:
+            record["layout"] = "x1 y1 x2 y2 probability per proposal and class (P, C, 5)"
         if self.kind == "yolo":
             record["postprocess"] = ("ultralytics non_max_suppression: best class per anchor, score > "
                                      "score_thresh, best topk_candidates (max_nms), NMS on boxes + "
@@ -74,8 +101,8 @@ class DetectorSpec:
 # -- the exported module --------------------------------------------------------------------
 
 def detector_kind(module) -> str | None:
-    """'retinanet' or 'fcos' for a torchvision one-stage detector; raises for two-stage ones;
-    None for anything else."""
+    """'retinanet' or 'fcos' for a torchvision one-stage detector, 'fasterrcnn' for a Faster
+    R-CNN; raises for Mask/Keypoint R-CNN and SSD; None for anything else."""
     import torch
 
     if not isinstance(module, torch.nn.Module):
@@ -88,18 +115,23 @@ def detector_kind(module) -> str | None:
         return "retinanet"
     if isinstance(module, detection.FCOS):
         return "fcos"
-    if isinstance(module, GeneralizedRCNN):
+    if isinstance(module, (detection.MaskRCNN, detection.KeypointRCNN)):
         raise DetectionError(
-            f"{type(module).__name__} is a two-stage detector: its box head reads the features at "
-            f"each proposal through RoIAlign, which has no differentiable ONNX form. Use a one-stage "
-            f"detector (torchvision retinanet_resnet50_fpn[_v2], fcos_resnet50_fpn)")
+            f"{type(module).__name__} is not supported yet (its mask or keypoint head): build "
+            f"the Faster R-CNN it extends (torchvision fasterrcnn_resnet50_fpn[_v2], "
+            f"fasterrcnn_mobilenet_v3_large_fpn) or a one-stage detector (retinanet_resnet50_fpn)")
+    if isinstance(module, detection.FasterRCNN):
+        return TWO_STAGE
+    if isinstance(module, GeneralizedRCNN):
+        raise DetectionError(f"{type(module).__name__} is a two-stage detector camexport does not "
+                             f"know; torchvision's Faster R-CNN and one-stage detectors are supported")
     if isinstance(module, SSD):
         raise DetectionError("SSD detectors are not supported yet; use retinanet_resnet50_fpn or "
                              "fcos_resnet50_fpn")
     return None
 
 
-def _stack_levels(features) -> object:
+def stack_levels(features) -> object:
     """pgc's fasterrcnn_reshape_transform generalised to any level names: |level| resized
     bilinearly (align_corners False, no antialias) to the last (coarsest) level's size, then
     concatenated on channels."""
@@ -159,7 +191,7 @@ def _detector_graph_class():
             x1, y1, x2, y2 = boxes.unbind(-1)
             boxes = torch.stack([x1.clamp(0, width), y1.clamp(0, height),
                                  x2.clamp(0, width), y2.clamp(0, height)], dim=-1)
-            return torch.cat([boxes, scores], dim=-1), _stack_levels(features)
+            return torch.cat([boxes, scores], dim=-1), stack_levels(features)
 
     return DetectorGraph
 
@@ -232,9 +264,13 @@ def postprocess(rows: np.ndarray, spec: DetectorSpec) -> Detections:
     ``topk_candidates``; then class-wise NMS and the best ``detections_per_img``. Ultralytics
     YOLO rows (kind "yolo") are post-processed as Ultralytics does (camexport.yolo.postprocess)."""
     rows = np.asarray(rows)
-    if rows.shape != (sum(spec.level_sizes), BOX + spec.classes):
+    if rows.shape != spec.row_shape:
         raise DetectionError(f"detector output rows {rows.shape} do not match the manifest's "
-                             f"{sum(spec.level_sizes)} anchors x {BOX + spec.classes}")
+                             f"{spec.row_shape}")
+    if spec.two_stage:
+        from camexport import two_stage
+
+        return two_stage.detections(rows, spec.settings["box"])
     if spec.kind == "yolo":
         from camexport import yolo
 
@@ -334,23 +370,28 @@ class FasterRCNNBoxScoreTarget:
         return result
 
     def values(self, z):
+        spec = self._spec()
         z = np.asarray(z)
-        batch = z.reshape(-1, *z.shape[-2:])
+        per_image = len(spec.row_shape)
+        batch = z.reshape(-1, *z.shape[-per_image:])
         totals = []
         for rows in batch:
             total = np.float32(0)
+            flat = spec.flat_rows(rows)
             for anchor, label, ref in self.matches(rows):
-                iou = box_iou(ref, rows[anchor, :BOX])[0, 0]
-                total = np.float32(total + np.float32(iou + rows[anchor, BOX + label]))
+                iou = box_iou(ref, flat[anchor, :BOX])[0, 0]
+                total = np.float32(total + np.float32(iou + flat[anchor, spec.score_column(label)]))
             totals.append(total)
         values = np.asarray(totals, np.float32)
-        return values.reshape(z.shape[:-2]) if z.ndim > 2 else values[0]
+        return values.reshape(z.shape[:-per_image]) if z.ndim > per_image else values[0]
 
     def cotangent(self, z):
+        spec = self._spec()
         out = np.zeros(z.shape, np.float64)
+        flat, rows = spec.flat_rows(out), spec.flat_rows(np.asarray(z))
         for anchor, label, ref in self.matches(z):
-            out[anchor, :BOX] += _iou_gradient(ref, z[anchor, :BOX])
-            out[anchor, BOX + label] += 1.0
+            flat[anchor, :BOX] += _iou_gradient(ref, rows[anchor, :BOX])
+            flat[anchor, spec.score_column(label)] += 1.0
         return out
 
 
@@ -381,7 +422,8 @@ def detection_targets(found: Detections, threshold: float, category: int | None 
 
 def wrap(loaded) -> DetectorSpec | None:
     """Replace a loaded torchvision RetinaNet/FCOS by its :class:`DetectorGraph` at the
-    loaded input size (images in [0, 1]: the graph normalises them itself), an Ultralytics
+    loaded input size (a Faster R-CNN by its box graph, with its RPN graph in ``loaded.graphs``:
+    camexport.two_stage) (images in [0, 1]: the graph normalises them itself), an Ultralytics
     YOLO ONNX export or model by its detector graph (camexport.yolo; a YOLO classify model by
     its logits); the spec, or None for a model that is not a detector."""
     if loaded.onnx_model is not None:
@@ -395,8 +437,13 @@ def wrap(loaded) -> DetectorSpec | None:
 
     if yolo.ultralytics_task(loaded.module):
         return yolo.wrap_module(loaded)
-    if not detector_kind(loaded.module):
+    kind = detector_kind(loaded.module)
+    if not kind:
         return None
+    if kind == TWO_STAGE:
+        from camexport import two_stage
+
+        return two_stage.wrap(loaded)
     graph = detector_graph(loaded.module, tuple(loaded.preprocessing.size))
     loaded.module = graph
     loaded.preprocessing.mean, loaded.preprocessing.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)

@@ -115,6 +115,7 @@ class Explainer:
         self.output_shape = tuple(d.dim_value for d in output.type.tensor_type.shape.dim[1:])
         #: what this kind of model changes (camexport.tasks): classes, targets, detections
         self.task = task_for(self.manifest, self.output_shape)
+        self.output_shape = self.task.output_shape  # a two-stage detector's P is free in the graph
         #: a detector artifact's post-processing (camexport.detection), else None
         self.detection = self.task.detection
         self.classes = self.task.classes
@@ -162,7 +163,7 @@ class Explainer:
         """Model outputs of the plain graph, in batches of at most ``batch_size`` images, the
         size picked by measurement (:class:`camexport.tuning.BatchTuner`)."""
         if self._plain is None:
-            self._plain = session(read_plain(self.path, self.manifest), self.provider)
+            self._plain = self._session(read_plain(self.path, self.manifest))
         return self._forward_batches.run(
             x, lambda chunk: self._plain.run([self.output_name], {self.input_name: chunk})[0])
 
@@ -208,6 +209,7 @@ class Explainer:
     def _tail(self, layer: int) -> tuple:
         """(LayerTail, its session, the session of the values from before the layer or None)."""
         if layer not in self._tails:
+            self.task.check_cut(self, "running the model after a layer (AblationCAM, tail())")
             cut = layer_tail(read_plain(self.path, self.manifest), self.layers[layer]["tensor"],
                              self.output_name)
             self._tails[layer] = (cut, session(cut.model, self.provider, spin=False),
@@ -261,8 +263,12 @@ class Explainer:
     def _graph(self, outputs: tuple[str, ...]):
         if outputs not in self._pruned:
             model, _ = read_artifact(self.path, self.manifest)
-            self._pruned[outputs] = session(prune(model, outputs), self.provider)
+            self._pruned[outputs] = self._session(prune(model, outputs))
         return self._pruned[outputs]
+
+    def _session(self, model):
+        """A session of the artifact's graph or a part of it, as the task runs it."""
+        return self.task.session(session(model, self.provider), self)
 
     def _check_weights(self, x: np.ndarray, weights: np.ndarray) -> np.ndarray:
         weights = np.asarray(weights, np.float32)
@@ -291,7 +297,7 @@ class Explainer:
         outputs = outputs or self.graph_outputs
         if outputs not in self._splits:
             model, _ = read_artifact(self.path, self.manifest)
-            split = split_by_targets(model, outputs)
+            split = split_by_targets(model, outputs) if self.task.splits else None
             self._splits[outputs] = (None, None, None) if split is None else (
                 split, session(split.head, self.provider), session(split.tail, self.provider))
         return self._splits[outputs]

@@ -58,6 +58,9 @@ class Loaded:
     program: object | None = None
     onnx_model: object | None = None
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    #: graphs an artifact holds beside the model's own, by key (a two-stage detector's ``rpn``):
+    #: torch modules until exported, then ONNX models (camexport.two_stage)
+    graphs: dict = field(default_factory=dict)
 
 
 def sha256(path: Path) -> str:

@@ -39,6 +39,9 @@ class Task:
     has_top_class = True
     #: a detector's post-processing (camexport.detection.DetectorSpec), None for other kinds
     detection = None
+    #: whether the Explainer may run the graph's image-only head once and its target-dependent
+    #: tail per target (camexport.graph.cut.split_by_targets)
+    splits = True
 
     def __init__(self, manifest: dict, output_shape: tuple[int, ...]):
         self.manifest = manifest
@@ -52,6 +55,15 @@ class Task:
     def bind(self, targets):
         """The caller's targets, completed with what this kind knows (a detector's spec)."""
         return targets
+
+    def session(self, made, explainer):
+        """A session of the artifact's graph (or a part of it) as the Explainer runs it: the
+        image (and target weights) in. Two-stage detectors compute their proposals there."""
+        return made
+
+    def check_cut(self, explainer, what: str) -> None:
+        """Refuse running the model from a layer on (``what``: the method's need), where the
+        graph cannot be cut there."""
 
     def detections(self, outputs: np.ndarray, source) -> list:
         """Per image, the detections in the model's ``outputs`` (detectors only)."""
@@ -217,12 +229,47 @@ class YoloTask(DetectorTask):
     the targets read: this class names the kind for readers of task_for."""
 
 
+class TwoStageTask(DetectorTask):
+    """A torchvision Faster R-CNN (camexport.two_stage): the artifact's box graph takes the
+    image and its proposals, which every run computes from the image with the artifact's RPN
+    graph and torchvision's rules in numpy, as the model does on every forward (ScoreCAM's
+    masked images get their own proposals, as in pgc). Rows per proposal and class."""
+
+    splits = False  # the tail after the split would need the proposals too
+
+    def __init__(self, manifest, output_shape):
+        super().__init__(manifest, output_shape)
+        self.output_shape = self.detection.row_shape  # (P, C, 5): P is free in the graph
+        self._source = None
+
+    def session(self, made, explainer):
+        from camexport import two_stage
+
+        if self._source is None:
+            from camexport.artifact import read_extra
+            from camexport.runtime import session
+
+            rpn = read_extra(explainer.path, two_stage.RPN_GRAPH, explainer.manifest)
+            self._source = two_stage.ProposalSource(session(rpn, explainer.provider), self.detection,
+                                                    explainer.forward)
+        return two_stage.ProposalSession(made, self._source, explainer.input_name)
+
+    def check_cut(self, explainer, what):
+        from camexport.detection import DetectionError
+
+        raise DetectionError(
+            f"{what} runs the model from the layer on, and a two-stage detector's box head also "
+            f"reads proposals chosen from the image: not supported yet for Faster R-CNN. Use the "
+            f"gradient methods, EigenCAM or ScoreCAM")
+
+
 def task_for(manifest: dict, output_shape: tuple[int, ...], targets: str | None = None) -> Task:
     """The Task of an artifact (its manifest and per-sample output shape) and, for a run, its
     ``--targets``."""
     if "detection" in manifest:
         kind = manifest["detection"].get("kind")
-        return (YoloTask if kind == "yolo" else DetectorTask)(manifest, output_shape)
+        kinds = {"yolo": YoloTask, "fasterrcnn": TwoStageTask}
+        return kinds.get(kind, DetectorTask)(manifest, output_shape)
     if len(output_shape) > 1:
         return SegmentationTask(manifest, output_shape)
     if len(manifest["preprocessing"]["size"]) != 2:

@@ -15,7 +15,9 @@ and torchvision detaches them. So the model is split where the indices are chose
 3. :class:`BoxGraph` (exported; step 2): the image and the proposals in, backbone + FPN again,
    MultiScaleRoIAlign, the box head and predictor; out ``box_rows`` (B, P, C, 5): for every
    proposal and class the decoded box clipped to the image and the class probability
-   (softmax), laid out [x1, y1, x2, y2, p]. Proposals are padded to one count P per batch.
+   (softmax; 0 for padding), laid out [x1, y1, x2, y2, p], and the FPN levels stacked as pgc's
+   ``fasterrcnn_reshape_transform`` (the layer ``backbone``). Proposals are padded to one count
+   P per batch (an artifact: the RPN's post_nms_top_n).
    MultiScaleRoIAlign picks each box's FPN level by its size (a data-dependent split that
    exports to no fixed-shape graph), so the graph pools every box on every level and sums the
    levels weighted by a one-hot ``box_levels`` (B, P, L) input that :func:`box_inputs` computes
@@ -35,7 +37,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from camexport.detection import BOX, DetectionError, Detections, nms
+from camexport.detection import (
+    BOX,
+    STACK,
+    TWO_STAGE,
+    DetectionError,
+    Detections,
+    DetectorSpec,
+    nms,
+    stack_levels,
+)
 
 #: The first two graph outputs; the FPN levels follow as ``fpn_<level name>``.
 OBJECTNESS, DELTAS = "objectness", "rpn_deltas"
@@ -164,7 +175,7 @@ def _box_graph_class():
 
     class BoxGraph(torch.nn.Module):
         """(image in [0, 1] (B, 3, H, W), proposals (B, P, 4), box_levels (B, P, L)) →
-        box_rows (B, P, C, 5)."""
+        (box_rows (B, P, C, 5), the FPN levels stacked as pgc's fasterrcnn_reshape_transform)."""
 
         def __init__(self, model, size: tuple[int, int]):
             super().__init__()
@@ -178,11 +189,13 @@ def _box_graph_class():
             self.settings = box_settings(model, self.size, pooled,
                                          [tuple(features[n].shape[-2:]) for n in pooled])
             self.pooled = tuple(pooled)
-            self.output_names = (BOX_ROWS,)
+            self.classes = int(heads.box_predictor.cls_score.out_features)
+            self.output_names = (BOX_ROWS, STACK)
 
         def forward(self, x, proposals, box_levels):
             settings = self.settings
             features = self.backbone((x - self.mean) / self.std)
+            stack = stack_levels(list(features.values()))
             batch, count = proposals.shape[0], proposals.shape[1]
             flat = proposals.reshape(-1, BOX)
             index = torch.arange(batch, dtype=flat.dtype).reshape(-1, 1, 1).expand(batch, count, 1)
@@ -197,8 +210,10 @@ def _box_graph_class():
             logits, regression = self.box_predictor(self.box_head(pooled))
             boxes = self.box_coder.decode_single(regression.reshape(batch * count, -1), flat)
             boxes = box_ops.clip_boxes_to_image(boxes.reshape(batch * count, -1, BOX), self.size)
-            scores = torch.softmax(logits, -1).unsqueeze(-1)
-            return torch.cat([boxes, scores], dim=-1).reshape(batch, count, -1, BOX + 1)
+            # a padding proposal (on no level) scores 0: below any score threshold
+            valid = box_levels.sum(-1).reshape(batch * count, 1, 1)
+            scores = torch.softmax(logits, -1).unsqueeze(-1) * valid
+            return torch.cat([boxes, scores], dim=-1).reshape(batch, count, -1, BOX + 1), stack
 
     return BoxGraph
 
@@ -377,3 +392,152 @@ def proposals(objectness: np.ndarray, deltas: np.ndarray, image_size, settings: 
     deltas = deltas.reshape(len(batch), -1, BOX)
     return [select(o, d, settings, image_size)[0] for o, d in zip(batch, deltas)]
 
+
+
+# -- build and run integration ------------------------------------------------------------------
+
+#: the key of the RPN graph among an artifact's extra graphs (camexport.artifact.read_extra)
+RPN_GRAPH = "rpn"
+
+
+def wrap(loaded) -> DetectorSpec:
+    """Replace a loaded torchvision Faster R-CNN by its :class:`BoxGraph` at the loaded input
+    size (images in [0, 1]: the graphs normalise them themselves), with its :class:`RPNGraph`
+    in ``loaded.graphs``; :func:`export` exports both. The spec records both graphs' settings."""
+    size = tuple(loaded.preprocessing.size)
+    model = loaded.module
+    rpn, box = rpn_graph(model, size), box_graph(model, size)
+    loaded.module, loaded.graphs = box, {**loaded.graphs, RPN_GRAPH: rpn}
+    loaded.preprocessing.mean, loaded.preprocessing.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    box_ = box.settings
+    return DetectorSpec(
+        kind=TWO_STAGE, classes=box.classes, level_sizes=(rpn.settings["post_nms_top_n"],),
+        image_size=tuple(box_["image_size"]), score_thresh=box_["score_thresh"],
+        nms_thresh=box_["nms_thresh"], detections_per_img=box_["detections_per_img"],
+        topk_candidates=rpn.settings["pre_nms_top_n"], levels=tuple(rpn.settings["levels"]),
+        settings={"rpn": rpn.settings, "box": box_})
+
+
+def export(loaded):
+    """The plain ONNX box graph of a :func:`wrap`-ped model, batch and proposal count free (runs
+    pad to P = post_nms_top_n; :class:`ProposalSession` feeds fewer in gradient passes);
+    ``loaded.graphs[RPN_GRAPH]`` becomes the exported RPN graph. The box graph is traced on the
+    RPN's own proposals of a random image pair."""
+    import torch
+
+    from camexport.export import _dynamo
+
+    box, rpn = loaded.module, loaded.graphs[RPN_GRAPH]
+    x = torch.rand(2, 3, *box.size, generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    rpn_plain = _dynamo(rpn, (x,), ({0: batch},))
+    name_outputs(rpn_plain, rpn.output_names)
+    with torch.no_grad():
+        objectness, deltas = (t.numpy() for t in rpn(x)[:2])
+    chosen = proposals(objectness, deltas, box.size, rpn.settings)
+    padded, levels_ = box_inputs(chosen, box.settings, rpn.settings["post_nms_top_n"])
+    inputs = (x, torch.from_numpy(padded), torch.from_numpy(levels_))
+    count = torch.export.Dim("count", min=1, max=1 << 16)
+    plain = _dynamo(box, inputs, ({0: batch}, {0: batch, 1: count}, {0: batch, 1: count}))
+    name_outputs(plain, box.output_names)
+    loaded.graphs = {**loaded.graphs, RPN_GRAPH: rpn_plain}
+    return plain
+
+
+class ProposalSource:
+    """The box graph's ``proposals`` and ``box_levels`` for a batch of images: the RPN graph's
+    session, then :func:`proposals` and :func:`box_inputs` (padded to the spec's P). The last
+    batch's proposals and full rows are remembered by its bytes: the Explainer runs the box
+    graph more than once on one batch (the detections, then the gradients). ``forward``: the
+    full rows of a batch (the plain graph's run)."""
+
+    def __init__(self, rpn_session, spec: DetectorSpec, forward):
+        self.session, self.spec, self.forward = rpn_session, spec, forward
+        self.image_name = rpn_session.get_inputs()[0].name
+        self._last: tuple | None = None
+        self._rows: tuple | None = None
+
+    @staticmethod
+    def key(image: np.ndarray) -> tuple:
+        import hashlib
+
+        return image.shape, hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
+
+    def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        image = np.ascontiguousarray(image, np.float32)
+        key = self.key(image)
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        settings = self.spec.settings
+        objectness, deltas = self.session.run([OBJECTNESS, DELTAS], {self.image_name: image})
+        chosen = proposals(objectness, deltas, settings["rpn"]["image_size"], settings["rpn"])
+        padded, weights = box_inputs(chosen, settings["box"], sum(self.spec.level_sizes))
+        feeds = {PROPOSALS: padded, LEVELS: weights}
+        self._last = (key, feeds)
+        return feeds
+
+    def remember(self, image: np.ndarray, rows: np.ndarray) -> None:
+        self._rows = (self.key(image), rows)
+
+    def rows(self, image: np.ndarray) -> np.ndarray:
+        """The full box rows of ``image`` (every proposal), remembered or from ``forward``."""
+        if self._rows is None or self._rows[0] != self.key(image):
+            self.remember(image, self.forward(image))
+        return self._rows[1]
+
+
+class ProposalSession:
+    """A session of a (pruned or augmented) box graph that takes what a one-stage graph takes:
+    the proposal inputs are hidden, and each run computes them from its image
+    (:class:`ProposalSource`), as torchvision's model does on every forward.
+
+    A run with target weights (a gradient pass) feeds only the proposals whose rows have a
+    non-zero weight: the box head is row-wise, so their rows and the gradients are the same, and
+    RoIAlign's transpose (a scatter-add over every sample of every box and channel) costs ~1000x
+    less than on all P proposals. Its ``box_rows`` output is the full rows of the batch."""
+
+    def __init__(self, inner, source: ProposalSource, image_name: str):
+        self.inner, self.source, self.image_name = inner, source, image_name
+        self._needs = {i.name for i in inner.get_inputs()}
+
+    def get_inputs(self):
+        return [i for i in self.inner.get_inputs() if i.name not in (PROPOSALS, LEVELS)]
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def run(self, names, feed, *args):
+        from camexport.graph.outputs import TARGET_WEIGHTS
+
+        if not self._needs & {PROPOSALS, LEVELS}:
+            return self.inner.run(names, {k: v for k, v in feed.items() if k in self._needs}, *args)
+        image = feed[self.image_name]
+        feed = {**feed, **self.source(image)}
+        weighted = TARGET_WEIGHTS in self._needs
+        if weighted:
+            feed = _weighted_rows_only(feed, TARGET_WEIGHTS)
+        outputs = self.inner.run(names, {k: v for k, v in feed.items() if k in self._needs}, *args)
+        if BOX_ROWS in names:
+            at = list(names).index(BOX_ROWS)
+            if weighted:
+                outputs[at] = self.source.rows(image)
+            else:
+                self.source.remember(image, outputs[at])
+        return outputs
+
+
+def _weighted_rows_only(feed: dict, weights_name: str) -> dict:
+    """``feed`` with each image's proposals, levels and target weights cut down to the proposals
+    whose weights are not all zero (at least one slot, padding on no level)."""
+    weights = feed[weights_name]
+    used = np.abs(weights).reshape(*weights.shape[:2], -1).max(-1) > 0
+    kept = [np.flatnonzero(row) for row in used]
+    count = max([len(k) for k in kept] + [1])
+    batch = len(weights)
+    boxes = np.tile(np.asarray(PAD_BOX, np.float32), (batch, count, 1))
+    levels_ = np.zeros((batch, count, feed[LEVELS].shape[-1]), np.float32)
+    rows = np.zeros((batch, count, *weights.shape[2:]), np.float32)
+    for b, k in enumerate(kept):
+        boxes[b, :len(k)], levels_[b, :len(k)] = feed[PROPOSALS][b, k], feed[LEVELS][b, k]
+        rows[b, :len(k)] = weights[b, k]
+    return {**feed, PROPOSALS: boxes, LEVELS: levels_, weights_name: rows}

@@ -10,7 +10,7 @@ needed, and never imported):
 - ``detections`` (B, A, 4 + K) = [x1, y1, x2, y2, score_0 … score_{K-1}], with Ultralytics'
   own ``xywh2xyxy`` (xy -/+ wh / 2), the layout of :mod:`camexport.detection`;
 - ``fpn_stack``: the neck outputs (the tensors the Detect head's Conv branches read: P3, P4, P5)
-  stacked as :func:`camexport.detection._stack_levels` does (|level| resized bilinearly to the
+  stacked as :func:`camexport.detection.stack_levels` does (|level| resized bilinearly to the
   coarsest level, concatenated on channels), the layer ``neck`` for EigenCAM.
 
 :func:`postprocess` replays ``ultralytics.utils.nms.non_max_suppression`` in numpy with the
@@ -376,7 +376,7 @@ def _layers(graph, x):
 def _module_graph_classes():
     import torch
 
-    from camexport.detection import _stack_levels
+    from camexport.detection import stack_levels
 
     class YoloGraph(torch.nn.Module):
         """An Ultralytics DetectionModel as a camexport detector graph: image in [0, 1]
@@ -417,7 +417,7 @@ def _module_graph_classes():
             centre, size = box[:, :2], box[:, 2:]
             half = size / 2  # Ultralytics' xywh2xyxy, as the ONNX path rewrites it
             rows = torch.cat([centre - half, centre + half, raw["scores"].sigmoid()], 1)
-            return rows.transpose(1, 2), _stack_levels(levels)
+            return rows.transpose(1, 2), stack_levels(levels)
 
     class YoloClassifier(torch.nn.Module):
         """An Ultralytics ClassificationModel returning its logits (B, K) (its Classify head

@@ -254,12 +254,11 @@ def test_methods_the_stack_cannot_serve_are_refused():
     check_layers([("backbone", "fpn_stack"), ("backbone.body.layer4", "relu_16")], ["eigencam", "scorecam"])
 
 
-def test_two_stage_detectors_are_refused():
+def test_faster_rcnn_is_a_two_stage_detector():
     from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
 
     model = fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=3)
-    with pytest.raises(DetectionError, match="RoIAlign"):
-        detector_kind(model)
+    assert detector_kind(model) == "fasterrcnn"
 
 
 def test_detector_state_dicts_load_by_arch_without_downloads():

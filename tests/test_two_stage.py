@@ -192,7 +192,7 @@ def boxes(case):
     padded, weights = two_stage.box_inputs(proposals, graph.settings)
     inputs = (x, torch.from_numpy(padded), torch.from_numpy(weights))
     with torch.no_grad():
-        rows = graph(*inputs).numpy()
+        rows = graph(*inputs)[0].numpy()
     probabilities = np.concatenate([rows[k, :len(p), 1:, 4].ravel() for k, p in enumerate(proposals)])
     threshold = float(np.quantile(probabilities, 0.998))
     model.roi_heads.score_thresh = threshold
@@ -269,7 +269,7 @@ def test_box_rows_of_a_subset_of_proposals_are_the_same(boxes):
     padded, weights = two_stage.box_inputs([boxes["proposals"][0][chosen]], settings)
     with torch.no_grad():
         subset = boxes["graph"](boxes["inputs"][0][:1], torch.from_numpy(padded),
-                                torch.from_numpy(weights)).numpy()
+                                torch.from_numpy(weights))[0].numpy()
     # the same numbers up to float32 round-off of another batch shape
     np.testing.assert_allclose(subset[0, ..., :4], rows[0, chosen, ..., :4], atol=ROW_ATOL, rtol=0)
     np.testing.assert_allclose(subset[0, ..., 4], rows[0, chosen, ..., 4], atol=1e-6, rtol=0)
@@ -309,7 +309,7 @@ def test_box_graph_gradients_match_float64_autograd(case, boxes, request):
 
     hook = module.register_forward_hook(keep)
     try:
-        rows = double(x.double(), torch.from_numpy(padded).double(), torch.from_numpy(levels).double())
+        rows = double(x.double(), torch.from_numpy(padded).double(), torch.from_numpy(levels).double())[0]
         (rows * torch.from_numpy(target).double()).sum().backward()
     finally:
         hook.remove()
