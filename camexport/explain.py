@@ -347,6 +347,10 @@ class Explainer:
             known = [None if t is None else as_target(t) for t in raw]
             model_outputs = None
             if dependent and any(t is not None and not getattr(t, "linear", False) for t in known):
+                if self._split_graph(outputs)[0] is not None:
+                    # the targets' weights need the outputs: the graph's head runs once (outputs,
+                    # activations), its target-dependent tail then, not a forward and a whole run
+                    return self._slots(x, [raw], needs)[0][0]
                 model_outputs = self.forward(x)
             explicit = np.array([t is not None for t in known])
             weights = zeros.copy()

@@ -479,9 +479,13 @@ class ProposalSource:
     def remember(self, image: np.ndarray, rows: np.ndarray) -> None:
         self._rows = (self.key(image), rows)
 
+    def remembered(self, image: np.ndarray) -> np.ndarray | None:
+        """The full box rows of ``image`` if they are the last ones run, else None."""
+        return self._rows[1] if self._rows is not None and self._rows[0] == self.key(image) else None
+
     def rows(self, image: np.ndarray) -> np.ndarray:
         """The full box rows of ``image`` (every proposal), remembered or from ``forward``."""
-        if self._rows is None or self._rows[0] != self.key(image):
+        if self.remembered(image) is None:
             self.remember(image, self.forward(image))
         return self._rows[1]
 
@@ -512,8 +516,12 @@ class ProposalSession:
         if not self._needs & {PROPOSALS, LEVELS}:
             return self.inner.run(names, {k: v for k, v in feed.items() if k in self._needs}, *args)
         image = feed[self.image_name]
-        feed = {**feed, **self.source(image)}
         weighted = TARGET_WEIGHTS in self._needs
+        if not weighted and list(names) == [BOX_ROWS]:
+            remembered = self.source.remembered(image)
+            if remembered is not None:  # the detections, then the targets' weights: one run
+                return [remembered]
+        feed = {**feed, **self.source(image)}
         if weighted:
             feed = _weighted_rows_only(feed, TARGET_WEIGHTS)
         outputs = self.inner.run(names, {k: v for k, v in feed.items() if k in self._needs}, *args)

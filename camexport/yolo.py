@@ -456,3 +456,32 @@ def wrap_module(loaded) -> DetectorSpec | None:
     loaded.module = graph
     loaded.preprocessing = LetterboxPreprocessing(size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     return graph.spec
+
+
+def spread_random_scores(model, x: np.ndarray, class_std: float = 0.1, class_bias: float = -3.0) -> None:
+    """Make a random-weight Ultralytics detect model (built from its yaml) give usable
+    detections, in place, for tests and benchmarks (no trained weights are reachable here).
+
+    A random YOLO's activations shrink about tenfold per block (1e-10 at the neck) and its prior
+    class bias (about -10) gives every anchor the same score: ties everywhere. So the class
+    branches' last convolutions get weights N(0, ``class_std``) and bias ``class_bias`` (scores
+    spread over 0.1-0.9), the box branches' DFL logits a bias falling with the bin (box sides of
+    a few strides rather than 7.5), and the batch-norm statistics are those of the images ``x``
+    (B, 3, H, W) letterboxed in [0, 1] (activations of unit scale at every depth)."""
+    import torch
+
+    detect = model.model[-1]
+    with torch.no_grad():
+        for branch in detect.cv3:
+            branch[-1].weight.normal_(0, class_std)
+            branch[-1].bias.fill_(class_bias)
+        for branch in detect.cv2:
+            branch[-1].weight.mul_(0.2)
+            branch[-1].bias.copy_(-0.5 * torch.arange(detect.reg_max).repeat(4))
+        for norm in model.modules():
+            if isinstance(norm, torch.nn.BatchNorm2d):
+                norm.momentum = None
+                norm.reset_running_stats()
+        model.train()
+        model(torch.tensor(x))
+        model.eval()

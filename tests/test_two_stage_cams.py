@@ -221,3 +221,29 @@ def test_run_stores_detections_and_renders_them(frcnn):
         np.testing.assert_allclose(results.cams("gradcam"), cams, atol=1e-6)
     written = render_results(out, f"{root}/overlays", indices=[0])
     assert written and written[0].stat().st_size > 0
+
+
+@pytest.mark.usefixtures("compat_cache")
+def test_pgc_tutorial_through_the_drop_in(frcnn):
+    """pgc's tutorial code with camexport.compat's classes in place of pgc's: the torch model's
+    own detections as references (a few 1e-3 px off the graph's: the IoU's gradient counts them
+    as the same boxes, detection.BOX_TIE), GradCAM on layer4 and EigenCAM on model.backbone with
+    fasterrcnn_reshape_transform (the graph's stacked levels are not transformed twice)."""
+    from camexport import compat
+    from camexport.compat.utils.model_targets import FasterRCNNBoxScoreTarget as DropInTarget
+    from camexport.compat.utils.reshape_transforms import fasterrcnn_reshape_transform as drop_in
+
+    model, x = frcnn["model"], torch.tensor(frcnn["x"])
+    ours_targets = [DropInTarget(d["labels"][:TOP], d["boxes"][:TOP]) for d in frcnn["theirs"]]
+    _, their_targets = _targets(frcnn, 0.0)
+    runs = ((compat.GradCAM, pgc.GradCAM, [model.backbone.body.layer4], {}),
+            (compat.EigenCAM, pgc.EigenCAM, [model.backbone], {"reshape_transform": drop_in}))
+    for ours_class, their_class, layers, options in runs:
+        with ours_class(model=model, target_layers=layers, **options) as cam:
+            ours = cam(input_tensor=x, targets=ours_targets)
+        theirs_options = {"reshape_transform": fasterrcnn_reshape_transform} if options else {}
+        with their_class(model=model, target_layers=layers, **theirs_options) as cam:
+            theirs = cam(input_tensor=x, targets=their_targets)
+        diff = np.abs(ours - theirs).max()
+        print(f"fasterrcnn drop-in {ours_class.__name__}: max |diff| {diff:.2e}")
+        assert ours.std() > 0.05 and diff <= TOLERANCE, f"{ours_class.__name__}: {diff:.2e}"

@@ -36,6 +36,7 @@ from camexport.build import build
 from camexport.data import letterbox, preprocess
 from camexport.detection import BOX, FasterRCNNBoxScoreTarget, box_iou
 from camexport.explain import Explainer
+from camexport.yolo import spread_random_scores
 
 SIZE = 160
 MODELS = ("yolov8n", "yolo11n")
@@ -68,21 +69,7 @@ class Prepared:
         torch.manual_seed(0)
         yolo = YOLO(f"{name}.yaml")
         detect = yolo.model.model[-1]
-        with torch.no_grad():
-            for branch in detect.cv3:
-                branch[-1].weight.normal_(0, CLASS_STD)
-                branch[-1].bias.fill_(CLASS_BIAS)
-            for branch in detect.cv2:  # box distances of a few strides, not 7.5 (boxes of 100 px, not 400)
-                branch[-1].weight.mul_(0.2)
-                branch[-1].bias.copy_(-0.5 * torch.arange(detect.reg_max).repeat(4))
-            # batch-norm statistics of the test images: activations of unit scale at every depth
-            for norm in yolo.model.modules():
-                if isinstance(norm, torch.nn.BatchNorm2d):
-                    norm.momentum = None
-                    norm.reset_running_stats()
-            yolo.model.train()
-            yolo.model(torch.tensor(self.x))
-            yolo.model.eval()
+        spread_random_scores(yolo.model, self.x, CLASS_STD, CLASS_BIAS)
         if source == "onnx":  # Ultralytics' own export, rewritten by camexport
             here = os.getcwd()
             os.chdir(root)  # a yaml-built model is exported into the working directory

@@ -177,10 +177,18 @@ class BaseCAM:
         """The graph's CamInputs after the user's reshape_transform (applied to activations and
         gradients alike, as pgc's hooks do), recorded for ``activations_and_grads``."""
         if self.reshape_transform is not None:
-            inputs = replace(inputs, activations=[_transformed(self.reshape_transform, a)
-                                                  for a in inputs.raw_activations],
-                             gradients=[None if g is None else _transformed(self.reshape_transform, g)
-                                        for g in inputs.raw_gradients])
+            # a detector's stacked levels (model.backbone) come out of the graph transformed
+            # already, as fasterrcnn_reshape_transform makes them from the dict of levels
+            from camexport.detection import STACK
+
+            done = [layer["tensor"] == STACK for layer in self._last_explainer.layers]
+
+            def transformed(values, raw):
+                return [value if skip or r is None else _transformed(self.reshape_transform, r)
+                        for value, r, skip in zip(values, raw, done)]
+
+            inputs = replace(inputs, activations=transformed(inputs.activations, inputs.raw_activations),
+                             gradients=transformed(inputs.gradients, inputs.raw_gradients))
         self.activations_and_grads.record(inputs.activations, inputs.gradients)
         return inputs
 

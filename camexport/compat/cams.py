@@ -161,8 +161,8 @@ def check_ablation_layer(layer) -> None:
     """Refuse an ``ablation_layer`` whose numbers camexport would not compute: camexport
     ablates inside the tail graph with pgc's AblationLayer rule (the layout, NCHW or tokens as
     AblationLayerVit, read from the graph), so a subclass that changes how channels are
-    ablated, and Faster R-CNN's FPN ablation (two-stage detectors are not exported yet), would
-    be silently ignored."""
+    ablated, and Faster R-CNN's FPN ablation (its ablated copies would need new proposals, which
+    camexport's box graph takes from outside), would be silently ignored."""
     from camexport.compat import ablation_layer as kinds
 
     klass = type(layer)
@@ -170,8 +170,10 @@ def check_ablation_layer(layer) -> None:
                                                                              "AblationLayerVit"):
         return
     if klass.__name__ == "AblationLayerFasterRCNN" or isinstance(layer, kinds.AblationLayerFasterRCNN):
-        raise CompatError("AblationLayerFasterRCNN: two-stage detectors (Faster R-CNN) are not "
-                          "supported by camexport yet; use EigenCAM on the backbone, or pgc for this model")
+        raise CompatError("AblationLayerFasterRCNN: AblationCAM on a two-stage detector (Faster R-CNN) "
+                          "is not supported by camexport yet (each ablated copy needs its own proposals); "
+                          "use the gradient methods on backbone.body.layer4, EigenCAM on the backbone, "
+                          "or pgc for AblationCAM on this model")
     if not isinstance(layer, kinds.AblationLayer):
         raise CompatError(f"ablation_layer is a {klass.__name__}; give AblationLayer() (CNN layers) or "
                           f"AblationLayerVit() (token layers) from camexport.compat.ablation_layer")

@@ -168,7 +168,10 @@ class Engine:
         model = self.model
         if any(p.device.type != "cpu" for p in model.parameters()):
             model = copy.deepcopy(model).cpu()
-        methods = ["gradcam", *dict.fromkeys(_PART_METHODS[p] for p in parts)]
+        # a detector's stacked FPN levels (pgc's fasterrcnn_reshape_transform on model.backbone)
+        # have no gradient: activations only there, as pgc (whose hook gets a dict) has
+        base = "eigencam" if _stacked_levels(model, self.layers) else "gradcam"
+        methods = [base, *dict.fromkeys(_PART_METHODS[p] for p in parts)]
         loaded = from_module(model, type(model).__name__, Preprocessing(size=tuple(sample_shape[1:]),
                                                                          channels=int(sample_shape[0])))
         log.info("camexport.compat: exporting %s for layers %s (cached in %s)",
@@ -242,6 +245,15 @@ class CallableTarget:
         (hv,) = torch.autograd.grad(grad, row, torch.as_tensor(np.asarray(v), dtype=grad.dtype),
                                     allow_unused=True)
         return np.zeros(row.shape, np.float64) if hv is None else hv.double().numpy()
+
+
+def _stacked_levels(model, layers: list[str]) -> bool:
+    """Whether ``layers`` name a detector's stacked levels (camexport.detection.layer_aliases)."""
+    from camexport import detection
+    from camexport.yolo import ultralytics_task
+
+    stacked = {detection.STACK_LAYER, detection.NECK_LAYER} & set(layers)
+    return bool(stacked) and bool(detection.detector_kind(model) or ultralytics_task(model))
 
 
 def as_native_targets(targets, batch: int):
