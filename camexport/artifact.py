@@ -118,7 +118,9 @@ _VERIFIED: dict[Path, tuple[tuple, dict]] = {}
 
 
 def _stats(directory: Path) -> tuple:
-    stats = [(directory / name).stat() for name in FILES]
+    """The files' identities, extra graphs (``model.<key>.onnx``) included."""
+    extras = sorted(p.name for p in directory.glob("model.*.onnx") if p.name not in FILES)
+    stats = [(directory / name).stat() for name in (*FILES, *extras)]
     return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
 
 
@@ -170,12 +172,17 @@ def verify_artifact(path: str | Path) -> tuple[Path, dict]:
         raise ArtifactError(f"{directory / MANIFEST_FILE} records no digests of the graphs (built "
                             f"before camexport checked them), so its files cannot be checked "
                             f"against each other; {fix}")
-    for name, field in ((PLAIN_FILE, "plain_sha256"), (AUGMENTED_FILE, GRAPH_DIGEST_KEY)):
+    graphs = recorded.get("graphs") or {}
+    for name, digest in ((PLAIN_FILE, recorded["plain_sha256"]), (AUGMENTED_FILE, recorded[GRAPH_DIGEST_KEY]),
+                         *((extra_file(key), value) for key, value in graphs.items())):
+        if not (directory / name).is_file():
+            raise ArtifactError(f"{directory} is an incomplete artifact ({name}, listed in "
+                                f"{MANIFEST_FILE}, is missing); {fix}")
         found = sha256(directory / name)
-        if found != recorded[field]:
+        if found != digest:
             raise ArtifactError(
                 f"{directory / name} does not match {MANIFEST_FILE} (sha256 {found[:12]}..., "
-                f"recorded {str(recorded[field])[:12]}...): it was modified, truncated or copied from "
+                f"recorded {str(digest)[:12]}...): it was modified, truncated or copied from "
                 f"another build, and would give results that disagree with the rest; {fix}")
     embedded = get_manifest(read_onnx(directory / AUGMENTED_FILE, external_data=False,
                                       error=ArtifactError, fix=fix))
@@ -210,16 +217,10 @@ def extra_file(key: str) -> str:
 def read_extra(path: str | Path, key: str, expected: Mapping | None = None) -> onnx.ModelProto:
     """An artifact's extra graph ``key`` (manifest ``graphs``), its digest checked against the
     manifest's."""
-    directory, manifest = verify_artifact(path)
-    digest = (manifest.get("graphs") or {}).get(key)
-    if digest is None:
+    directory, manifest = verify_artifact(path)  # the extra graphs' digests included
+    if key not in (manifest.get("graphs") or {}):
         raise ArtifactError(f"{directory} has no {key!r} graph (its manifest lists "
                             f"{sorted(manifest.get('graphs') or {}) or 'none'})")
-    file = directory / extra_file(key)
-    data = file.read_bytes() if file.is_file() else b""
-    if hashlib.sha256(data).hexdigest() != digest:
-        raise ArtifactError(f"{file} is missing or does not match {MANIFEST_FILE}; "
-                            f"{REBUILD.format(dir=directory)}")
     return _load_verified(path, extra_file(key), expected)[0]
 
 

@@ -233,6 +233,9 @@ def _finish(augmented: onnx.ModelProto, manifest: dict, precision: str, fused: l
     """The augmented graph in float16 (``precision``) and with fused heads, the manifest
     updated (precision, heads, float16 drift)."""
     reference = None
+    if precision == "fp16" and (manifest.get("detection") or {}).get("kind") == detection.TWO_STAGE:
+        raise BuildError("--precision fp16 is not supported for two-stage detectors yet (its drift "
+                         "check would need real proposals); build in fp32")
     if precision == "fp16":
         with clock.step("fp16", "converting to float16"):
             reference, augmented = augmented, to_float16(augmented)
@@ -300,6 +303,10 @@ def make_augmented(
     if len(tensors) != len(layers):
         raise BuildError(f"--layer values {layers} name the same layer more than once")
     needs = set().union(*(METHODS[m].graph_needs for m in methods)) if methods else set()
+    if detector and detector.two_stage and BIAS_GRADIENTS.key in needs:
+        raise BuildError("FullGrad on a two-stage detector is not supported yet: its bias terms "
+                         "would include the box head's, which run per proposal, not per image. "
+                         "Leave fullgrad out of --methods")
     extras = graph_outputs(needs, fullgrad_biases)
     source = plain
     if not detector and BIAS_GRADIENTS.key not in needs:

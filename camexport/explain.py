@@ -147,6 +147,7 @@ class Explainer:
         self._ablation.clear()
         self._frontier = None
         self._plain = None
+        self.task.release()
 
     @property
     def session(self):
@@ -353,7 +354,7 @@ class Explainer:
                 if self._split_graph(outputs)[0] is not None:
                     # the targets' weights need the outputs: the graph's head runs once (outputs,
                     # activations), its target-dependent tail then, not a forward and a whole run
-                    return self._slots(x, [raw], needs)[0][0]
+                    return self._slots(x, [raw], needs, memo=False)[0][0]
                 model_outputs = self.forward(x)
             explicit = np.array([t is not None for t in known])
             weights = zeros.copy()
@@ -390,7 +391,10 @@ class Explainer:
             gradients=[None if g is None else to_channel_first(g, lay)
                        for g, lay in zip(gradients, layouts)],
             raw_activations=raw, raw_gradients=gradients, layouts=layouts, forward=forward or self.forward,
-            tail=_for_images(tail or self.tail, x), ablate=_ablating(ablate or self.ablate, x, raw),
+            # no tail where the model cannot run from a layer on (DFF then skips its concept
+            # scores; AblationCAM's ablate still says why it cannot run)
+            tail=_for_images(tail or self.tail, x) if self.task.cuts else None,
+            ablate=_ablating(ablate or self.ablate, x, raw),
             backward=backward,
             rerun=lambda batch, targets: self.inputs(batch, targets, needs))
 
@@ -465,12 +469,15 @@ class Explainer:
         targets = [[per_slot[k].targets[b] for k in range(len(columns))] for b in range(len(x))]
         return TargetsExplanation(cams, per_slot[0].outputs, targets)
 
-    def _slots(self, x: np.ndarray, columns: list[list], needs) -> tuple[list[CamInputs], object]:
+    def _slots(self, x: np.ndarray, columns: list[list], needs, memo: bool = True
+               ) -> tuple[list[CamInputs], object]:
         """The CamInputs of each slot (one target column), and the rerun that FinerCAM's own
-        targets use (None: each slot's own)."""
+        targets use (None: each slot's own). ``memo``: the model runs are remembered for the
+        call (ScoreCAM's masked images and AblationCAM's ablated maps are the same for every
+        slot); one slot has nothing to share, and would keep every result alive."""
         outputs = self.outputs_for(needs)
-        # ScoreCAM's masked images and AblationCAM's ablated maps are the same for every slot
-        forward, tail, ablate = _Memo(self.forward), _Memo(self.tail), _Memo(self.ablate)
+        forward, tail, ablate = ((_Memo(self.forward), _Memo(self.tail), _Memo(self.ablate)) if memo
+                                 else (self.forward, self.tail, self.ablate))
         if not any(name in self.target_outputs for name in outputs):  # one run serves all
             once = self._run(x, np.zeros((len(x), *self.output_shape), np.float32), outputs)
             return [self._cam_inputs(x, once, as_targets(column, once[self.output_name]),

@@ -42,6 +42,9 @@ class Task:
     #: whether the Explainer may run the graph's image-only head once and its target-dependent
     #: tail per target (camexport.graph.cut.split_by_targets)
     splits = True
+    #: whether the model can run from a layer's tensors on (Explainer.tail: DFF's concept scores,
+    #: AblationCAM)
+    cuts = True
 
     def __init__(self, manifest: dict, output_shape: tuple[int, ...]):
         self.manifest = manifest
@@ -60,6 +63,9 @@ class Task:
         """A session of the artifact's graph (or a part of it) as the Explainer runs it: the
         image (and target weights) in. Two-stage detectors compute their proposals there."""
         return made
+
+    def release(self) -> None:
+        """Drop the sessions this kind holds of its own (Explainer.release)."""
 
     def check_cut(self, explainer, what: str) -> None:
         """Refuse running the model from a layer on (``what``: the method's need), where the
@@ -236,6 +242,7 @@ class TwoStageTask(DetectorTask):
     masked images get their own proposals, as in pgc). Rows per proposal and class."""
 
     splits = False  # the tail after the split would need the proposals too
+    cuts = False
 
     def __init__(self, manifest, output_shape):
         super().__init__(manifest, output_shape)
@@ -253,6 +260,9 @@ class TwoStageTask(DetectorTask):
             self._source = two_stage.ProposalSource(session(rpn, explainer.provider), self.detection,
                                                     explainer.forward)
         return two_stage.ProposalSession(made, self._source, explainer.input_name)
+
+    def release(self):
+        self._source = None
 
     def check_cut(self, explainer, what):
         from camexport.detection import DetectionError

@@ -50,7 +50,7 @@ def frcnn(tmp_path_factory):
         weights=None, weights_backbone=None, min_size=SIZE, max_size=SIZE).eval()
     torch.save(model, root / "model.pt")
     built = build(str(root / "model.pt"), ["backbone.body.layer4"],
-                  [*GRADIENT_METHODS, "eigencam", "ablationcam"], trust_pickle=True,
+                  [*GRADIENT_METHODS, "eigencam", "ablationcam", "dff"], trust_pickle=True,
                   input_size=(SIZE, SIZE), out_dir=root / "artifact")
     stack = build(str(root / "model.pt"), ["backbone"], "eigencam", trust_pickle=True,
                   input_size=(SIZE, SIZE), out_dir=root / "stack")
@@ -77,12 +77,18 @@ def test_artifact_holds_the_rpn_graph_and_the_settings(frcnn):
     # a changed RPN graph is refused, naming the rebuild
     path = frcnn["built"].directory / "model.rpn.onnx"
     original = path.read_bytes()
+    from camexport.artifact import ArtifactError, verify_artifact
+
     try:
         path.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
-        with pytest.raises(Exception, match="does not match manifest.json"):
+        with pytest.raises(ArtifactError, match="model.rpn.onnx does not match manifest.json"):
+            verify_artifact(frcnn["built"].directory)  # what Explainer and inspect open it with
+        path.unlink()
+        with pytest.raises(ArtifactError, match="model.rpn.onnx, listed in manifest.json, is missing"):
             read_extra(frcnn["built"].directory, "rpn")
     finally:
         path.write_bytes(original)
+    verify_artifact(frcnn["built"].directory)
 
 
 def test_detections_match_torchvision(frcnn):
@@ -178,6 +184,25 @@ def test_ablationcam_is_refused_with_the_fix(frcnn):
     with pytest.raises(DetectionError, match="two-stage detector's box head"):
         targets, _ = _targets(frcnn, 0.0)
         frcnn["explainer"](frcnn["x"][:1], targets=targets[:1], methods=["ablationcam"])
+
+
+def test_dff_runs_without_the_model_tail(frcnn):
+    """DFF needs no run from the layer on for its maps (its concept scores would): it runs on a
+    two-stage artifact, whose box graph cannot be cut at a layer."""
+    cams = frcnn["explainer"](frcnn["x"], methods=["dff"]).cams["dff"]
+    assert cams.shape[0] == 2 and np.isfinite(cams).all() and cams.std() > 0
+
+
+def test_fullgrad_and_fp16_are_refused_at_build(frcnn):
+    from camexport.build import BuildError
+
+    root = frcnn["root"]
+    with pytest.raises(BuildError, match="FullGrad on a two-stage detector"):
+        build(str(root / "model.pt"), ["backbone.body.layer4"], "fullgrad", trust_pickle=True,
+              input_size=(SIZE, SIZE), out_dir=root / "fullgrad")
+    with pytest.raises(BuildError, match="fp16 is not supported for two-stage"):
+        build(str(root / "model.pt"), ["backbone.body.layer4"], "gradcam", trust_pickle=True,
+              input_size=(SIZE, SIZE), out_dir=root / "fp16", precision="fp16")
 
 
 def test_mask_rcnn_is_refused():

@@ -68,7 +68,8 @@ def artifact_files(artifact: str | Path) -> list[Path]:
     path = Path(artifact)
     if path.is_dir():
         return sorted(p for p in path.iterdir() if p.is_file())
-    return [path, *(path.parent / name for name in (AUGMENTED_FILE, PLAIN_FILE, MANIFEST_FILE))]
+    extras = sorted(p for p in path.parent.glob("model.*.onnx") if p.name not in (AUGMENTED_FILE, PLAIN_FILE))
+    return [path, *(path.parent / name for name in (AUGMENTED_FILE, PLAIN_FILE, MANIFEST_FILE)), *extras]
 
 
 # -- what an existing output is ------------------------------------------------------------------
