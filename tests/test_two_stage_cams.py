@@ -98,8 +98,16 @@ def test_detections_match_torchvision(frcnn):
     for ours, theirs in zip(found, frcnn["theirs"]):
         assert len(ours) == len(theirs["scores"]) > TOP
         np.testing.assert_allclose(ours.scores, theirs["scores"], atol=SCORE_ATOL, rtol=0)
-        np.testing.assert_array_equal(ours.labels, theirs["labels"])
-        np.testing.assert_allclose(ours.boxes, theirs["boxes"], atol=BOX_ATOL, rtol=0)
+        # each detection is one of torchvision's: same label, box within BOX_ATOL; detections
+        # whose scores are within SCORE_ATOL may come in either order
+        unused = np.ones(len(ours), bool)
+        for k in range(len(ours)):
+            near = (np.abs(theirs["scores"] - ours.scores[k]) <= 2 * SCORE_ATOL) & unused
+            near &= theirs["labels"] == ours.labels[k]
+            distance = np.where(near, np.abs(theirs["boxes"] - ours.boxes[k]).max(-1), np.inf)
+            j = int(np.argmin(distance))
+            assert distance[j] <= BOX_ATOL, f"detection {k}: no torchvision detection within {BOX_ATOL} px"
+            unused[j] = False
 
 
 def _targets(frcnn, shift):
