@@ -459,16 +459,17 @@ class ProposalSource:
 
     @staticmethod
     def key(image: np.ndarray) -> tuple:
+        """What identifies a batch: its shape and a digest of its bytes (hashed once a run)."""
         import hashlib
 
         return image.shape, hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
 
-    def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        image = np.ascontiguousarray(image, np.float32)
-        key = self.key(image)
+    def __call__(self, image: np.ndarray, key: tuple) -> dict[str, np.ndarray]:
+        """The proposal inputs of ``image`` (its :meth:`key` ``key``)."""
         if self._last is not None and self._last[0] == key:
             return self._last[1]
         settings = self.spec.settings
+        image = np.ascontiguousarray(image, np.float32)
         objectness, deltas = self.session.run([OBJECTNESS, DELTAS], {self.image_name: image})
         chosen = proposals(objectness, deltas, settings["rpn"]["image_size"], settings["rpn"])
         padded, weights = box_inputs(chosen, settings["box"], sum(self.spec.level_sizes))
@@ -476,17 +477,17 @@ class ProposalSource:
         self._last = (key, feeds)
         return feeds
 
-    def remember(self, image: np.ndarray, rows: np.ndarray) -> None:
-        self._rows = (self.key(image), rows)
+    def remember(self, key: tuple, rows: np.ndarray) -> None:
+        self._rows = (key, rows)
 
-    def remembered(self, image: np.ndarray) -> np.ndarray | None:
-        """The full box rows of ``image`` if they are the last ones run, else None."""
-        return self._rows[1] if self._rows is not None and self._rows[0] == self.key(image) else None
+    def remembered(self, key: tuple) -> np.ndarray | None:
+        """The full box rows of the batch ``key`` if they are the last ones run, else None."""
+        return self._rows[1] if self._rows is not None and self._rows[0] == key else None
 
-    def rows(self, image: np.ndarray) -> np.ndarray:
+    def rows(self, image: np.ndarray, key: tuple) -> np.ndarray:
         """The full box rows of ``image`` (every proposal), remembered or from ``forward``."""
-        if self.remembered(image) is None:
-            self.remember(image, self.forward(image))
+        if self.remembered(key) is None:
+            self.remember(key, self.forward(image))
         return self._rows[1]
 
 
@@ -516,21 +517,22 @@ class ProposalSession:
         if not self._needs & {PROPOSALS, LEVELS}:
             return self.inner.run(names, {k: v for k, v in feed.items() if k in self._needs}, *args)
         image = feed[self.image_name]
+        key = self.source.key(image)
         weighted = TARGET_WEIGHTS in self._needs
         if not weighted and list(names) == [BOX_ROWS]:
-            remembered = self.source.remembered(image)
+            remembered = self.source.remembered(key)
             if remembered is not None:  # the detections, then the targets' weights: one run
                 return [remembered]
-        feed = {**feed, **self.source(image)}
+        feed = {**feed, **self.source(image, key)}
         if weighted:
             feed = _weighted_rows_only(feed, TARGET_WEIGHTS)
         outputs = self.inner.run(names, {k: v for k, v in feed.items() if k in self._needs}, *args)
         if BOX_ROWS in names:
             at = list(names).index(BOX_ROWS)
             if weighted:
-                outputs[at] = self.source.rows(image)
+                outputs[at] = self.source.rows(image, key)
             else:
-                self.source.remember(image, outputs[at])
+                self.source.remember(key, outputs[at])
         return outputs
 
 

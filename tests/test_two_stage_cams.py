@@ -173,7 +173,7 @@ def test_gradients_run_on_the_explained_proposals_only(frcnn):
         session.inner.run = run
     assert fed[two_stage.PROPOSALS].shape[1] <= TOP
     full = run([name], {explainer.input_name: x, TARGET_WEIGHTS: weights,
-                        **session.source(x)})[0]
+                        **session.source(x, session.source.key(x))})[0]
     assert np.abs(full).max() > 0
     np.testing.assert_allclose(few, full, atol=1e-5 * np.abs(full).max(), rtol=0)
 
