@@ -298,7 +298,7 @@ def make_augmented(
         if layer not in aliases:
             check_map(plain, layer, tensor, facts, tuple(loaded.preprocessing.size))
     if detector:
-        detection.check_layers(resolved, methods)
+        detection.check_layers(resolved, methods, detector)
     tensors = dict(resolved)
     if len(tensors) != len(layers):
         raise BuildError(f"--layer values {layers} name the same layer more than once")

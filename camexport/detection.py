@@ -490,13 +490,17 @@ def name_outputs(plain) -> None:
 #: Methods that work on the stacked FPN levels: they read its activations only (pgc's stacked
 #: levels are a dict with no gradient hook, and are no tensor of the model to ablate).
 STACK_METHODS = ("eigencam", "kpcacam", "fem", "scorecam")
+#: ... and on a two-stage detector's stack, AblationCAM: as pgc's AblationLayerFasterRCNN, it
+#: ablates the FPN levels themselves (camexport.two_stage.LevelAblation)
+TWO_STAGE_STACK_METHODS = (*STACK_METHODS, "ablationcam")
 
 
-def check_layers(resolved, methods) -> None:
+def check_layers(resolved, methods, spec: DetectorSpec | None = None) -> None:
     """Refuse methods the ``backbone`` stack cannot serve, naming the ones that can."""
     stacked = [label for label, tensor in resolved if tensor == STACK]
     if stacked:
-        wrong = [m for m in methods if m not in STACK_METHODS]
+        served = TWO_STAGE_STACK_METHODS if spec is not None and spec.two_stage else STACK_METHODS
+        wrong = [m for m in methods if m not in served]
         if wrong and stacked[0] == NECK_LAYER:
             raise DetectionError(
                 f"layer {NECK_LAYER!r} is the YOLO neck outputs stacked as pgc's fasterrcnn_reshape_"
@@ -506,6 +510,7 @@ def check_layers(resolved, methods) -> None:
         if wrong:
             raise DetectionError(
                 f"layer {STACK_LAYER!r} is the FPN levels stacked as pgc's fasterrcnn_reshape_transform "
-                f"does, which no gradient or ablation reaches (pgc fails there too): {', '.join(wrong)} "
-                f"cannot use it. Use {', '.join(STACK_METHODS)} on it, or give a tensor layer such as "
+                f"does, which no gradient{'' if served is TWO_STAGE_STACK_METHODS else ' or ablation'} "
+                f"reaches (pgc fails there too): {', '.join(wrong)} "
+                f"cannot use it. Use {', '.join(served)} on it, or give a tensor layer such as "
                 f"backbone.body.layer4 or backbone.fpn.layer_blocks.2 for gradient methods")

@@ -193,6 +193,9 @@ class Explainer:
         (:func:`camexport.graph.ablate.ablation_tail`, which also repeats the values from
         before the layer only where they are read); otherwise the ablated copies run through
         :meth:`tail`. ``image`` as for :meth:`tail`."""
+        own = self.task.ablate(self, layer, channels, values, image)
+        if own is not None:  # a two-stage detector's FPN levels (pgc's AblationLayerFasterRCNN)
+            return own
         axis = channel_axis(self.layers[layer]["layout"], tensor.ndim)
         run = self._ablation_tail(layer, axis)
         if run is None:

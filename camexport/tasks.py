@@ -71,6 +71,13 @@ class Task:
         """Refuse running the model from a layer on (``what``: the method's need), where the
         graph cannot be cut there."""
 
+    def ablate(self, explainer, layer: int, channels: np.ndarray, values: np.ndarray,
+               image: np.ndarray) -> np.ndarray | None:
+        """The model outputs of ``image`` (1, ...) with layer ``layer``'s channel ``channels[i]``
+        ablated in row i, where this kind ablates in its own way (a two-stage detector's FPN
+        levels); None: the Explainer's tail with ``values`` filled in."""
+        return None
+
     def detections(self, outputs: np.ndarray, source) -> list:
         """Per image, the detections in the model's ``outputs`` (detectors only)."""
         from camexport.detection import DetectionError
@@ -248,8 +255,11 @@ class TwoStageTask(DetectorTask):
         super().__init__(manifest, output_shape)
         self.output_shape = self.detection.row_shape  # (P, C, 5): P is free in the graph
         self._source = None
+        self._ablation = None
+        self._levels: tuple | None = None
 
-    def session(self, made, explainer):
+    def _proposals(self, explainer):
+        """The ProposalSource of the artifact's RPN graph, made on first use."""
         from camexport import two_stage
 
         if self._source is None:
@@ -259,18 +269,48 @@ class TwoStageTask(DetectorTask):
             rpn = read_extra(explainer.path, two_stage.RPN_GRAPH, explainer.manifest)
             self._source = two_stage.ProposalSource(session(rpn, explainer.provider), self.detection,
                                                     explainer.forward)
-        return two_stage.ProposalSession(made, self._source, explainer.input_name)
+        return self._source
+
+    def session(self, made, explainer):
+        from camexport import two_stage
+
+        return two_stage.ProposalSession(made, self._proposals(explainer), explainer.input_name)
 
     def release(self):
-        self._source = None
+        self._source = self._ablation = self._levels = None
 
     def check_cut(self, explainer, what):
         from camexport.detection import DetectionError
 
         raise DetectionError(
             f"{what} runs the model from the layer on, and a two-stage detector's box head also "
-            f"reads proposals chosen from the image: not supported yet for Faster R-CNN. Use the "
-            f"gradient methods, EigenCAM or ScoreCAM")
+            f"reads proposals chosen from the image: on Faster R-CNN only the FPN levels can be "
+            f"ablated (build with --layer backbone, pgc's AblationLayerFasterRCNN). Use the "
+            f"gradient methods, EigenCAM or ScoreCAM on other layers")
+
+    def ablate(self, explainer, layer, channels, values, image):
+        """pgc's AblationLayerFasterRCNN on the layer ``backbone`` (camexport.two_stage.LevelAblation;
+        ``values`` are not used: ablated channels are set to -1000); other layers are refused."""
+        from camexport import two_stage
+        from camexport.detection import STACK
+
+        if explainer.layers[layer]["tensor"] != STACK:
+            self.check_cut(explainer, "AblationCAM")
+        source = self._proposals(explainer)
+        if self._ablation is None:
+            from camexport.artifact import read_extra, read_plain
+            from camexport.runtime import session
+
+            rpn = read_extra(explainer.path, two_stage.RPN_GRAPH, explainer.manifest)
+            self._ablation = two_stage.LevelAblation(
+                rpn, read_plain(explainer.path, explainer.manifest), self.detection,
+                lambda model: session(model, explainer.provider, spin=False))
+        key = source.key(image)
+        if self._levels is None or self._levels[0] != key:  # AblationCAM asks per chunk of channels
+            ran = source.session.run(self._ablation.level_outputs,
+                                     {source.image_name: np.ascontiguousarray(image, np.float32)})
+            self._levels = (key, ran)
+        return self._ablation(self._levels[1], channels)
 
 
 def task_for(manifest: dict, output_shape: tuple[int, ...], targets: str | None = None) -> Task:

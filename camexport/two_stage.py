@@ -54,6 +54,11 @@ OBJECTNESS, DELTAS = "objectness", "rpn_deltas"
 PROPOSALS, LEVELS, BOX_ROWS = "proposals", "box_levels", "box_rows"
 #: what pads a batch's proposals to one count: a 1 px box pooled with weight 0 on every level
 PAD_BOX = (0.0, 0.0, 1.0, 1.0)
+#: the value an ablated FPN channel is set to (pgc's AblationLayerFasterRCNN; no minimum rule)
+FPN_ABLATION_VALUE = -1000.0
+#: ablated copies of an image's FPN levels run at once (at 320x320 with 1,000 proposals a copy's
+#: box head input is ~50 MB per pooled level)
+ABLATION_COPIES = 4
 #: torchvision.ops.batched_nms: on CPU, above this many box coordinates it runs NMS per level
 #: (``_batched_nms_vanilla``), at or below it offsets the boxes per level (coordinate trick).
 VANILLA_NMS_NUMEL = 4000
@@ -551,3 +556,89 @@ def _weighted_rows_only(feed: dict, weights_name: str) -> dict:
         boxes[b, :len(k)], levels_[b, :len(k)] = feed[PROPOSALS][b, k], feed[LEVELS][b, k]
         rows[b, :len(k)] = weights[b, k]
     return {**feed, PROPOSALS: boxes, LEVELS: levels_, weights_name: rows}
+
+
+class LevelAblation:
+    """AblationCAM on the stacked FPN levels (the layer ``backbone``), as pgc's
+    AblationLayerFasterRCNN: flat channel k of the stack is channel k - offset of the level it
+    falls in (levels in the backbone's order, each its own channel count), set to
+    :data:`FPN_ABLATION_VALUE` at every position; each ablated copy of the levels gets its own
+    proposals (the RPN head runs on the ablated levels, as the model's RPN does after pgc swaps
+    the backbone for the ablation layer), then the box head on them.
+
+    Two graphs cut from the artifact's: the RPN graph from its ``fpn_<level>`` outputs on
+    (:func:`camexport.graph.cut.layer_tail`), and the box graph from the feature maps its
+    RoiAlign nodes read (identified by their spatial scales, the settings' ``pool_scales``),
+    the proposals and the levels' weights on."""
+
+    def __init__(self, rpn_plain, box_plain, spec: DetectorSpec, make_session):
+        from camexport.graph.cut import layer_tail
+
+        settings = spec.settings
+        self.spec = spec
+        self.level_outputs = [f"fpn_{name}" for name in settings["rpn"]["levels"]]
+        pooled = pooled_features(box_plain, settings["box"])
+        # the box graph's pooled maps, by their level's place among the RPN graph's levels
+        self.pooled = [settings["rpn"]["levels"].index(name) for name in settings["box"]["pooled_levels"]]
+        heads = layer_tail(rpn_plain, self.level_outputs, [OBJECTNESS, DELTAS], rows=False)
+        boxes = layer_tail(box_plain, [*pooled, PROPOSALS, LEVELS], [BOX_ROWS], rows=False)
+        for cut in (heads, boxes):
+            if cut.frontier:
+                raise DetectionError(f"the artifact's graphs read {', '.join(cut.frontier)} past the FPN "
+                                     f"levels: AblationCAM cannot ablate them; rebuild the artifact")
+        self.heads, self.boxes = make_session(heads.model), make_session(boxes.model)
+        self.pooled_names = pooled
+
+    def __call__(self, levels: list[np.ndarray], channels: np.ndarray) -> np.ndarray:
+        """The box rows (n, P, C, 5) of one image whose FPN ``levels`` (each (1, C_l, h, w)) have
+        flat channel ``channels[i]`` ablated in copy i (P: the RPN's post_nms_top_n; the box
+        head runs on each copy's proposals, the rest is rows that score 0)."""
+        offsets = np.cumsum([0] + [level.shape[1] for level in levels])
+        channels = np.asarray(channels, np.int64)
+        if len(channels) and (channels.min() < 0 or channels.max() >= offsets[-1]):
+            raise DetectionError(f"channel {channels.max()} is past the {offsets[-1]} channels of the "
+                                 f"stacked FPN levels")
+        parts = []
+        for start in range(0, len(channels), ABLATION_COPIES):
+            chosen = channels[start:start + ABLATION_COPIES]
+            copies = [np.repeat(level, len(chosen), axis=0) for level in levels]
+            for row, flat in enumerate(chosen):
+                at = int(np.searchsorted(offsets, flat, side="right")) - 1
+                copies[at][row, flat - offsets[at]] = np.float32(FPN_ABLATION_VALUE)
+            objectness, deltas = self.heads.run(
+                [OBJECTNESS, DELTAS], dict(zip(self.level_outputs, copies)))
+            settings = self.spec.settings
+            chosen_boxes = proposals(objectness, deltas, settings["rpn"]["image_size"], settings["rpn"])
+            padded, weights = box_inputs(chosen_boxes, settings["box"])
+            feed = {name: copies[at] for name, at in zip(self.pooled_names, self.pooled)}
+            parts.append(self.boxes.run([BOX_ROWS], {**feed, PROPOSALS: padded, LEVELS: weights})[0])
+        count = self.spec.row_shape[0]
+        return np.concatenate([_pad_rows(p, count) for p in parts]) if parts else np.zeros(
+            (0, *self.spec.row_shape), np.float32)
+
+
+def _pad_rows(rows: np.ndarray, count: int) -> np.ndarray:
+    """(n, P, C, 5) box rows padded to ``count`` proposals with rows that score 0."""
+    if rows.shape[1] == count:
+        return rows
+    padded = np.zeros((rows.shape[0], count, *rows.shape[2:]), rows.dtype)
+    padded[:, :rows.shape[1]] = rows
+    return padded
+
+
+def pooled_features(box_plain, settings: dict) -> list[str]:
+    """The names of the feature maps a box graph's RoiAlign nodes read, one per pooled level in
+    the settings' order (matched by the nodes' ``spatial_scale``: the levels' ``pool_scales``)."""
+    from onnx import helper
+
+    found = {}
+    for node in box_plain.graph.node:
+        if node.op_type == "RoiAlign":
+            scale = next((helper.get_attribute_value(a) for a in node.attribute
+                          if a.name == "spatial_scale"), 1.0)
+            found[round(float(scale), 9)] = node.input[0]
+    try:
+        return [found[round(float(scale), 9)] for scale in settings["pool_scales"]]
+    except KeyError:
+        raise DetectionError(f"the box graph pools at scales {sorted(found)}, not the settings' "
+                             f"{settings['pool_scales']}: rebuild the artifact") from None

@@ -456,7 +456,7 @@ def test_bad_input_gets_errors_that_name_the_fix(resnet):
 
     with pytest.raises(compat.CompatError, match="overrides set_next_batch"):
         compat.AblationCAM(model, [model.layer4[-1]], ablation_layer=Custom())
-    with pytest.raises(compat.CompatError, match="its own proposals"):
+    with pytest.raises(compat.CompatError, match="Faster R-CNN's FPN levels; the model is a ResNet"):
         compat.AblationCAM(model, [model.layer4[-1]], ablation_layer=AblationLayerFasterRCNN())
     with pytest.raises(compat.CompatError, match="give AblationLayer"):
         compat.AblationCAM(model, [model.layer4[-1]], ablation_layer=torch.nn.Identity())

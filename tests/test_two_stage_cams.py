@@ -1,8 +1,8 @@
 """Faster R-CNN end to end, as pgc's detection tutorial: `camexport build` of a pickled
 torchvision ``fasterrcnn_resnet50_fpn`` (the RPN graph and the augmented box graph in one
 artifact), detections replayed in numpy, FasterRCNNBoxScoreTarget through target weights, the
-gradient methods on ``backbone.body.layer4`` and EigenCAM on the stacked FPN levels, against
-pytorch-grad-cam 1.5.7 on the same torch model and images.
+gradient methods on ``backbone.body.layer4``, EigenCAM and AblationCAM on the stacked FPN
+levels, against pytorch-grad-cam 1.5.7 on the same torch model and images.
 
 Random weights (seeded), 320 x 320, batch 2, the model's own resize disabled (min_size =
 max_size = 320, so torchvision's transform leaves the pixels as they are). Random ResNet-50
@@ -52,7 +52,7 @@ def frcnn(tmp_path_factory):
     built = build(str(root / "model.pt"), ["backbone.body.layer4"],
                   [*GRADIENT_METHODS, "eigencam", "ablationcam", "dff"], trust_pickle=True,
                   input_size=(SIZE, SIZE), out_dir=root / "artifact")
-    stack = build(str(root / "model.pt"), ["backbone"], "eigencam", trust_pickle=True,
+    stack = build(str(root / "model.pt"), ["backbone"], ["eigencam", "ablationcam"], trust_pickle=True,
                   input_size=(SIZE, SIZE), out_dir=root / "stack")
     x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)).numpy()
     with torch.no_grad():
@@ -188,8 +188,41 @@ def test_an_image_without_detections_gets_zero_cams(frcnn):
     assert cams.shape == (2, SIZE, SIZE) and not cams.any()
 
 
-def test_ablationcam_is_refused_with_the_fix(frcnn):
-    with pytest.raises(DetectionError, match="two-stage detector's box head"):
+#: AblationCAM's share of channels in the tests (pgc's ratio_channels_to_ablate: the 12 most and
+#: 12 least objective of the 1,280 stacked channels; every channel costs a run of the RPN head
+#: and the box head on its own proposals, on both sides)
+ABLATION_RATIO = 0.01
+
+
+def test_ablationcam_on_the_fpn_levels_matches_pgc(frcnn):
+    """pgc's tutorial: AblationCAM on model.backbone with AblationLayerFasterRCNN (flat channel
+    k of the stack is channel k mod 256 of FPN level k // 256, set to -1000) and
+    fasterrcnn_reshape_transform; each ablated copy gets its own proposals (the RPN runs on the
+    ablated levels). One image; the weights must vary (not every ablation kills the targets)."""
+    from pytorch_grad_cam.ablation_layer import AblationLayerFasterRCNN
+
+    from camexport.methods.perturbation import AblationCAM, ablation_order
+
+    model, x, explainer = frcnn["model"], frcnn["x"][:1], frcnn["stack"]
+    ours_targets, their_targets = _targets(frcnn, 0.0)
+    method = AblationCAM()
+    method.ratio_channels_to_ablate = ABLATION_RATIO
+    inputs = explainer.inputs(x, ours_targets[:1])
+    chosen = ablation_order(inputs.activations[0][0], ABLATION_RATIO)
+    weights = method.weights(inputs, 0)[0][chosen]
+    assert len(set(chosen // 256)) >= 3  # channels of several FPN levels
+    assert len(np.unique(np.round(weights, 4))) >= 3, weights
+    ours = explainer(x, targets=ours_targets[:1], methods=[method]).cams["ablationcam"]
+    cam = pgc.AblationCAM(model, [model.backbone], reshape_transform=fasterrcnn_reshape_transform,
+                          ablation_layer=AblationLayerFasterRCNN(), ratio_channels_to_ablate=ABLATION_RATIO)
+    theirs = cam(input_tensor=torch.tensor(x), targets=their_targets[:1])
+    diff = np.abs(ours - theirs).max()
+    print(f"fasterrcnn backbone ablationcam (ratio {ABLATION_RATIO}): max |diff| {diff:.2e}")
+    assert ours.std() > 0.05 and diff <= TOLERANCE
+
+
+def test_ablationcam_off_the_fpn_levels_is_refused_with_the_fix(frcnn):
+    with pytest.raises(DetectionError, match="only the FPN levels can be ablated"):
         targets, _ = _targets(frcnn, 0.0)
         frcnn["explainer"](frcnn["x"][:1], targets=targets[:1], methods=["ablationcam"])
 
@@ -260,8 +293,9 @@ def test_run_stores_detections_and_renders_them(frcnn):
 def test_pgc_tutorial_through_the_drop_in(frcnn):
     """pgc's tutorial code with camexport.compat's classes in place of pgc's: the torch model's
     own detections as references (a few 1e-3 px off the graph's: the IoU's gradient counts them
-    as the same boxes, detection.BOX_TIE), GradCAM on layer4 and EigenCAM on model.backbone with
-    fasterrcnn_reshape_transform (the graph's stacked levels are not transformed twice)."""
+    as the same boxes, detection.BOX_TIE), GradCAM on layer4, EigenCAM and AblationCAM (with
+    AblationLayerFasterRCNN, one image) on model.backbone with fasterrcnn_reshape_transform (the
+    graph's stacked levels are not transformed twice)."""
     from camexport import compat
     from camexport.compat.utils.model_targets import FasterRCNNBoxScoreTarget as DropInTarget
     from camexport.compat.utils.reshape_transforms import fasterrcnn_reshape_transform as drop_in
@@ -269,14 +303,24 @@ def test_pgc_tutorial_through_the_drop_in(frcnn):
     model, x = frcnn["model"], torch.tensor(frcnn["x"])
     ours_targets = [DropInTarget(d["labels"][:TOP], d["boxes"][:TOP]) for d in frcnn["theirs"]]
     _, their_targets = _targets(frcnn, 0.0)
-    runs = ((compat.GradCAM, pgc.GradCAM, [model.backbone.body.layer4], {}),
-            (compat.EigenCAM, pgc.EigenCAM, [model.backbone], {"reshape_transform": drop_in}))
-    for ours_class, their_class, layers, options in runs:
+    from pytorch_grad_cam.ablation_layer import AblationLayerFasterRCNN as TheirLayer
+
+    from camexport.compat.ablation_layer import AblationLayerFasterRCNN as DropInLayer
+
+    stack = {"reshape_transform": drop_in}
+    ablation = {"ratio_channels_to_ablate": ABLATION_RATIO}
+    runs = ((compat.GradCAM, pgc.GradCAM, [model.backbone.body.layer4], {}, {}, 2),
+            (compat.EigenCAM, pgc.EigenCAM, [model.backbone], stack, {}, 2),
+            (compat.AblationCAM, pgc.AblationCAM, [model.backbone],
+             {**stack, **ablation, "ablation_layer": DropInLayer()},
+             {**ablation, "ablation_layer": TheirLayer()}, 1))
+    for ours_class, their_class, layers, options, their_options, images in runs:
         with ours_class(model=model, target_layers=layers, **options) as cam:
-            ours = cam(input_tensor=x, targets=ours_targets)
-        theirs_options = {"reshape_transform": fasterrcnn_reshape_transform} if options else {}
-        with their_class(model=model, target_layers=layers, **theirs_options) as cam:
-            theirs = cam(input_tensor=x, targets=their_targets)
+            ours = cam(input_tensor=x[:images], targets=ours_targets[:images])
+        if "reshape_transform" in options:
+            their_options = {**their_options, "reshape_transform": fasterrcnn_reshape_transform}
+        with their_class(model=model, target_layers=layers, **their_options) as cam:
+            theirs = cam(input_tensor=x[:images], targets=their_targets[:images])
         diff = np.abs(ours - theirs).max()
         print(f"fasterrcnn drop-in {ours_class.__name__}: max |diff| {diff:.2e}")
         assert ours.std() > 0.05 and diff <= TOLERANCE, f"{ours_class.__name__}: {diff:.2e}"

@@ -38,13 +38,12 @@ import torch
 from camexport.errors import CamexportError
 from camexport.methods.perturbation import OBJECTIVENESS_THRESHOLD, ablation_order, ablation_values
 from camexport.methods.pipeline import eigen_projection
+from camexport.two_stage import FPN_ABLATION_VALUE  # pgc's constant for an ablated FPN channel
 
 #: torchvision's FPN levels, in the order of the flat channel index of fasterrcnn_reshape_transform
 FPN_LEVELS = ("0", "1", "2", "3", "pool")
 #: channels per FPN level (torchvision's out_channels)
 FPN_CHANNELS = 256
-#: the value an ablated FPN channel is set to (pgc's constant; no minimum rule)
-FPN_ABLATION_VALUE = -1000.0
 
 
 class AblationLayerError(CamexportError, RuntimeError):

@@ -134,15 +134,17 @@ class ScoreCAM(BaseCAM):
 class AblationCAM(BaseCAM):
     """Desai & Ramaswamy 2020: w = (o - s_c) / o with channel c ablated. camexport ablates inside
     the tail graph, so ``ablation_layer`` only has to be one of pgc's kinds (AblationLayer,
-    AblationLayerVit: the layer's layout is read from the graph); ``batch_size`` sets pgc's
-    chunking of ablation values (it changes the numbers, reference §3.8)."""
+    AblationLayerVit: the layer's layout is read from the graph; AblationLayerFasterRCNN on a
+    Faster R-CNN's ``backbone``: each ablated copy of the FPN levels gets its own proposals);
+    ``batch_size`` sets pgc's chunking of ablation values (it changes the numbers, reference
+    §3.8)."""
 
     method = "ablationcam"
 
     def __init__(self, model, target_layers, reshape_transform=None, ablation_layer=AblationLayer(),  # noqa: B008 (pgc's default)
                  batch_size=32, ratio_channels_to_ablate=1.0):
         super().__init__(model, target_layers, reshape_transform, uses_gradients=False)
-        check_ablation_layer(ablation_layer)
+        check_ablation_layer(ablation_layer, model)
         self.ablation_layer = ablation_layer
         self.batch_size = batch_size
         self.ratio_channels_to_ablate = ratio_channels_to_ablate
@@ -155,35 +157,41 @@ class AblationCAM(BaseCAM):
 #: what an ablation layer does, in pgc's protocol; camexport does it in the graph instead
 _ABLATION_BEHAVIOUR = ("__call__", "forward", "set_next_batch", "activations_to_be_ablated",
                        "objectiveness_mask_from_svd")
+#: pgc's own ablation layers, accepted as they are
+_PGC_ABLATION_LAYERS = ("AblationLayer", "AblationLayerVit", "AblationLayerFasterRCNN")
 
 
-def check_ablation_layer(layer) -> None:
+def check_ablation_layer(layer, model=None) -> None:
     """Refuse an ``ablation_layer`` whose numbers camexport would not compute: camexport
     ablates inside the tail graph with pgc's AblationLayer rule (the layout, NCHW or tokens as
     AblationLayerVit, read from the graph), so a subclass that changes how channels are
-    ablated, and Faster R-CNN's FPN ablation (its ablated copies would need new proposals, which
-    camexport's box graph takes from outside), would be silently ignored."""
+    ablated would be silently ignored. AblationLayerFasterRCNN is the FPN levels' ablation of a
+    torchvision Faster R-CNN (``model``), which camexport.two_stage.LevelAblation does."""
     from camexport.compat import ablation_layer as kinds
 
     klass = type(layer)
-    if klass.__module__.startswith("pytorch_grad_cam") and klass.__name__ in ("AblationLayer",
-                                                                             "AblationLayerVit"):
-        return
-    if klass.__name__ == "AblationLayerFasterRCNN" or isinstance(layer, kinds.AblationLayerFasterRCNN):
-        raise CompatError("AblationLayerFasterRCNN: AblationCAM on a two-stage detector (Faster R-CNN) "
-                          "is not supported by camexport yet (each ablated copy needs its own proposals); "
-                          "use the gradient methods on backbone.body.layer4, EigenCAM on the backbone, "
-                          "or pgc for AblationCAM on this model")
-    if not isinstance(layer, kinds.AblationLayer):
-        raise CompatError(f"ablation_layer is a {klass.__name__}; give AblationLayer() (CNN layers) or "
-                          f"AblationLayerVit() (token layers) from camexport.compat.ablation_layer")
-    own = kinds.AblationLayerVit if isinstance(layer, kinds.AblationLayerVit) else kinds.AblationLayer
-    subclasses = klass.__mro__[:klass.__mro__.index(own)]
-    custom = sorted({name for base in subclasses for name in _ABLATION_BEHAVIOUR if name in vars(base)})
-    if custom:
-        raise CompatError(f"{klass.__name__} overrides {', '.join(custom)}: camexport ablates inside the "
-                          f"graph with AblationLayer's rule and would not run your code; use "
-                          f"AblationLayer()/AblationLayerVit(), or ScoreCAM for another perturbation")
+    if klass.__module__.startswith("pytorch_grad_cam") and klass.__name__ in _PGC_ABLATION_LAYERS:
+        own = getattr(kinds, klass.__name__)
+    elif isinstance(layer, kinds.AblationLayer):
+        own = next(k for k in (kinds.AblationLayerFasterRCNN, kinds.AblationLayerVit, kinds.AblationLayer)
+                   if isinstance(layer, k))
+        subclasses = klass.__mro__[:klass.__mro__.index(own)]
+        custom = sorted({name for base in subclasses for name in _ABLATION_BEHAVIOUR if name in vars(base)})
+        if custom:
+            raise CompatError(f"{klass.__name__} overrides {', '.join(custom)}: camexport ablates inside "
+                              f"the graph with {own.__name__}'s rule and would not run your code; use "
+                              f"{own.__name__}(), or ScoreCAM for another perturbation")
+    else:
+        raise CompatError(f"ablation_layer is a {klass.__name__}; give AblationLayer() (CNN layers), "
+                          f"AblationLayerVit() (token layers) or AblationLayerFasterRCNN() (a Faster "
+                          f"R-CNN's backbone) from camexport.compat.ablation_layer")
+    if own is kinds.AblationLayerFasterRCNN:
+        from torchvision.models.detection import FasterRCNN
+
+        if not isinstance(model, FasterRCNN):
+            raise CompatError(f"AblationLayerFasterRCNN ablates a torchvision Faster R-CNN's FPN levels; "
+                              f"the model is a {type(model).__name__}: use AblationLayer() (CNN layers) "
+                              f"or AblationLayerVit() (token layers)")
 
 
 class FullGrad(BaseCAM):

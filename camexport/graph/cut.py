@@ -123,7 +123,7 @@ def split_by_targets(model: onnx.ModelProto, outputs: Sequence[str] | None = Non
                  if node.op_type == op and len(node.output) > k}
     outputs = [o.name for o in graph.output]
     tail_outputs = [name for name in outputs if name in dependent]
-    tail_nodes, frontier = _walk_tail(graph, TARGET_WEIGHTS, tail_outputs, dependent,
+    tail_nodes, frontier = _walk_tail(graph, [TARGET_WEIGHTS], tail_outputs, dependent,
                                       lambda name: name not in positions and _batch_major(info, name, batch))
     if frontier == [image] or not frontier:
         return None
@@ -148,19 +148,20 @@ def _batch_major(info: dict, name: str, batch: str) -> bool:
     return len(dims) > 0 and dims[0].dim_param == batch
 
 
-def _walk_tail(graph: onnx.GraphProto, source: str, outputs: Sequence[str], dependent: set[str],
+def _walk_tail(graph: onnx.GraphProto, sources: Iterable[str], outputs: Sequence[str], dependent: set[str],
                batch_major) -> tuple[list[int], list[str]]:
-    """The nodes (graph order) computing ``outputs`` from the value ``source``, and their
-    *frontier*: the batch-major values they read that are not computed from ``source`` (fed
-    from a run before, one row per row of ``source``). Values that are not batch-major (shapes,
-    constants) are recomputed from what they come from."""
+    """The nodes (graph order) computing ``outputs`` from the values ``sources``, and their
+    *frontier*: the batch-major values they read that are not computed from ``sources`` (fed
+    from a run before, one row per row of the sources). Values that are not batch-major
+    (shapes, constants) are recomputed from what they come from."""
+    sources = set(sources)
     initializers = {t.name for t in graph.initializer}
     producer = {out: k for k, node in enumerate(graph.node) for out in node.output}
     nodes, frontier, seen = set(), [], set()
     pending = list(outputs)
     while pending:
         name = pending.pop()
-        if not name or name in seen or name == source or name in initializers:
+        if not name or name in seen or name in sources or name in initializers:
             continue
         seen.add(name)
         if name in dependent or (name in producer and not batch_major(name)):
@@ -183,19 +184,23 @@ class LayerTail:
     before: onnx.ModelProto | None
 
 
-def layer_tail(plain: onnx.ModelProto, tensor: str, output: str, rows: bool = True) -> LayerTail:
+def layer_tail(plain: onnx.ModelProto, tensor: str | Sequence[str], output: str | Sequence[str],
+               rows: bool = True) -> LayerTail:
     """:class:`LayerTail` of ``plain`` (a graph with a symbolic batch axis) from value ``tensor``
-    to ``output``; with ``rows``, computing only the rows the output reads
-    (:func:`camexport.graph.prune_rows.prune_rows`: a ViT's last block for its class token)."""
+    (or several: a two-stage detector's FPN levels) to ``output`` (or several); with ``rows``,
+    computing only the rows the output reads (:func:`camexport.graph.prune_rows.prune_rows`: a
+    ViT's last block for its class token)."""
     graph = plain.graph
     info = _value_info(plain)
     image = graph.input[0].name
     batch = info[image].type.tensor_type.shape.dim[0].dim_param
-    nodes, frontier = _walk_tail(graph, tensor, [output], target_dependent(plain, tensor),
+    tensors = [tensor] if isinstance(tensor, str) else list(tensor)
+    outputs = [output] if isinstance(output, str) else list(output)
+    nodes, frontier = _walk_tail(graph, tensors, outputs, computed_from(graph.node, tensors),
                                  lambda name: bool(batch) and _batch_major(info, name, batch))
     declared = {o.name: o for o in graph.output}
-    tail = _submodel(plain, nodes, [info[tensor]] + [info[n] for n in frontier],
-                     [declared.get(output) or info[output]], "layer-tail")
+    tail = _submodel(plain, nodes, [info[t] for t in tensors] + [info[n] for n in frontier],
+                     [declared.get(o) or info[o] for o in outputs], "layer-tail")
     if rows:
         tail = prune_rows(tail)
     before = None
