@@ -307,10 +307,13 @@ class TwoStageTask(DetectorTask):
                 lambda model: session(model, explainer.provider, spin=False))
         key = source.key(image)
         if self._levels is None or self._levels[0] != key:  # AblationCAM asks per chunk of channels
-            ran = source.session.run(self._ablation.level_outputs,
-                                     {source.image_name: np.ascontiguousarray(image, np.float32)})
-            self._levels = (key, ran)
-        return self._ablation(self._levels[1], channels)
+            outputs = [two_stage.OBJECTNESS, two_stage.DELTAS, *self._ablation.level_outputs]
+            ran = source.session.run(outputs, {source.image_name: np.ascontiguousarray(image, np.float32)})
+            feeds = source(image, key)
+            count = int(feeds[two_stage.LEVELS][0].sum())  # real proposals, before the padding
+            self._levels = (key, self._ablation.for_image(ran, feeds[two_stage.PROPOSALS][0, :count],
+                                                          source.rows(image, key)[0, :count]))
+        return self._levels[1](channels)
 
 
 def task_for(manifest: dict, output_shape: tuple[int, ...], targets: str | None = None) -> Task:

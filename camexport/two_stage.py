@@ -230,7 +230,7 @@ def box_graph(model, size: tuple[int, int]):
     return _box_graph_class()(model.eval(), size).eval()
 
 
-def levels(boxes: np.ndarray, settings: dict) -> np.ndarray:
+def levels_of(boxes: np.ndarray, settings: dict) -> np.ndarray:
     """torchvision's LevelMapper in float32: the pooled level (0-based) of each (n, 4) box,
     floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6), clamped."""
     boxes = np.asarray(boxes, np.float32).reshape(-1, BOX)
@@ -254,7 +254,7 @@ def box_inputs(proposals: list[np.ndarray], settings: dict, count: int | None = 
         if len(boxes) > count:
             raise DetectionError(f"image {k} has {len(boxes)} proposals; the batch holds {count}")
         padded[k, :len(boxes)] = boxes
-        weights[k, np.arange(len(boxes)), levels(boxes, settings)] = 1.0
+        weights[k, np.arange(len(boxes)), levels_of(boxes, settings)] = 1.0
     return padded, weights
 
 
@@ -566,64 +566,179 @@ class LevelAblation:
     proposals (the RPN head runs on the ablated levels, as the model's RPN does after pgc swaps
     the backbone for the ablation layer), then the box head on them.
 
-    Two graphs cut from the artifact's: the RPN graph from its ``fpn_<level>`` outputs on
-    (:func:`camexport.graph.cut.layer_tail`), and the box graph from the feature maps its
-    RoiAlign nodes read (identified by their spatial scales, the settings' ``pool_scales``),
-    the proposals and the levels' weights on."""
+    Both heads work level by level, which makes most of pgc's work a repeat of the unablated
+    image's: the RPN head of an ablated level changes that level's anchors only, and a
+    proposal's box row reads the one level it is pooled from. So the graphs are cut per level:
+
+    - the RPN graph from ``fpn_<level>`` to that level's part of ``objectness`` and
+      ``rpn_deltas`` (the inputs of the Concat nodes that make them); the other levels' parts
+      are the unablated image's;
+    - the box graph from one pooled level's feature map (a RoiAlign node's input, identified
+      by its spatial scale, the settings' ``pool_scales``), the proposals and the levels'
+      weights to ``box_rows``, the sum over levels rewired to that level's RoiAlign (the
+      others weigh 0 there).
+
+    A proposal pooled from an unablated level gets the unablated image's row for its box
+    (computed once per image and box: :class:`ImageAblation`); only the proposals pooled from
+    the ablated level run the box head on the ablated copy. The rows are the same as running
+    every copy through the whole model (the row-wise box head gives each row from its own box
+    and level)."""
 
     def __init__(self, rpn_plain, box_plain, spec: DetectorSpec, make_session):
         from camexport.graph.cut import layer_tail
 
         settings = spec.settings
         self.spec = spec
-        self.level_outputs = [f"fpn_{name}" for name in settings["rpn"]["levels"]]
-        pooled = pooled_features(box_plain, settings["box"])
-        # the box graph's pooled maps, by their level's place among the RPN graph's levels
-        self.pooled = [settings["rpn"]["levels"].index(name) for name in settings["box"]["pooled_levels"]]
-        heads = layer_tail(rpn_plain, self.level_outputs, [OBJECTNESS, DELTAS], rows=False)
-        boxes = layer_tail(box_plain, [*pooled, PROPOSALS, LEVELS], [BOX_ROWS], rows=False)
-        for cut in (heads, boxes):
+        names = settings["rpn"]["levels"]
+        self.level_outputs = [f"fpn_{name}" for name in names]
+        pieces = [_level_parts(rpn_plain, output, len(names)) for output in (OBJECTNESS, DELTAS)]
+        heads = [layer_tail(rpn_plain, [level], [objectness, deltas], rows=False)
+                 for level, objectness, deltas in zip(self.level_outputs, *pieces)]
+        self.pooled_names = pooled_features(box_plain, settings["box"])
+        #: the RPN level (index in ``names``) of each pooled level
+        self.pooled = [names.index(name) for name in settings["box"]["pooled_levels"]]
+        boxes = [layer_tail(_pooled_from(box_plain, self.pooled_names, k), [name, PROPOSALS, LEVELS],
+                            [BOX_ROWS], rows=False) for k, name in enumerate(self.pooled_names)]
+        for cut in (*heads, *boxes):
             if cut.frontier:
-                raise DetectionError(f"the artifact's graphs read {', '.join(cut.frontier)} past the FPN "
-                                     f"levels: AblationCAM cannot ablate them; rebuild the artifact")
-        self.heads, self.boxes = make_session(heads.model), make_session(boxes.model)
-        self.pooled_names = pooled
+                raise DetectionError(f"the artifact's graphs read {', '.join(cut.frontier)} past an FPN "
+                                     f"level: AblationCAM cannot ablate it; rebuild the artifact")
+        self.heads = [make_session(cut.model) for cut in heads]
+        self.boxes = [make_session(cut.model) for cut in boxes]
+        self.head_parts = [tuple(p[k] for p in pieces) for k in range(len(names))]
+        counts = [len(a) for a in anchors(settings["rpn"], settings["rpn"]["image_size"])]
+        self.anchor_slices = [slice(int(s), int(s + c)) for s, c in zip(np.cumsum([0] + counts), counts)]
 
-    def __call__(self, levels: list[np.ndarray], channels: np.ndarray) -> np.ndarray:
-        """The box rows (n, P, C, 5) of one image whose FPN ``levels`` (each (1, C_l, h, w)) have
-        flat channel ``channels[i]`` ablated in copy i (P: the RPN's post_nms_top_n; the box
-        head runs on each copy's proposals, the rest is rows that score 0)."""
-        offsets = np.cumsum([0] + [level.shape[1] for level in levels])
+    def for_image(self, outputs: list[np.ndarray], proposals_: np.ndarray, rows: np.ndarray
+                  ) -> ImageAblation:
+        """The ablations of one image: ``outputs`` its RPN graph outputs (objectness, deltas,
+        the FPN levels; one row each), ``proposals_`` (p, 4) and ``rows`` (p, C, 5) its
+        proposals and their box rows."""
+        return ImageAblation(self, outputs, proposals_, rows)
+
+    def box_rows(self, pooled: int, features: np.ndarray, boxes: list[np.ndarray]) -> list[np.ndarray]:
+        """The box rows (p_i, C, 5) of ``boxes[i]`` (p_i, 4), all pooled from pooled level
+        ``pooled``, on row i of ``features`` (that level's feature maps)."""
+        count = max([len(b) for b in boxes] + [1])
+        padded = np.tile(np.asarray(PAD_BOX, np.float32), (len(boxes), count, 1))
+        weights = np.zeros((len(boxes), count, len(self.pooled)), np.float32)
+        for k, b in enumerate(boxes):
+            padded[k, :len(b)], weights[k, :len(b), pooled] = b, 1.0
+        rows = self.boxes[pooled].run([BOX_ROWS], {self.pooled_names[pooled]: features,
+                                                    PROPOSALS: padded, LEVELS: weights})[0]
+        return [rows[k, :len(b)] for k, b in enumerate(boxes)]
+
+
+class ImageAblation:
+    """:class:`LevelAblation` on one image: its unablated RPN outputs and levels, and the box
+    rows of every box pooled from an unablated level met so far (a box's row does not depend
+    on the ablation when its level is not the ablated one)."""
+
+    def __init__(self, owner: LevelAblation, outputs: list[np.ndarray], proposals_: np.ndarray,
+                 rows: np.ndarray):
+        self.owner = owner
+        self.objectness, self.deltas = (np.asarray(o, np.float32) for o in outputs[:2])
+        self.levels = list(outputs[2:])
+        boxes = np.ascontiguousarray(proposals_, np.float32)
+        self.known = {box.tobytes(): row for box, row in zip(boxes, rows)}
+
+    def __call__(self, channels: np.ndarray) -> np.ndarray:
+        """The box rows (n, P, C, 5) of the image with flat channel ``channels[i]`` ablated in
+        copy i (P: the RPN's post_nms_top_n; past each copy's proposals, rows that score 0)."""
+        owner = self.owner
+        offsets = np.cumsum([0] + [level.shape[1] for level in self.levels])
         channels = np.asarray(channels, np.int64)
         if len(channels) and (channels.min() < 0 or channels.max() >= offsets[-1]):
             raise DetectionError(f"channel {channels.max()} is past the {offsets[-1]} channels of the "
                                  f"stacked FPN levels")
-        parts = []
-        for start in range(0, len(channels), ABLATION_COPIES):
-            chosen = channels[start:start + ABLATION_COPIES]
-            copies = [np.repeat(level, len(chosen), axis=0) for level in levels]
-            for row, flat in enumerate(chosen):
-                at = int(np.searchsorted(offsets, flat, side="right")) - 1
-                copies[at][row, flat - offsets[at]] = np.float32(FPN_ABLATION_VALUE)
-            objectness, deltas = self.heads.run(
-                [OBJECTNESS, DELTAS], dict(zip(self.level_outputs, copies)))
-            settings = self.spec.settings
-            chosen_boxes = proposals(objectness, deltas, settings["rpn"]["image_size"], settings["rpn"])
-            padded, weights = box_inputs(chosen_boxes, settings["box"])
-            feed = {name: copies[at] for name, at in zip(self.pooled_names, self.pooled)}
-            parts.append(self.boxes.run([BOX_ROWS], {**feed, PROPOSALS: padded, LEVELS: weights})[0])
-        count = self.spec.row_shape[0]
-        return np.concatenate([_pad_rows(p, count) for p in parts]) if parts else np.zeros(
-            (0, *self.spec.row_shape), np.float32)
+        ablated = np.searchsorted(offsets, channels, side="right") - 1
+        result = np.zeros((len(channels), *owner.spec.row_shape), np.float32)
+        for level in np.unique(ablated):
+            places = np.flatnonzero(ablated == level)
+            for start in range(0, len(places), ABLATION_COPIES):
+                at = places[start:start + ABLATION_COPIES]
+                copies = np.repeat(self.levels[level], len(at), axis=0)
+                for row, flat in enumerate(channels[at]):
+                    copies[row, flat - offsets[level]] = np.float32(FPN_ABLATION_VALUE)
+                found = self._proposals(level, copies)
+                result[at] = self._rows(level, copies, found)
+        return result
+
+    def _proposals(self, level: int, copies: np.ndarray) -> list[np.ndarray]:
+        """Each copy's proposals: the ablated level's part of the RPN outputs from its head,
+        the other levels' the image's."""
+        owner, settings = self.owner, self.owner.spec.settings
+        part = owner.head_parts[level]
+        objectness_part, deltas_part = owner.heads[level].run(list(part),
+                                                              {owner.level_outputs[level]: copies})
+        where = owner.anchor_slices[level]
+        objectness = np.repeat(self.objectness.reshape(1, -1), len(copies), axis=0)
+        deltas = np.repeat(self.deltas.reshape(1, -1, BOX), len(copies), axis=0)
+        objectness[:, where] = objectness_part.reshape(len(copies), -1)
+        deltas[:, where] = deltas_part.reshape(len(copies), -1, BOX)
+        return proposals(objectness, deltas, settings["rpn"]["image_size"], settings["rpn"])
+
+    def _rows(self, level: int, copies: np.ndarray, found: list[np.ndarray]) -> np.ndarray:
+        """(n, P, C, 5): copy i's rows of its proposals ``found[i]`` (``level`` ablated)."""
+        owner, settings = self.owner, self.owner.spec.settings
+        pooled_at = [levels_of(boxes, settings["box"]) for boxes in found]
+        ablated_pooled = owner.pooled.index(level) if level in owner.pooled else -1
+        # boxes on unablated levels: the image's rows, computed once per box
+        missing = {}
+        for boxes, pooled in zip(found, pooled_at):
+            for box, k in zip(np.ascontiguousarray(boxes, np.float32), pooled):
+                if k != ablated_pooled and box.tobytes() not in self.known:
+                    missing.setdefault(int(k), {})[box.tobytes()] = box
+        for k, boxes in missing.items():
+            features = self.levels[owner.pooled[k]]
+            ran = owner.box_rows(k, features, [np.asarray(list(boxes.values()))])[0]
+            self.known.update(zip(boxes, ran))
+        own = [boxes[pooled == ablated_pooled] for boxes, pooled in zip(found, pooled_at)]
+        computed = (owner.box_rows(ablated_pooled, copies, own) if ablated_pooled >= 0 and
+                    any(len(b) for b in own) else [None] * len(found))
+        result = np.zeros((len(found), *owner.spec.row_shape), np.float32)
+        for row, (boxes, pooled, mine) in enumerate(zip(found, pooled_at, computed)):
+            boxes = np.ascontiguousarray(boxes, np.float32)
+            reused = np.flatnonzero(pooled != ablated_pooled)
+            if len(reused):
+                result[row, reused] = np.stack([self.known[boxes[j].tobytes()] for j in reused])
+            if mine is not None and len(mine):
+                result[row, np.flatnonzero(pooled == ablated_pooled)] = mine
+        return result
 
 
-def _pad_rows(rows: np.ndarray, count: int) -> np.ndarray:
-    """(n, P, C, 5) box rows padded to ``count`` proposals with rows that score 0."""
-    if rows.shape[1] == count:
-        return rows
-    padded = np.zeros((rows.shape[0], count, *rows.shape[2:]), rows.dtype)
-    padded[:, :rows.shape[1]] = rows
-    return padded
+def _level_parts(plain, output: str, count: int) -> list[str]:
+    """The per-level inputs of the Concat node that ``output`` is made from (through the
+    single-input reshapes after it): torchvision's concat_box_prediction_layers."""
+    producer = {name: node for node in plain.graph.node for name in node.output}
+    node = producer.get(output)
+    while node is not None and node.op_type != "Concat":
+        node = producer.get(node.input[0])
+    if node is None or len(node.input) != count:
+        raise DetectionError(f"the RPN graph's {output!r} is not a Concat of its {count} levels' parts: "
+                             f"AblationCAM cannot ablate one level; rebuild the artifact")
+    return list(node.input)
+
+
+def _pooled_from(box_plain, pooled_names: list[str], k: int):
+    """A copy of the box graph in which the pooled features (the sum of every level's RoiAlign
+    weighted by ``box_levels``) are level ``k``'s RoiAlign only: the same rows for boxes on
+    that level, without pooling them on the others."""
+    import onnx
+
+    from camexport.graph.cut import computed_from
+
+    graph = box_plain.graph
+    pools = [next(n for n in graph.node if n.op_type == "RoiAlign" and n.input[0] == name)
+             for name in pooled_names]
+    reached = [computed_from(graph.node, [pool.output[0]]) for pool in pools]
+    common = set.intersection(*reached)
+    summed = next(name for node in graph.node for name in node.output if name in common)
+    model = onnx.ModelProto()
+    model.CopyFrom(box_plain)
+    for node in model.graph.node:
+        node.input[:] = [pools[k].output[0] if name == summed else name for name in node.input]
+    return model
 
 
 def pooled_features(box_plain, settings: dict) -> list[str]:

@@ -223,9 +223,9 @@ def test_levels_match_torchvision_level_mapper(case, boxes):
     squares = np.concatenate([squares, squares * np.float32(0.999), squares * np.float32(1.001)])
     for boxes_ in [*proposals, squares]:
         theirs = mapper([torch.from_numpy(boxes_)]).numpy()
-        np.testing.assert_array_equal(two_stage.levels(boxes_, settings), theirs)
+        np.testing.assert_array_equal(two_stage.levels_of(boxes_, settings), theirs)
     # ResNet-50's FPN pools 4 levels (strides 4-32); MobileNet's two are both at stride 32
-    used = np.unique(two_stage.levels(np.concatenate(proposals), settings))
+    used = np.unique(two_stage.levels_of(np.concatenate(proposals), settings))
     assert (len(used) > 1) == (settings["level_min"] < settings["level_max"])
 
 

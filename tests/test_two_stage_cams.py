@@ -221,6 +221,43 @@ def test_ablationcam_on_the_fpn_levels_matches_pgc(frcnn):
     assert ours.std() > 0.05 and diff <= TOLERANCE
 
 
+def test_level_ablation_equals_whole_ablated_copies(frcnn):
+    """two_stage.LevelAblation runs each head on the ablated level only and reuses the image's
+    rows for boxes pooled from other levels: the rows equal running each ablated copy of all
+    levels through the RPN head, the proposals and the whole box head (graphs cut at all the
+    FPN levels), on channels of every level."""
+    from camexport import two_stage
+    from camexport.artifact import read_extra, read_plain
+    from camexport.graph.cut import layer_tail
+    from camexport.runtime import session
+
+    explainer, x = frcnn["stack"], frcnn["x"][:1]
+    channels = np.array([5, 300, 600, 900, 1100, 1200, 10, 700, 1279, 256])
+    ours = explainer.ablate(0, None, channels, None, x)
+    ablation, image = explainer.task._ablation, explainer.task._levels[1]
+    settings = explainer.detection.settings
+    rpn = read_extra(explainer.path, two_stage.RPN_GRAPH, explainer.manifest)
+    box = read_plain(explainer.path, explainer.manifest)
+    heads = session(layer_tail(rpn, ablation.level_outputs, [two_stage.OBJECTNESS, two_stage.DELTAS],
+                               rows=False).model, "cpu")
+    boxes = session(layer_tail(box, [*ablation.pooled_names, two_stage.PROPOSALS, two_stage.LEVELS],
+                               [two_stage.BOX_ROWS], rows=False).model, "cpu")
+    offsets = np.cumsum([0] + [level.shape[1] for level in image.levels])
+    for row, channel in enumerate(channels):
+        level = int(np.searchsorted(offsets, channel, side="right")) - 1
+        copies = [v.copy() for v in image.levels]
+        copies[level][0, channel - offsets[level]] = two_stage.FPN_ABLATION_VALUE
+        objectness, deltas = heads.run([two_stage.OBJECTNESS, two_stage.DELTAS],
+                                       dict(zip(ablation.level_outputs, copies)))
+        found = two_stage.proposals(objectness, deltas, settings["rpn"]["image_size"], settings["rpn"])
+        padded, weights = two_stage.box_inputs(found, settings["box"])
+        feed = {name: copies[at] for name, at in zip(ablation.pooled_names, ablation.pooled)}
+        rows = boxes.run([two_stage.BOX_ROWS], {**feed, two_stage.PROPOSALS: padded,
+                                                two_stage.LEVELS: weights})[0][0]
+        assert len(found[0]) > 0 and not ours[row, len(found[0]):].any()
+        np.testing.assert_allclose(ours[row, :len(found[0])], rows, atol=1e-6, rtol=0)
+
+
 def test_ablationcam_off_the_fpn_levels_is_refused_with_the_fix(frcnn):
     with pytest.raises(DetectionError, match="only the FPN levels can be ablated"):
         targets, _ = _targets(frcnn, 0.0)

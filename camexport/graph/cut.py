@@ -113,7 +113,7 @@ def split_by_targets(model: onnx.ModelProto, outputs: Sequence[str] | None = Non
            for node in graph.node for a in node.attribute):
         return None
     image = next(i.name for i in graph.input if i.name != TARGET_WEIGHTS)
-    info = _value_info(without_weights(model))
+    info = _value_info(model)
     batch = info[image].type.tensor_type.shape.dim[0].dim_param
     if not batch:
         return None
@@ -138,7 +138,7 @@ def split_by_targets(model: onnx.ModelProto, outputs: Sequence[str] | None = Non
 
 def _value_info(model: onnx.ModelProto) -> dict:
     """Every value's inferred type by name (inputs and outputs included)."""
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
+    inferred = onnx.shape_inference.infer_shapes(without_weights(model), data_prop=True).graph
     return {v.name: v for v in [*inferred.value_info, *inferred.input, *inferred.output]}
 
 
