@@ -1,6 +1,6 @@
 """Detectors: camexport against pytorch-grad-cam 1.5.7, and against a plain forward.
 
-    .venv/bin/python scripts/bench_detectors.py                 # both parts (~5 min on 2 cores)
+    .venv/bin/python scripts/bench_detectors.py                 # all parts (~12 min on 2 cores)
     .venv/bin/python scripts/bench_detectors.py --only faster-rcnn --images 4 --size 416
 
 Faster R-CNN (pgc's own detection tutorial): torchvision ``fasterrcnn_resnet50_fpn`` with random
@@ -10,6 +10,11 @@ detections, then GradCAM on ``backbone.body.layer4`` with FasterRCNNBoxScoreTarg
 image's top 3 detections (each side its own). pgc runs the torch model (torch threads = cores);
 camexport the artifact's RPN graph, numpy proposals and the box graph on onnxruntime. Median
 seconds per image after one warm-up image; max |diff| of the two sides' CAMs.
+
+Faster R-CNN AblationCAM (the tutorial's AblationLayerFasterRCNN on ``model.backbone`` with
+fasterrcnn_reshape_transform), on --ablation-images photos with pgc's ratio_channels_to_ablate
+--ablation-ratio (default 0.05: 2 x 64 of the 1,280 stacked channels; every ablated channel
+costs each side an RPN and box-head run on its own proposals, so time grows with it linearly).
 
 YOLO: YOLOv8n from its yaml (random weights, seeded, made to give detections by
 camexport.yolo.spread_random_scores, as the tests do), Ultralytics' own ONNX export at
@@ -65,43 +70,58 @@ def faster_prepare(work: Path, size: int, images: int) -> dict:
     elapsed, _ = _timed(lambda: build(str(work / "fasterrcnn.pt"), ["backbone.body.layer4"], "gradcam",
                                       trust_pickle=True, input_size=(size, size),
                                       out_dir=work / "fasterrcnn", overwrite=True))
+    build(str(work / "fasterrcnn.pt"), ["backbone"], "ablationcam", trust_pickle=True,
+          input_size=(size, size), out_dir=work / "fasterrcnn-stack", overwrite=True)
     np.save(work / "faster-images.npy", _photos(size, images, letterbox=False))
     return {"build_s": elapsed}
 
 
-def faster_camexport(work: Path) -> dict:
+def faster_camexport(work: Path, ratio: float | None, images: int | None) -> dict:
+    """GradCAM on layer4 (``ratio`` None) or AblationCAM on the stacked levels, per image."""
     from camexport.detection import FasterRCNNBoxScoreTarget
     from camexport.explain import Explainer
+    from camexport.methods.perturbation import AblationCAM
 
-    explainer = Explainer(work / "fasterrcnn")
-    x = np.load(work / "faster-images.npy")
+    if ratio is None:
+        explainer, method = Explainer(work / "fasterrcnn"), "gradcam"
+    else:
+        explainer, method = Explainer(work / "fasterrcnn-stack"), AblationCAM()
+        method.ratio_channels_to_ablate = ratio
+    x = np.load(work / "faster-images.npy")[:images]
 
     def one(image):
         found = explainer.detect(image)[0]
         target = FasterRCNNBoxScoreTarget(found.labels[:TOP], found.boxes[:TOP])
-        return explainer(image, targets=[target], methods=["gradcam"]).cams["gradcam"][0]
+        return next(iter(explainer(image, targets=[target], methods=[method]).cams.values()))[0]
 
-    return _per_image(x, one, work / "faster-camexport.npy")
+    return _per_image(x, one, work / f"faster-camexport-{ratio}.npy")
 
 
-def faster_pgc(work: Path) -> dict:
+def faster_pgc(work: Path, ratio: float | None, images: int | None) -> dict:
     import pytorch_grad_cam as pgc
     import torch
+    from pytorch_grad_cam.ablation_layer import AblationLayerFasterRCNN
     from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget
+    from pytorch_grad_cam.utils.reshape_transforms import fasterrcnn_reshape_transform
 
     torch.set_num_threads(cores())
     model = torch.load(work / "fasterrcnn.pt", weights_only=False).eval()
-    x = np.load(work / "faster-images.npy")
+    x = np.load(work / "faster-images.npy")[:images]
 
     def one(image):
         tensor = torch.tensor(image)
         with torch.no_grad():
             found = model(list(tensor))[0]
         target = FasterRCNNBoxScoreTarget(found["labels"][:TOP].numpy(), found["boxes"][:TOP].numpy())
-        with pgc.GradCAM(model=model, target_layers=[model.backbone.body.layer4]) as cam:
+        if ratio is None:
+            cam = pgc.GradCAM(model=model, target_layers=[model.backbone.body.layer4])
+        else:
+            cam = pgc.AblationCAM(model, [model.backbone], reshape_transform=fasterrcnn_reshape_transform,
+                                  ablation_layer=AblationLayerFasterRCNN(), ratio_channels_to_ablate=ratio)
+        with cam:
             return cam(input_tensor=tensor, targets=[target])[0]
 
-    return _per_image(x, one, work / "faster-pgc.npy")
+    return _per_image(x, one, work / f"faster-pgc-{ratio}.npy")
 
 
 def _per_image(x: np.ndarray, one, out: Path) -> dict:
@@ -172,8 +192,10 @@ def yolo_camexport(work: Path, exported: str) -> dict:
 
 def _child(args) -> None:
     work = Path(args.work)
-    result = {"faster-camexport": lambda: faster_camexport(work),
-              "faster-pgc": lambda: faster_pgc(work),
+    ratio = None if args.ratio is None else float(args.ratio)
+    images = args.images if ratio is not None else None
+    result = {"faster-camexport": lambda: faster_camexport(work, ratio, images),
+              "faster-pgc": lambda: faster_pgc(work, ratio, images),
               "yolo-camexport": lambda: yolo_camexport(work, args.export)}[args.child]()
     (work / f"{args.child}.json").write_text(json.dumps(result))
 
@@ -190,6 +212,11 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--export", help=argparse.SUPPRESS)
+    parser.add_argument("--ratio", help=argparse.SUPPRESS)
+    parser.add_argument("--ablation-images", type=int, default=2,
+                        help="photos of the Faster R-CNN AblationCAM part (default 2)")
+    parser.add_argument("--ablation-ratio", type=float, default=0.05,
+                        help="its pgc ratio_channels_to_ablate (default 0.05)")
     args = parser.parse_args()
     if args.child:
         return _child(args)
@@ -205,13 +232,28 @@ def main() -> None:
     if args.only in (None, "faster-rcnn"):
         prepared = faster_prepare(work, args.size, args.images)
         ours, theirs = child("faster-camexport"), child("faster-pgc")
-        diff = float(np.abs(np.load(work / "faster-camexport.npy") - np.load(work / "faster-pgc.npy")).max())
+        diff = float(np.abs(np.load(work / "faster-camexport-None.npy")
+                            - np.load(work / "faster-pgc-None.npy")).max())
         report["faster_rcnn"] = {"size": args.size, **prepared, "camexport": ours, "pgc": theirs,
                                  "ratio": theirs["median_s"] / ours["median_s"], "max_abs_diff": diff}
         print(f"Faster R-CNN resnet50-fpn {args.size}x{args.size}, GradCAM of the top {TOP} detections "
               f"per image (detections + CAM), {args.images} photos: camexport {ours['median_s']:.3f} s, "
               f"pgc {theirs['median_s']:.3f} s per image = {report['faster_rcnn']['ratio']:.2f}x; "
               f"max |diff| {diff:.1e}")
+        ratio = ["--ratio", str(args.ablation_ratio)]
+        images = ["--images", str(args.ablation_images)]
+        ours, theirs = child("faster-camexport", *ratio, *images), child("faster-pgc", *ratio, *images)
+        diff = float(np.abs(np.load(work / f"faster-camexport-{args.ablation_ratio}.npy")
+                            - np.load(work / f"faster-pgc-{args.ablation_ratio}.npy")).max())
+        report["faster_rcnn_ablationcam"] = {
+            "size": args.size, "ratio_channels_to_ablate": args.ablation_ratio,
+            "images": args.ablation_images,
+            "camexport": ours, "pgc": theirs, "ratio": theirs["median_s"] / ours["median_s"],
+            "max_abs_diff": diff}
+        print(f"Faster R-CNN AblationCAM on backbone (AblationLayerFasterRCNN, ratio "
+              f"{args.ablation_ratio}), top {TOP} detections, {args.ablation_images} photos: camexport "
+              f"{ours['median_s']:.2f} s, pgc {theirs['median_s']:.2f} s per image = "
+              f"{theirs['median_s'] / ours['median_s']:.2f}x; max |diff| {diff:.1e}")
     if args.only in (None, "yolo"):
         prepared = yolo_prepare(work, args.yolo_size, args.images)
         ours = child("yolo-camexport", "--export", prepared["export"])

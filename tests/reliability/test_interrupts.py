@@ -15,6 +15,15 @@ from camexport.store import _GuardedFile, _written
 from camexport.store.inputs import write_input
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_raises():
+    """Ctrl-C raises KeyboardInterrupt, as in a terminal, even where the test process was started
+    with SIGINT ignored (a shell's background job, nohup): Python then installs no handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture
 def signal_inside_hdf5(monkeypatch):
     """The first write HDF5 makes through the guard raises the signal given to the fixture."""
