@@ -117,10 +117,16 @@ def _version_key(version: str) -> tuple[str, ...]:
 _VERIFIED: dict[Path, tuple[tuple, dict]] = {}
 
 
+def artifact_file_names(directory: Path) -> list[str]:
+    """The names of an artifact directory's files: :data:`FILES`, then its extra graphs
+    (``model.<key>.onnx``, :func:`extra_file`) found there."""
+    extras = sorted(p.name for p in Path(directory).glob("model.*.onnx") if p.name not in FILES)
+    return [*FILES, *extras]
+
+
 def _stats(directory: Path) -> tuple:
     """The files' identities, extra graphs (``model.<key>.onnx``) included."""
-    extras = sorted(p.name for p in directory.glob("model.*.onnx") if p.name not in FILES)
-    stats = [(directory / name).stat() for name in (*FILES, *extras)]
+    stats = [(directory / name).stat() for name in artifact_file_names(directory)]
     return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
 
 

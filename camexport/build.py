@@ -110,6 +110,7 @@ def build(
                 own = tuple(loaded.preprocessing.size)
                 loaded.preprocessing.size = tuple(input_size)
                 check_input_size(loaded, own)
+            _check_two_stage(loaded, method_names, precision)
         directory = Path(out_dir) if out_dir else Path("artifacts") / loaded.name
         if not out_dir:
             stack.enter_context(artifact_writer(directory, overwrite))
@@ -125,6 +126,19 @@ def build(
             write_artifact(directory, plain, augmented, manifest,
                            {key: graph.SerializeToString() for key, graph in loaded.graphs.items()})
     return BuildResult(directory, manifest, clock.timings)
+
+
+def _check_two_stage(loaded: Loaded, methods: list[str], precision: str) -> None:
+    """What a two-stage detector (Faster R-CNN) cannot be built with, refused before the export."""
+    if loaded.module is None or detection.detector_kind(loaded.module) != detection.TWO_STAGE:
+        return
+    if any(BIAS_GRADIENTS.key in METHODS[m].graph_needs for m in methods):
+        raise BuildError("FullGrad on a two-stage detector is not supported yet: its bias terms "
+                         "would include the box head's, which run per proposal, not per image. "
+                         "Leave fullgrad out of --methods")
+    if precision == "fp16":
+        raise BuildError("--precision fp16 is not supported for two-stage detectors yet (its drift "
+                         "check would need real proposals); build in fp32")
 
 
 def _check_size_values(input_size: tuple[int, ...] | None) -> None:
@@ -233,9 +247,6 @@ def _finish(augmented: onnx.ModelProto, manifest: dict, precision: str, fused: l
     """The augmented graph in float16 (``precision``) and with fused heads, the manifest
     updated (precision, heads, float16 drift)."""
     reference = None
-    if precision == "fp16" and (manifest.get("detection") or {}).get("kind") == detection.TWO_STAGE:
-        raise BuildError("--precision fp16 is not supported for two-stage detectors yet (its drift "
-                         "check would need real proposals); build in fp32")
     if precision == "fp16":
         with clock.step("fp16", "converting to float16"):
             reference, augmented = augmented, to_float16(augmented)
@@ -303,10 +314,6 @@ def make_augmented(
     if len(tensors) != len(layers):
         raise BuildError(f"--layer values {layers} name the same layer more than once")
     needs = set().union(*(METHODS[m].graph_needs for m in methods)) if methods else set()
-    if detector and detector.two_stage and BIAS_GRADIENTS.key in needs:
-        raise BuildError("FullGrad on a two-stage detector is not supported yet: its bias terms "
-                         "would include the box head's, which run per proposal, not per image. "
-                         "Leave fullgrad out of --methods")
     extras = graph_outputs(needs, fullgrad_biases)
     source = plain
     if not detector and BIAS_GRADIENTS.key not in needs:

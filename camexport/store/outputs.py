@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import h5py
 
-from camexport.artifact import AUGMENTED_FILE, MANIFEST_FILE, PLAIN_FILE
+from camexport.artifact import artifact_file_names
 from camexport.locks import FileLock
 from camexport.store import INPUT_KIND, KIND_ATTR, StoreError
 
@@ -68,8 +68,7 @@ def artifact_files(artifact: str | Path) -> list[Path]:
     path = Path(artifact)
     if path.is_dir():
         return sorted(p for p in path.iterdir() if p.is_file())
-    extras = sorted(p for p in path.parent.glob("model.*.onnx") if p.name not in (AUGMENTED_FILE, PLAIN_FILE))
-    return [path, *(path.parent / name for name in (AUGMENTED_FILE, PLAIN_FILE, MANIFEST_FILE)), *extras]
+    return [path, *(path.parent / name for name in artifact_file_names(path.parent))]
 
 
 # -- what an existing output is ------------------------------------------------------------------
