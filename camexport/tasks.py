@@ -263,12 +263,14 @@ class TwoStageTask(DetectorTask):
         from camexport import two_stage
 
         if self._source is None:
-            from camexport.artifact import read_extra
+            from camexport.artifact import read_extra, read_plain
             from camexport.runtime import session
 
             rpn = read_extra(explainer.path, two_stage.RPN_GRAPH, explainer.manifest)
+            boxes = two_stage.PooledBoxes(read_plain(explainer.path, explainer.manifest), self.detection,
+                                          lambda model: session(model, explainer.provider, spin=False))
             self._source = two_stage.ProposalSource(session(rpn, explainer.provider), self.detection,
-                                                    explainer.forward)
+                                                    explainer.forward, boxes)
         return self._source
 
     def session(self, made, explainer):
@@ -298,12 +300,12 @@ class TwoStageTask(DetectorTask):
             self.check_cut(explainer, "AblationCAM")
         source = self._proposals(explainer)
         if self._ablation is None:
-            from camexport.artifact import read_extra, read_plain
+            from camexport.artifact import read_extra
             from camexport.runtime import session
 
             rpn = read_extra(explainer.path, two_stage.RPN_GRAPH, explainer.manifest)
             self._ablation = two_stage.LevelAblation(
-                rpn, read_plain(explainer.path, explainer.manifest), self.detection,
+                rpn, source.boxes, self.detection,
                 lambda model: session(model, explainer.provider, spin=False))
         key = source.key(image)
         if self._levels is None or self._levels[0] != key:  # AblationCAM asks per chunk of channels

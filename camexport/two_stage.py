@@ -454,11 +454,17 @@ class ProposalSource:
     session, then :func:`proposals` and :func:`box_inputs` (padded to the spec's P). The last
     batch's proposals and full rows are remembered by its bytes: the Explainer runs the box
     graph more than once on one batch (the detections, then the gradients). ``forward``: the
-    full rows of a batch (the plain graph's run)."""
+    full rows of a batch (the plain graph's run).
 
-    def __init__(self, rpn_session, spec: DetectorSpec, forward):
-        self.session, self.spec, self.forward = rpn_session, spec, forward
+    With ``boxes`` (:class:`PooledBoxes`), the full rows of a batch come from the RPN graph's
+    run that chose its proposals: its FPN levels feed the box graph cut at each pooled level,
+    each proposal pooled on its own level only, instead of the whole box graph computing the
+    backbone again and pooling every proposal on every level (:meth:`full_rows`)."""
+
+    def __init__(self, rpn_session, spec: DetectorSpec, forward, boxes: PooledBoxes | None = None):
+        self.session, self.spec, self.forward, self.boxes = rpn_session, spec, forward, boxes
         self.image_name = rpn_session.get_inputs()[0].name
+        self.level_outputs = [f"fpn_{name}" for name in spec.settings["rpn"]["levels"]]
         self._last: tuple | None = None
         self._rows: tuple | None = None
 
@@ -471,16 +477,29 @@ class ProposalSource:
 
     def __call__(self, image: np.ndarray, key: tuple) -> dict[str, np.ndarray]:
         """The proposal inputs of ``image`` (its :meth:`key` ``key``)."""
+        return self._run(image, key)[1]
+
+    def _run(self, image: np.ndarray, key: tuple) -> tuple:
+        """(key, the proposal inputs, each image's proposals, the FPN levels or None) of
+        ``image``: the RPN graph's run (remembered for the last batch)."""
         if self._last is not None and self._last[0] == key:
-            return self._last[1]
+            return self._last
         settings = self.spec.settings
         image = np.ascontiguousarray(image, np.float32)
-        objectness, deltas = self.session.run([OBJECTNESS, DELTAS], {self.image_name: image})
+        wanted = [OBJECTNESS, DELTAS, *(self.level_outputs if self.boxes is not None else ())]
+        objectness, deltas, *levels = self.session.run(wanted, {self.image_name: image})
         chosen = proposals(objectness, deltas, settings["rpn"]["image_size"], settings["rpn"])
         padded, weights = box_inputs(chosen, settings["box"], sum(self.spec.level_sizes))
-        feeds = {PROPOSALS: padded, LEVELS: weights}
-        self._last = (key, feeds)
-        return feeds
+        self._last = (key, {PROPOSALS: padded, LEVELS: weights}, chosen, levels or None)
+        return self._last
+
+    def full_rows(self, image: np.ndarray, key: tuple) -> np.ndarray:
+        """The box rows (B, P, C, 5) of every proposal of ``image`` from the per-level box
+        graphs (``boxes``), remembered; padding rows are zero (they score 0)."""
+        _, _, chosen, levels = self._run(image, key)
+        rows = self.boxes.batch_rows(levels, chosen, self.spec.row_shape[0])
+        self.remember(key, rows)
+        return rows
 
     def remember(self, key: tuple, rows: np.ndarray) -> None:
         self._rows = (key, rows)
@@ -494,6 +513,63 @@ class ProposalSource:
         if self.remembered(key) is None:
             self.remember(key, self.forward(image))
         return self._rows[1]
+
+
+class PooledBoxes:
+    """The box graph cut at each pooled level: from one level's feature maps (a RoiAlign node's
+    input, identified by its spatial scale, the settings' ``pool_scales``), the proposals and
+    the levels' weights to ``box_rows``, the sum over levels rewired to that level's RoiAlign
+    (the others weigh 0 there). The rows of proposals pooled from that level, the same as the
+    whole box graph's (its box head is row-wise)."""
+
+    def __init__(self, box_plain, spec: DetectorSpec, make_session):
+        from camexport.graph.cut import layer_tail
+
+        settings = spec.settings
+        self.settings = settings["box"]
+        self.names = pooled_features(box_plain, settings["box"])
+        #: the RPN level (index in the settings' levels) of each pooled level
+        self.pooled = [settings["rpn"]["levels"].index(name) for name in settings["box"]["pooled_levels"]]
+        self.shape = spec.row_shape[1:]
+        cuts = [layer_tail(_pooled_from(box_plain, self.names, k), [name, PROPOSALS, LEVELS],
+                           [BOX_ROWS], rows=False) for k, name in enumerate(self.names)]
+        _check_frontiers(cuts)
+        self.sessions = [make_session(cut.model) for cut in cuts]
+
+    def rows(self, pooled: int, features: np.ndarray, boxes: list[np.ndarray]) -> list[np.ndarray]:
+        """The box rows (p_i, C, 5) of ``boxes[i]`` (p_i, 4), all pooled from pooled level
+        ``pooled``, on row i of ``features`` (that level's feature maps)."""
+        count = max([len(b) for b in boxes] + [1])
+        padded = np.tile(np.asarray(PAD_BOX, np.float32), (len(boxes), count, 1))
+        weights = np.zeros((len(boxes), count, len(self.pooled)), np.float32)
+        for k, b in enumerate(boxes):
+            padded[k, :len(b)], weights[k, :len(b), pooled] = b, 1.0
+        rows = self.sessions[pooled].run([BOX_ROWS], {self.names[pooled]: features,
+                                                      PROPOSALS: padded, LEVELS: weights})[0]
+        return [rows[k, :len(b)] for k, b in enumerate(boxes)]
+
+    def batch_rows(self, levels: list[np.ndarray], boxes: list[np.ndarray], count: int) -> np.ndarray:
+        """(B, count, C, 5): the rows of each image's proposals ``boxes[b]`` on the FPN
+        ``levels`` (the RPN graph's, each (B, C_l, h, w)), each pooled from its own level;
+        rows past an image's proposals are zero."""
+        result = np.zeros((len(boxes), count, *self.shape), np.float32)
+        pooled_at = [levels_of(b, self.settings) for b in boxes]
+        for k in range(len(self.names)):
+            chosen = [np.flatnonzero(at == k) for at in pooled_at]
+            if not any(len(c) for c in chosen):
+                continue
+            ran = self.rows(k, levels[self.pooled[k]], [b[c] for b, c in zip(boxes, chosen)])
+            for b, (places, rows) in enumerate(zip(chosen, ran)):
+                result[b, places] = rows
+        return result
+
+
+def _check_frontiers(cuts) -> None:
+    """Refuse cuts of the artifact's graphs that read values past the FPN levels."""
+    for cut in cuts:
+        if cut.frontier:
+            raise DetectionError(f"the artifact's graphs read {', '.join(cut.frontier)} past an FPN "
+                                 f"level: they cannot run from the levels; rebuild the artifact")
 
 
 class ProposalSession:
@@ -528,6 +604,8 @@ class ProposalSession:
             remembered = self.source.remembered(key)
             if remembered is not None:  # the detections, then the targets' weights: one run
                 return [remembered]
+            if self.source.boxes is not None:  # the RPN graph's levels, each box on its level
+                return [self.source.full_rows(image, key)]
         feed = {**feed, **self.source(image, key)}
         if weighted:
             feed = _weighted_rows_only(feed, TARGET_WEIGHTS)
@@ -573,10 +651,7 @@ class LevelAblation:
     - the RPN graph from ``fpn_<level>`` to that level's part of ``objectness`` and
       ``rpn_deltas`` (the inputs of the Concat nodes that make them); the other levels' parts
       are the unablated image's;
-    - the box graph from one pooled level's feature map (a RoiAlign node's input, identified
-      by its spatial scale, the settings' ``pool_scales``), the proposals and the levels'
-      weights to ``box_rows``, the sum over levels rewired to that level's RoiAlign (the
-      others weigh 0 there).
+    - the box graph from one pooled level's feature map to ``box_rows`` (:class:`PooledBoxes`).
 
     A proposal pooled from an unablated level gets the unablated image's row for its box
     (computed once per image and box: :class:`ImageAblation`); only the proposals pooled from
@@ -584,27 +659,18 @@ class LevelAblation:
     every copy through the whole model (the row-wise box head gives each row from its own box
     and level)."""
 
-    def __init__(self, rpn_plain, box_plain, spec: DetectorSpec, make_session):
+    def __init__(self, rpn_plain, boxes: PooledBoxes, spec: DetectorSpec, make_session):
         from camexport.graph.cut import layer_tail
 
         settings = spec.settings
-        self.spec = spec
+        self.spec, self.boxes = spec, boxes
         names = settings["rpn"]["levels"]
         self.level_outputs = [f"fpn_{name}" for name in names]
         pieces = [_level_parts(rpn_plain, output, len(names)) for output in (OBJECTNESS, DELTAS)]
         heads = [layer_tail(rpn_plain, [level], [objectness, deltas], rows=False)
                  for level, objectness, deltas in zip(self.level_outputs, *pieces)]
-        self.pooled_names = pooled_features(box_plain, settings["box"])
-        #: the RPN level (index in ``names``) of each pooled level
-        self.pooled = [names.index(name) for name in settings["box"]["pooled_levels"]]
-        boxes = [layer_tail(_pooled_from(box_plain, self.pooled_names, k), [name, PROPOSALS, LEVELS],
-                            [BOX_ROWS], rows=False) for k, name in enumerate(self.pooled_names)]
-        for cut in (*heads, *boxes):
-            if cut.frontier:
-                raise DetectionError(f"the artifact's graphs read {', '.join(cut.frontier)} past an FPN "
-                                     f"level: AblationCAM cannot ablate it; rebuild the artifact")
+        _check_frontiers(heads)
         self.heads = [make_session(cut.model) for cut in heads]
-        self.boxes = [make_session(cut.model) for cut in boxes]
         self.head_parts = [tuple(p[k] for p in pieces) for k in range(len(names))]
         counts = [len(a) for a in anchors(settings["rpn"], settings["rpn"]["image_size"])]
         self.anchor_slices = [slice(int(s), int(s + c)) for s, c in zip(np.cumsum([0] + counts), counts)]
@@ -615,18 +681,6 @@ class LevelAblation:
         the FPN levels; one row each), ``proposals_`` (p, 4) and ``rows`` (p, C, 5) its
         proposals and their box rows."""
         return ImageAblation(self, outputs, proposals_, rows)
-
-    def box_rows(self, pooled: int, features: np.ndarray, boxes: list[np.ndarray]) -> list[np.ndarray]:
-        """The box rows (p_i, C, 5) of ``boxes[i]`` (p_i, 4), all pooled from pooled level
-        ``pooled``, on row i of ``features`` (that level's feature maps)."""
-        count = max([len(b) for b in boxes] + [1])
-        padded = np.tile(np.asarray(PAD_BOX, np.float32), (len(boxes), count, 1))
-        weights = np.zeros((len(boxes), count, len(self.pooled)), np.float32)
-        for k, b in enumerate(boxes):
-            padded[k, :len(b)], weights[k, :len(b), pooled] = b, 1.0
-        rows = self.boxes[pooled].run([BOX_ROWS], {self.pooled_names[pooled]: features,
-                                                    PROPOSALS: padded, LEVELS: weights})[0]
-        return [rows[k, :len(b)] for k, b in enumerate(boxes)]
 
 
 class ImageAblation:
@@ -682,7 +736,8 @@ class ImageAblation:
         """(n, P, C, 5): copy i's rows of its proposals ``found[i]`` (``level`` ablated)."""
         owner, settings = self.owner, self.owner.spec.settings
         pooled_at = [levels_of(boxes, settings["box"]) for boxes in found]
-        ablated_pooled = owner.pooled.index(level) if level in owner.pooled else -1
+        pooled_levels = owner.boxes.pooled
+        ablated_pooled = pooled_levels.index(level) if level in pooled_levels else -1
         # boxes on unablated levels: the image's rows, computed once per box
         missing = {}
         for boxes, pooled in zip(found, pooled_at):
@@ -690,11 +745,11 @@ class ImageAblation:
                 if k != ablated_pooled and box.tobytes() not in self.known:
                     missing.setdefault(int(k), {})[box.tobytes()] = box
         for k, boxes in missing.items():
-            features = self.levels[owner.pooled[k]]
-            ran = owner.box_rows(k, features, [np.asarray(list(boxes.values()))])[0]
+            features = self.levels[pooled_levels[k]]
+            ran = owner.boxes.rows(k, features, [np.asarray(list(boxes.values()))])[0]
             self.known.update(zip(boxes, ran))
         own = [boxes[pooled == ablated_pooled] for boxes, pooled in zip(found, pooled_at)]
-        computed = (owner.box_rows(ablated_pooled, copies, own) if ablated_pooled >= 0 and
+        computed = (owner.boxes.rows(ablated_pooled, copies, own) if ablated_pooled >= 0 and
                     any(len(b) for b in own) else [None] * len(found))
         result = np.zeros((len(found), *owner.spec.row_shape), np.float32)
         for row, (boxes, pooled, mine) in enumerate(zip(found, pooled_at, computed)):

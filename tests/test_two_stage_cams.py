@@ -240,7 +240,8 @@ def test_level_ablation_equals_whole_ablated_copies(frcnn):
     box = read_plain(explainer.path, explainer.manifest)
     heads = session(layer_tail(rpn, ablation.level_outputs, [two_stage.OBJECTNESS, two_stage.DELTAS],
                                rows=False).model, "cpu")
-    boxes = session(layer_tail(box, [*ablation.pooled_names, two_stage.PROPOSALS, two_stage.LEVELS],
+    pooled = ablation.boxes
+    boxes = session(layer_tail(box, [*pooled.names, two_stage.PROPOSALS, two_stage.LEVELS],
                                [two_stage.BOX_ROWS], rows=False).model, "cpu")
     offsets = np.cumsum([0] + [level.shape[1] for level in image.levels])
     for row, channel in enumerate(channels):
@@ -251,7 +252,7 @@ def test_level_ablation_equals_whole_ablated_copies(frcnn):
                                        dict(zip(ablation.level_outputs, copies)))
         found = two_stage.proposals(objectness, deltas, settings["rpn"]["image_size"], settings["rpn"])
         padded, weights = two_stage.box_inputs(found, settings["box"])
-        feed = {name: copies[at] for name, at in zip(ablation.pooled_names, ablation.pooled)}
+        feed = {name: copies[at] for name, at in zip(pooled.names, pooled.pooled)}
         rows = boxes.run([two_stage.BOX_ROWS], {**feed, two_stage.PROPOSALS: padded,
                                                 two_stage.LEVELS: weights})[0][0]
         assert len(found[0]) > 0 and not ours[row, len(found[0]):].any()
