@@ -178,6 +178,24 @@ def test_gradients_run_on_the_explained_proposals_only(frcnn):
     np.testing.assert_allclose(few, full, atol=1e-5 * np.abs(full).max(), rtol=0)
 
 
+def test_forward_pools_each_proposal_on_its_level_only(frcnn):
+    """The plain forward (two_stage.PooledBoxes: the RPN graph's levels, each proposal pooled on
+    its own level) gives the whole box graph's rows for every proposal."""
+    from camexport.two_stage import BOX_ROWS, LEVELS
+
+    explainer, x = frcnn["explainer"], frcnn["x"]
+    source = explainer.task._proposals(explainer)
+    key = source.key(x)
+    fast = source.full_rows(x, key)
+    np.testing.assert_array_equal(explainer.forward(x), fast)  # the plain session runs this
+    feeds = source(x, key)
+    whole = explainer._plain.inner.run([BOX_ROWS], {explainer.input_name: x, **feeds})[0]
+    for b in range(len(x)):
+        count = int(feeds[LEVELS][b].sum())
+        assert count > TOP and not fast[b, count:].any()
+        np.testing.assert_allclose(fast[b, :count], whole[b, :count], atol=1e-6, rtol=0)
+
+
 def test_an_image_without_detections_gets_zero_cams(frcnn):
     """No detection at the threshold: no target box, a zero CAM (pgc's tutorial gives the same:
     no score, no gradient), never an error."""
