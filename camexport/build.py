@@ -116,6 +116,10 @@ def build(
             stack.enter_context(artifact_writer(directory, overwrite))
         with clock.step("export", "exporting to ONNX"):
             plain, detector = export_plain(loaded)
+        left_out = ((detector.settings or {}) if detector else {}).get("heads_left_out")
+        if left_out:
+            progress(f"{loaded.name}: {', '.join(left_out)} left out (masks are not computed yet); "
+                     f"its boxes, scores, labels and CAMs are those of the Faster R-CNN it extends")
         with clock.step("augment", "locating layers and differentiating the tail"):
             augmented, manifest = make_augmented(loaded, plain, layers, method_names, score, output,
                                                  maxpool_indices, detector, fullgrad_biases)

@@ -102,7 +102,8 @@ class DetectorSpec:
 
 def detector_kind(module) -> str | None:
     """'retinanet' or 'fcos' for a torchvision one-stage detector, 'fasterrcnn' for a Faster
-    R-CNN; raises for Mask/Keypoint R-CNN and SSD; None for anything else."""
+    R-CNN and a Mask R-CNN (its boxes: camexport.two_stage.wrap leaves the mask head out);
+    raises for Keypoint R-CNN and SSD; None for anything else."""
     import torch
 
     if not isinstance(module, torch.nn.Module):
@@ -115,10 +116,10 @@ def detector_kind(module) -> str | None:
         return "retinanet"
     if isinstance(module, detection.FCOS):
         return "fcos"
-    if isinstance(module, (detection.MaskRCNN, detection.KeypointRCNN)):
+    if isinstance(module, detection.KeypointRCNN):
         raise DetectionError(
-            f"{type(module).__name__} is not supported yet (its mask or keypoint head): build "
-            f"the Faster R-CNN it extends (torchvision fasterrcnn_resnet50_fpn[_v2], "
+            f"{type(module).__name__} is not supported yet (its keypoint head): build the Faster "
+            f"R-CNN it extends (torchvision fasterrcnn_resnet50_fpn[_v2], "
             f"fasterrcnn_mobilenet_v3_large_fpn) or a one-stage detector (retinanet_resnet50_fpn)")
     if isinstance(module, detection.FasterRCNN):
         return TWO_STAGE

@@ -403,15 +403,22 @@ def proposals(objectness: np.ndarray, deltas: np.ndarray, image_size, settings: 
 
 #: the key of the RPN graph among an artifact's extra graphs (camexport.artifact.read_extra)
 RPN_GRAPH = "rpn"
+#: RoIHeads parts that the graphs leave out (a Mask R-CNN's mask branch runs on the final
+#: detections, after the boxes: its masks are not computed yet), recorded in the manifest
+#: (``detection.settings.heads_left_out``)
+LEFT_OUT_HEADS = ("mask_head",)
 
 
 def wrap(loaded) -> DetectorSpec:
     """Replace a loaded torchvision Faster R-CNN by its :class:`BoxGraph` at the loaded input
     size (images in [0, 1]: the graphs normalise them themselves), with its :class:`RPNGraph`
-    in ``loaded.graphs``; :func:`export` exports both. The spec records both graphs' settings."""
+    in ``loaded.graphs``; :func:`export` exports both. The spec records both graphs' settings
+    and the heads left out (a Mask R-CNN is built as the Faster R-CNN it extends: its boxes,
+    scores, labels and CAMs, no masks)."""
     size = tuple(loaded.preprocessing.size)
     model = loaded.module
     rpn, box = rpn_graph(model, size), box_graph(model, size)
+    left_out = [name for name in LEFT_OUT_HEADS if getattr(model.roi_heads, name, None) is not None]
     loaded.module, loaded.graphs = box, {**loaded.graphs, RPN_GRAPH: rpn}
     loaded.preprocessing.mean, loaded.preprocessing.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     box_ = box.settings
@@ -420,7 +427,7 @@ def wrap(loaded) -> DetectorSpec:
         image_size=tuple(box_["image_size"]), score_thresh=box_["score_thresh"],
         nms_thresh=box_["nms_thresh"], detections_per_img=box_["detections_per_img"],
         topk_candidates=rpn.settings["pre_nms_top_n"], levels=tuple(rpn.settings["levels"]),
-        settings={"rpn": rpn.settings, "box": box_})
+        settings={"rpn": rpn.settings, "box": box_, "heads_left_out": left_out})
 
 
 def export(loaded):

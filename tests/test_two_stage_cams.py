@@ -96,18 +96,23 @@ def test_detections_match_torchvision(frcnn):
     torchvision model's detections on the same pixels."""
     found = frcnn["explainer"].detect(frcnn["x"])
     for ours, theirs in zip(found, frcnn["theirs"]):
-        assert len(ours) == len(theirs["scores"]) > TOP
-        np.testing.assert_allclose(ours.scores, theirs["scores"], atol=SCORE_ATOL, rtol=0)
-        # each detection is one of torchvision's: same label, box within BOX_ATOL; detections
-        # whose scores are within SCORE_ATOL may come in either order
-        unused = np.ones(len(ours), bool)
-        for k in range(len(ours)):
-            near = (np.abs(theirs["scores"] - ours.scores[k]) <= 2 * SCORE_ATOL) & unused
-            near &= theirs["labels"] == ours.labels[k]
-            distance = np.where(near, np.abs(theirs["boxes"] - ours.boxes[k]).max(-1), np.inf)
-            j = int(np.argmin(distance))
-            assert distance[j] <= BOX_ATOL, f"detection {k}: no torchvision detection within {BOX_ATOL} px"
-            unused[j] = False
+        assert_same_detections(ours, theirs)
+
+
+def assert_same_detections(ours, theirs: dict) -> None:
+    """Each of our detections is one of torchvision's (``theirs``: its output dict in numpy):
+    same count, scores within SCORE_ATOL in order; same label and box within BOX_ATOL, where
+    detections whose scores are within SCORE_ATOL may come in either order."""
+    assert len(ours) == len(theirs["scores"]) > TOP
+    np.testing.assert_allclose(ours.scores, theirs["scores"], atol=SCORE_ATOL, rtol=0)
+    unused = np.ones(len(ours), bool)
+    for k in range(len(ours)):
+        near = (np.abs(theirs["scores"] - ours.scores[k]) <= 2 * SCORE_ATOL) & unused
+        near &= theirs["labels"] == ours.labels[k]
+        distance = np.where(near, np.abs(theirs["boxes"] - ours.boxes[k]).max(-1), np.inf)
+        j = int(np.argmin(distance))
+        assert distance[j] <= BOX_ATOL, f"detection {k}: no torchvision detection within {BOX_ATOL} px"
+        unused[j] = False
 
 
 def _targets(frcnn, shift):
@@ -302,12 +307,12 @@ def test_fullgrad_and_fp16_are_refused_at_build(frcnn):
               input_size=(SIZE, SIZE), out_dir=root / "fp16", precision="fp16")
 
 
-def test_mask_rcnn_is_refused():
-    from torchvision.models.detection import maskrcnn_resnet50_fpn
+def test_keypoint_rcnn_is_refused():
+    from torchvision.models.detection import keypointrcnn_resnet50_fpn
 
     from camexport.detection import detector_kind
 
-    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3)
+    model = keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2)
     with pytest.raises(DetectionError, match="not supported yet"):
         detector_kind(model)
 

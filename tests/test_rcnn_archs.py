@@ -1,0 +1,74 @@
+"""torchvision's other R-CNNs, built from a state_dict with ``--arch`` as a user with their own
+weights would: ``fasterrcnn_resnet50_fpn_v2`` (a ResNet-50 FPN with batch-normalised FPN and RPN
+convolutions and a four-convolution box head) and ``maskrcnn_resnet50_fpn`` (built as the Faster
+R-CNN it extends, its mask head left out and recorded so). Detections against the torch model and
+GradCAM against pytorch-grad-cam 1.5.7 on the same model and image.
+
+Random weights (seeded), 320 x 320, the model's own resize disabled in the torch model that the
+state_dict comes from (min_size = max_size = 320; the artifact never resizes). Tolerances as in
+tests/test_two_stage_cams.py: CAMs 1e-4, detections SCORE_ATOL / BOX_ATOL."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import pytorch_grad_cam as pgc
+import torch
+from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget as TheirTarget
+from test_two_stage_cams import SIZE, TOLERANCE, TOP, assert_same_detections
+
+from camexport.build import build
+from camexport.detection import FasterRCNNBoxScoreTarget
+from camexport.explain import Explainer
+
+ARCHS = ("fasterrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn")
+
+pytestmark = pytest.mark.xdist_group("rcnn-archs")
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def rcnn(request, tmp_path_factory):
+    import torchvision
+
+    arch = request.param
+    root = tmp_path_factory.mktemp(arch)
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None, weights_backbone=None,
+                                         min_size=SIZE, max_size=SIZE).eval()
+    torch.save(model.state_dict(), root / "weights.pth")
+    messages = []
+    built = build(str(root / "weights.pth"), ["backbone.body.layer4"], "gradcam", arch=arch,
+                  input_size=(SIZE, SIZE), out_dir=root / "artifact", progress=messages.append)
+    x = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)).numpy()
+    with torch.no_grad():
+        theirs = {k: v.numpy() for k, v in model(list(torch.tensor(x)))[0].items()}
+    return {"model": model, "explainer": Explainer(built.directory), "x": x, "theirs": theirs,
+            "built": built, "arch": arch, "messages": messages}
+
+
+def test_detections_match_torchvision(rcnn):
+    found = rcnn["explainer"].detect(rcnn["x"])[0]
+    theirs = rcnn["theirs"]
+    detection = rcnn["built"].manifest["detection"]
+    assert detection["kind"] == "fasterrcnn"
+    masked = rcnn["arch"].startswith("mask")
+    assert detection["settings"]["heads_left_out"] == (["mask_head"] if masked else [])
+    assert any("mask_head left out" in m for m in rcnn["messages"]) == masked
+    scores = np.abs(found.scores - theirs["scores"]).max()
+    boxes = np.abs(found.boxes[:TOP] - theirs["boxes"][:TOP]).max()
+    print(f"{rcnn['arch']} detections: scores max |diff| {scores:.1e}, top {TOP} boxes {boxes:.1e} px")
+    assert_same_detections(found, theirs)
+
+
+def test_gradcam_matches_pgc(rcnn):
+    model, x, explainer = rcnn["model"], rcnn["x"], rcnn["explainer"]
+    found = explainer.detect(x)[0]
+    ours = explainer(x, targets=[FasterRCNNBoxScoreTarget(found.labels[:TOP], found.boxes[:TOP])],
+                     methods=["gradcam"]).cams["gradcam"]
+    target = TheirTarget(rcnn["theirs"]["labels"][:TOP], rcnn["theirs"]["boxes"][:TOP])
+    with pgc.GradCAM(model=model, target_layers=[model.backbone.body.layer4]) as cam:
+        theirs = cam(input_tensor=torch.tensor(x), targets=[target])
+    diff = np.abs(ours - theirs).max()
+    print(f"{rcnn['arch']} gradcam: max |diff| {diff:.2e}")
+    assert ours.max() > 0.99 and ours.std() > 0.05
+    assert diff <= TOLERANCE, f"max |diff| {diff:.2e}"
