@@ -134,8 +134,12 @@ def build(
 
 def _check_two_stage(loaded: Loaded, methods: list[str], precision: str) -> None:
     """What a two-stage detector (Faster R-CNN) cannot be built with, refused before the export."""
-    if loaded.module is None or detection.detector_kind(loaded.module) != detection.TWO_STAGE:
-        return
+    if loaded.module is not None and detection.detector_kind(loaded.module) == detection.TWO_STAGE:
+        refuse_for_two_stage(methods, precision)
+
+
+def refuse_for_two_stage(methods: list[str], precision: str = "fp32") -> None:
+    """A BuildError for what a two-stage detector cannot be built with: FullGrad, fp16."""
     if any(BIAS_GRADIENTS.key in METHODS[m].graph_needs for m in methods):
         raise BuildError("FullGrad on a two-stage detector is not supported yet: its bias terms "
                          "would include the box head's, which run per proposal, not per image. "
@@ -318,6 +322,8 @@ def make_augmented(
     if len(tensors) != len(layers):
         raise BuildError(f"--layer values {layers} name the same layer more than once")
     needs = set().union(*(METHODS[m].graph_needs for m in methods)) if methods else set()
+    if detector and detector.two_stage:  # (build() refuses these before the export)
+        refuse_for_two_stage(methods)
     extras = graph_outputs(needs, fullgrad_biases)
     source = plain
     if not detector and BIAS_GRADIENTS.key not in needs:

@@ -309,12 +309,7 @@ class TwoStageTask(DetectorTask):
                 lambda model: session(model, explainer.provider, spin=False))
         key = source.key(image)
         if self._levels is None or self._levels[0] != key:  # AblationCAM asks per chunk of channels
-            outputs = [two_stage.OBJECTNESS, two_stage.DELTAS, *self._ablation.level_outputs]
-            ran = source.session.run(outputs, {source.image_name: np.ascontiguousarray(image, np.float32)})
-            feeds = source(image, key)
-            count = int(feeds[two_stage.LEVELS][0].sum())  # real proposals, before the padding
-            self._levels = (key, self._ablation.for_image(ran, feeds[two_stage.PROPOSALS][0, :count],
-                                                          source.rows(image, key)[0, :count]))
+            self._levels = (key, self._ablation.for_image(source.run(image, key, levels=True)))
         return self._levels[1](channels)
 
 

@@ -28,12 +28,21 @@ and torchvision detaches them. So the model is split where the indices are chose
 4. :func:`detections` (numpy) replays ``RoIHeads.postprocess_detections`` on one image's rows:
    background dropped, ``score_thresh``, small boxes, class-wise NMS, ``detections_per_img``.
 
+5. :class:`PooledBoxes` (run time): the box graph cut at each pooled level's feature maps. The
+   plain forward (the detections, ScoreCAM's masked images) computes the rows from the RPN
+   graph's own FPN levels, each proposal pooled on its level only: no second backbone pass and
+   a quarter of the pooling (a 320 x 320 image: 1.19 -> 0.54 s). Its padding rows are zero
+   (the whole graph's decode :data:`PAD_BOX`); both score 0. :class:`LevelAblation` (AblationCAM
+   on the stacked levels) cuts the RPN graph per level too.
+
 The graph runs at a fixed input size: the model's resize (GeneralizedRCNNTransform's
 min_size/max_size) and batch padding are not applied, so torchvision's padded size and image
 size are both that size.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -247,14 +256,23 @@ def box_inputs(proposals: list[np.ndarray], settings: dict, count: int | None = 
     """The box graph's ``proposals`` (B, P, 4) and ``box_levels`` (B, P, L) for one list of
     per-image proposals: padded to ``count`` (default: the most any image has) with
     :data:`PAD_BOX` on no level."""
-    count = max([len(p) for p in proposals] + [1]) if count is None else count
-    padded = np.tile(np.asarray(PAD_BOX, np.float32), (len(proposals), count, 1))
-    weights = np.zeros((len(proposals), count, len(settings["pooled_levels"])), np.float32)
-    for k, boxes in enumerate(proposals):
-        if len(boxes) > count:
-            raise DetectionError(f"image {k} has {len(boxes)} proposals; the batch holds {count}")
-        padded[k, :len(boxes)] = boxes
-        weights[k, np.arange(len(boxes)), levels_of(boxes, settings)] = 1.0
+    return pad_boxes(proposals, [levels_of(boxes, settings) for boxes in proposals],
+                     len(settings["pooled_levels"]), count)
+
+
+def pad_boxes(boxes: list[np.ndarray], levels: list[np.ndarray], level_count: int,
+              count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(B, P, 4) boxes and (B, P, L) one-hot level weights of each image's ``boxes[b]`` pooled
+    at ``levels[b]`` (a level index per box), padded to ``count`` (default: the most any image
+    has) with :data:`PAD_BOX` on no level."""
+    count = max([len(b) for b in boxes] + [1]) if count is None else count
+    padded = np.tile(np.asarray(PAD_BOX, np.float32), (len(boxes), count, 1))
+    weights = np.zeros((len(boxes), count, level_count), np.float32)
+    for k, (image, at) in enumerate(zip(boxes, levels)):
+        if len(image) > count:
+            raise DetectionError(f"image {k} has {len(image)} proposals; the batch holds {count}")
+        padded[k, :len(image)] = image
+        weights[k, np.arange(len(image)), at] = 1.0
     return padded, weights
 
 
@@ -456,6 +474,20 @@ def export(loaded):
     return plain
 
 
+@dataclass
+class RPNRun:
+    """One run of the RPN graph on a batch (:meth:`ProposalSource.run`): the batch's key, the
+    box graph's proposal inputs, each image's proposals, the RPN outputs and (when asked for)
+    the FPN levels."""
+
+    key: tuple
+    feeds: dict
+    chosen: list
+    objectness: np.ndarray
+    deltas: np.ndarray
+    levels: list | None = None
+
+
 class ProposalSource:
     """The box graph's ``proposals`` and ``box_levels`` for a batch of images: the RPN graph's
     session, then :func:`proposals` and :func:`box_inputs` (padded to the spec's P). The last
@@ -472,7 +504,7 @@ class ProposalSource:
         self.session, self.spec, self.forward, self.boxes = rpn_session, spec, forward, boxes
         self.image_name = rpn_session.get_inputs()[0].name
         self.level_outputs = [f"fpn_{name}" for name in spec.settings["rpn"]["levels"]]
-        self._last: tuple | None = None
+        self._last: RPNRun | None = None
         self._rows: tuple | None = None
 
     @staticmethod
@@ -484,27 +516,29 @@ class ProposalSource:
 
     def __call__(self, image: np.ndarray, key: tuple) -> dict[str, np.ndarray]:
         """The proposal inputs of ``image`` (its :meth:`key` ``key``)."""
-        return self._run(image, key)[1]
+        return self.run(image, key).feeds
 
-    def _run(self, image: np.ndarray, key: tuple) -> tuple:
-        """(key, the proposal inputs, each image's proposals, the FPN levels or None) of
-        ``image``: the RPN graph's run (remembered for the last batch)."""
-        if self._last is not None and self._last[0] == key:
+    def run(self, image: np.ndarray, key: tuple, levels: bool = False) -> RPNRun:
+        """The RPN graph's run on ``image`` and the proposals it gives, remembered for the last
+        batch without the FPN levels (with ``levels``, they come with this run only: a batch's
+        levels are large, ~90 MB an image at 800 x 1333)."""
+        if self._last is not None and self._last.key == key and not levels:
             return self._last
         settings = self.spec.settings
         image = np.ascontiguousarray(image, np.float32)
-        wanted = [OBJECTNESS, DELTAS, *(self.level_outputs if self.boxes is not None else ())]
-        objectness, deltas, *levels = self.session.run(wanted, {self.image_name: image})
+        wanted = [OBJECTNESS, DELTAS, *(self.level_outputs if levels else ())]
+        objectness, deltas, *maps = self.session.run(wanted, {self.image_name: image})
         chosen = proposals(objectness, deltas, settings["rpn"]["image_size"], settings["rpn"])
         padded, weights = box_inputs(chosen, settings["box"], sum(self.spec.level_sizes))
-        self._last = (key, {PROPOSALS: padded, LEVELS: weights}, chosen, levels or None)
-        return self._last
+        self._last = RPNRun(key, {PROPOSALS: padded, LEVELS: weights}, chosen, objectness, deltas)
+        return RPNRun(key, self._last.feeds, chosen, objectness, deltas, maps or None)
 
     def full_rows(self, image: np.ndarray, key: tuple) -> np.ndarray:
         """The box rows (B, P, C, 5) of every proposal of ``image`` from the per-level box
-        graphs (``boxes``), remembered; padding rows are zero (they score 0)."""
-        _, _, chosen, levels = self._run(image, key)
-        rows = self.boxes.batch_rows(levels, chosen, self.spec.row_shape[0])
+        graphs (``boxes``), remembered; padding rows are zero (the whole box graph's decode
+        :data:`PAD_BOX`; both score 0)."""
+        ran = self.run(image, key, levels=True)
+        rows = self.boxes.batch_rows(ran.levels, ran.chosen, self.spec.row_shape[0])
         self.remember(key, rows)
         return rows
 
@@ -546,11 +580,7 @@ class PooledBoxes:
     def rows(self, pooled: int, features: np.ndarray, boxes: list[np.ndarray]) -> list[np.ndarray]:
         """The box rows (p_i, C, 5) of ``boxes[i]`` (p_i, 4), all pooled from pooled level
         ``pooled``, on row i of ``features`` (that level's feature maps)."""
-        count = max([len(b) for b in boxes] + [1])
-        padded = np.tile(np.asarray(PAD_BOX, np.float32), (len(boxes), count, 1))
-        weights = np.zeros((len(boxes), count, len(self.pooled)), np.float32)
-        for k, b in enumerate(boxes):
-            padded[k, :len(b)], weights[k, :len(b), pooled] = b, 1.0
+        padded, weights = pad_boxes(boxes, [np.full(len(b), pooled) for b in boxes], len(self.pooled))
         rows = self.sessions[pooled].run([BOX_ROWS], {self.names[pooled]: features,
                                                       PROPOSALS: padded, LEVELS: weights})[0]
         return [rows[k, :len(b)] for k, b in enumerate(boxes)]
@@ -682,12 +712,10 @@ class LevelAblation:
         counts = [len(a) for a in anchors(settings["rpn"], settings["rpn"]["image_size"])]
         self.anchor_slices = [slice(int(s), int(s + c)) for s, c in zip(np.cumsum([0] + counts), counts)]
 
-    def for_image(self, outputs: list[np.ndarray], proposals_: np.ndarray, rows: np.ndarray
-                  ) -> ImageAblation:
-        """The ablations of one image: ``outputs`` its RPN graph outputs (objectness, deltas,
-        the FPN levels; one row each), ``proposals_`` (p, 4) and ``rows`` (p, C, 5) its
-        proposals and their box rows."""
-        return ImageAblation(self, outputs, proposals_, rows)
+    def for_image(self, ran: RPNRun) -> ImageAblation:
+        """The ablations of one image: ``ran`` the RPN graph's run on it, with its FPN levels."""
+        rows = self.boxes.batch_rows(ran.levels, ran.chosen, len(ran.chosen[0]))
+        return ImageAblation(self, [ran.objectness, ran.deltas, *ran.levels], ran.chosen[0], rows[0])
 
 
 class ImageAblation:
@@ -709,9 +737,10 @@ class ImageAblation:
         owner = self.owner
         offsets = np.cumsum([0] + [level.shape[1] for level in self.levels])
         channels = np.asarray(channels, np.int64)
-        if len(channels) and (channels.min() < 0 or channels.max() >= offsets[-1]):
-            raise DetectionError(f"channel {channels.max()} is past the {offsets[-1]} channels of the "
-                                 f"stacked FPN levels")
+        wrong = channels[(channels < 0) | (channels >= offsets[-1])]
+        if len(wrong):
+            raise DetectionError(f"channel {wrong[0]} is not one of the {offsets[-1]} channels (0 to "
+                                 f"{offsets[-1] - 1}) of the stacked FPN levels")
         ablated = np.searchsorted(offsets, channels, side="right") - 1
         result = np.zeros((len(channels), *owner.spec.row_shape), np.float32)
         for level in np.unique(ablated):
@@ -805,17 +834,18 @@ def _pooled_from(box_plain, pooled_names: list[str], k: int):
 
 def pooled_features(box_plain, settings: dict) -> list[str]:
     """The names of the feature maps a box graph's RoiAlign nodes read, one per pooled level in
-    the settings' order (matched by the nodes' ``spatial_scale``: the levels' ``pool_scales``)."""
+    the settings' order: the nodes come in BoxGraph's loop order, each at its level's
+    ``spatial_scale`` (two levels may share a scale: MobileNet's FPN pools '0' and '1' at
+    1/32)."""
     from onnx import helper
 
-    found = {}
-    for node in box_plain.graph.node:
-        if node.op_type == "RoiAlign":
-            scale = next((helper.get_attribute_value(a) for a in node.attribute
-                          if a.name == "spatial_scale"), 1.0)
-            found[round(float(scale), 9)] = node.input[0]
-    try:
-        return [found[round(float(scale), 9)] for scale in settings["pool_scales"]]
-    except KeyError:
-        raise DetectionError(f"the box graph pools at scales {sorted(found)}, not the settings' "
-                             f"{settings['pool_scales']}: rebuild the artifact") from None
+    nodes = [node for node in box_plain.graph.node if node.op_type == "RoiAlign"]
+    scales = [float(next((helper.get_attribute_value(a) for a in node.attribute
+                          if a.name == "spatial_scale"), 1.0)) for node in nodes]
+    expected = [float(scale) for scale in settings["pool_scales"]]
+    if len(nodes) != len(expected) or not np.allclose(scales, expected, rtol=1e-6, atol=0):
+        raise DetectionError(f"the box graph pools at scales {scales}, not the settings' {expected}: "
+                             f"it was not exported by this camexport; rebuild the artifact")
+    return [node.input[0] for node in nodes]
+
+

@@ -15,7 +15,13 @@ import pytest
 import pytorch_grad_cam as pgc
 import torch
 from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget as TheirTarget
-from test_two_stage_cams import SIZE, TOLERANCE, TOP, assert_same_detections
+from test_two_stage_cams import (
+    SIZE,
+    TOLERANCE,
+    TOP,
+    assert_forward_is_the_whole_box_graph,
+    assert_same_detections,
+)
 
 from camexport.build import build
 from camexport.detection import FasterRCNNBoxScoreTarget
@@ -72,3 +78,21 @@ def test_gradcam_matches_pgc(rcnn):
     print(f"{rcnn['arch']} gradcam: max |diff| {diff:.2e}")
     assert ours.max() > 0.99 and ours.std() > 0.05
     assert diff <= TOLERANCE, f"max |diff| {diff:.2e}"
+
+
+def test_mobilenet_forward_pools_levels_of_one_scale_apart(tmp_path):
+    """fasterrcnn_mobilenet_v3_large_fpn pools its FPN levels '0' and '1', both at 1/32 of the
+    image: the box graph cut per pooled level tells its two RoiAlign nodes apart by their
+    order, and the forward gives the whole box graph's rows. (Random MobileNet weights score
+    no detection at the default threshold: the rows are compared, not detections.)"""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
+        weights=None, weights_backbone=None, min_size=SIZE, max_size=SIZE).eval()
+    torch.save(model, tmp_path / "model.pt")
+    built = build(str(tmp_path / "model.pt"), ["backbone.body.16"], "gradcam", trust_pickle=True,
+                  input_size=(SIZE, SIZE), out_dir=tmp_path / "artifact")
+    assert built.manifest["detection"]["settings"]["box"]["pool_scales"] == [1 / 32, 1 / 32]
+    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)).numpy()
+    assert_forward_is_the_whole_box_graph(Explainer(built.directory), x)

@@ -70,7 +70,8 @@ def test_artifact_holds_the_rpn_graph_and_the_settings(frcnn):
     detection = manifest["detection"]
     assert detection["kind"] == "fasterrcnn" and detection["classes"] == 91
     assert list(detection["level_sizes"]) == [1000]  # the RPN's post_nms_top_n (testing)
-    assert set(detection["settings"]) == {"rpn", "box"}
+    assert set(detection["settings"]) == {"rpn", "box", "heads_left_out"}
+    assert detection["settings"]["heads_left_out"] == []
     json.dumps(manifest)
     rpn = read_extra(frcnn["built"].directory, "rpn")
     assert [o.name for o in rpn.graph.output][:2] == ["objectness", "rpn_deltas"]
@@ -186,19 +187,26 @@ def test_gradients_run_on_the_explained_proposals_only(frcnn):
 def test_forward_pools_each_proposal_on_its_level_only(frcnn):
     """The plain forward (two_stage.PooledBoxes: the RPN graph's levels, each proposal pooled on
     its own level) gives the whole box graph's rows for every proposal."""
+    assert_forward_is_the_whole_box_graph(frcnn["explainer"], frcnn["x"])
+
+
+def assert_forward_is_the_whole_box_graph(explainer, x: np.ndarray) -> None:
+    """Explainer.forward's rows (the fast path) against the whole box graph's on the same
+    proposals: equal within 1e-6 where there are proposals, zero past them (padding)."""
     from camexport.two_stage import BOX_ROWS, LEVELS
 
-    explainer, x = frcnn["explainer"], frcnn["x"]
     source = explainer.task._proposals(explainer)
-    key = source.key(x)
-    fast = source.full_rows(x, key)
-    np.testing.assert_array_equal(explainer.forward(x), fast)  # the plain session runs this
-    feeds = source(x, key)
+    source._rows = None  # nothing remembered: the forward runs
+    fast = explainer.forward(x)
+    feeds = source(x, source.key(x))
     whole = explainer._plain.inner.run([BOX_ROWS], {explainer.input_name: x, **feeds})[0]
+    diff = 0.0
     for b in range(len(x)):
         count = int(feeds[LEVELS][b].sum())
         assert count > TOP and not fast[b, count:].any()
-        np.testing.assert_allclose(fast[b, :count], whole[b, :count], atol=1e-6, rtol=0)
+        diff = max(diff, float(np.abs(fast[b, :count] - whole[b, :count]).max()))
+    print(f"forward from the pooled levels against the whole box graph: max |diff| {diff:.1e}")
+    assert diff <= 1e-6
 
 
 def test_an_image_without_detections_gets_zero_cams(frcnn):
