@@ -56,13 +56,17 @@ def require(provider: str) -> str:
     return wanted
 
 
-def session(model: onnx.ModelProto | str | Path, provider: str = "cpu", threads: int = 0, spin: bool = True):
+def session(model: onnx.ModelProto | str | Path, provider: str = "cpu", threads: int = 0, spin: bool = True,
+            arena: bool = True):
     """An ``onnxruntime.InferenceSession`` on exactly ``provider`` (never a silent fallback); for
     ``openvino``, an :class:`~camexport.openvino_session.OpenVINOSession` that answers the same.
     ``spin`` False: the session's threads sleep when a run ends instead of spinning for more work
     (onnxruntime's default), for sessions run in turn with another one, whose threads the
     spinning ones would slow: AblationCAM's tail run after the graph, on vit_small 218 -> 148 ms
-    per image, 2 cores (a session run alone loses up to 8 % on small runs without spinning)."""
+    per image, 2 cores (a session run alone loses up to 8 % on small runs without spinning).
+    ``arena`` False: no CPU memory arena (each run's buffers are freed when it ends, instead of
+    the arena keeping its peak for the session's life), for the many small sessions one
+    artifact holds (a Faster R-CNN's per-level cuts: camexport.two_stage.PooledBoxes)."""
     wanted = require(provider)
     if provider == "openvino":
         from camexport.openvino_session import OpenVINOSession
@@ -77,6 +81,7 @@ def session(model: onnx.ModelProto | str | Path, provider: str = "cpu", threads:
         options.intra_op_num_threads = threads
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_cpu_mem_arena = arena
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     providers = [wanted] if provider == "cpu" else [wanted, PROVIDERS["cpu"]]
     if provider == "cuda":

@@ -268,7 +268,7 @@ class TwoStageTask(DetectorTask):
 
             rpn = read_extra(explainer.path, two_stage.RPN_GRAPH, explainer.manifest)
             boxes = two_stage.PooledBoxes(read_plain(explainer.path, explainer.manifest), self.detection,
-                                          lambda model: session(model, explainer.provider, spin=False))
+                                          _part_sessions(explainer))
             self._source = two_stage.ProposalSource(session(rpn, explainer.provider), self.detection,
                                                     explainer.forward, boxes)
         return self._source
@@ -301,16 +301,23 @@ class TwoStageTask(DetectorTask):
         source = self._proposals(explainer)
         if self._ablation is None:
             from camexport.artifact import read_extra
-            from camexport.runtime import session
 
             rpn = read_extra(explainer.path, two_stage.RPN_GRAPH, explainer.manifest)
             self._ablation = two_stage.LevelAblation(
-                rpn, source.boxes, self.detection,
-                lambda model: session(model, explainer.provider, spin=False))
+                rpn, source.boxes, self.detection, _part_sessions(explainer))
         key = source.key(image)
         if self._levels is None or self._levels[0] != key:  # AblationCAM asks per chunk of channels
             self._levels = (key, self._ablation.for_image(source.run(image, key, levels=True)))
         return self._levels[1](channels)
+
+
+def _part_sessions(explainer):
+    """How sessions of a two-stage detector's per-level cuts are made: their threads do not spin
+    (the cuts run in turn) and they keep no memory arena (nine sessions per artifact, each
+    would keep its peak: a CI worker holding four Faster R-CNN explainers ran out of memory)."""
+    from camexport.runtime import session
+
+    return lambda model: session(model, explainer.provider, spin=False, arena=False)
 
 
 def task_for(manifest: dict, output_shape: tuple[int, ...], targets: str | None = None) -> Task:

@@ -39,6 +39,25 @@ def compat_cache(tmp_path_factory):
     patch.setenv(engine.CACHE_ENV, str(root))
     yield root
     patch.undo()
+    # the module's explainers (their sessions hold the weights and memory arenas) go with it:
+    # a test worker runs many modules
+    for explainer in engine._LIVE.values():
+        explainer.release()
+    engine._LIVE.clear()
+    give_back_memory()
+
+
+def give_back_memory() -> None:
+    """Collect garbage and hand the freed heap back to the system (glibc keeps it otherwise): a
+    test worker runs module after module, and Faster R-CNN's explainers leave GBs freed."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import pytorch_grad_cam as pgc
 import torch
+from conftest import give_back_memory
 from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget as TheirTarget
 from test_two_stage_cams import (
     SIZE,
@@ -48,8 +49,11 @@ def rcnn(request, tmp_path_factory):
     x = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)).numpy()
     with torch.no_grad():
         theirs = {k: v.numpy() for k, v in model(list(torch.tensor(x)))[0].items()}
-    return {"model": model, "explainer": Explainer(built.directory), "x": x, "theirs": theirs,
-            "built": built, "arch": arch, "messages": messages}
+    explainer = Explainer(built.directory)
+    yield {"model": model, "explainer": explainer, "x": x, "theirs": theirs, "built": built,
+           "arch": arch, "messages": messages}
+    explainer.release()
+    give_back_memory()
 
 
 def test_detections_match_torchvision(rcnn):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import pytorch_grad_cam as pgc
 import torch
+from conftest import give_back_memory
 from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget as TheirTarget
 from pytorch_grad_cam.utils.reshape_transforms import fasterrcnn_reshape_transform
 
@@ -57,8 +58,11 @@ def frcnn(tmp_path_factory):
     x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)).numpy()
     with torch.no_grad():
         theirs = [{k: v.numpy() for k, v in d.items()} for d in model(list(torch.tensor(x)))]
-    return {"model": model, "explainer": Explainer(built.directory), "stack": Explainer(stack.directory),
-            "x": x, "theirs": theirs, "root": root, "built": built}
+    explainers = {"explainer": Explainer(built.directory), "stack": Explainer(stack.directory)}
+    yield {"model": model, **explainers, "x": x, "theirs": theirs, "root": root, "built": built}
+    for explainer in explainers.values():
+        explainer.release()
+    give_back_memory()
 
 
 def test_artifact_holds_the_rpn_graph_and_the_settings(frcnn):
@@ -223,6 +227,9 @@ def test_an_image_without_detections_gets_zero_cams(frcnn):
 #: 12 least objective of the 1,280 stacked channels; every channel costs a run of the RPN head
 #: and the box head on its own proposals, on both sides)
 ABLATION_RATIO = 0.01
+#: pgc's ablated copies per forward: its Faster R-CNN ablation value is a constant (-1000), so the
+#: batch changes no number; pgc's default 32 copies of a Faster R-CNN forward hold GBs
+ABLATION_BATCH = 4
 
 
 def test_ablationcam_on_the_fpn_levels_matches_pgc(frcnn):
@@ -245,7 +252,8 @@ def test_ablationcam_on_the_fpn_levels_matches_pgc(frcnn):
     assert len(np.unique(np.round(weights, 4))) >= 3, weights
     ours = explainer(x, targets=ours_targets[:1], methods=[method]).cams["ablationcam"]
     cam = pgc.AblationCAM(model, [model.backbone], reshape_transform=fasterrcnn_reshape_transform,
-                          ablation_layer=AblationLayerFasterRCNN(), ratio_channels_to_ablate=ABLATION_RATIO)
+                          ablation_layer=AblationLayerFasterRCNN(), ratio_channels_to_ablate=ABLATION_RATIO,
+                          batch_size=ABLATION_BATCH)
     theirs = cam(input_tensor=torch.tensor(x), targets=their_targets[:1])
     diff = np.abs(ours - theirs).max()
     print(f"fasterrcnn backbone ablationcam (ratio {ABLATION_RATIO}): max |diff| {diff:.2e}")
@@ -377,7 +385,7 @@ def test_pgc_tutorial_through_the_drop_in(frcnn):
     from camexport.compat.ablation_layer import AblationLayerFasterRCNN as DropInLayer
 
     stack = {"reshape_transform": drop_in}
-    ablation = {"ratio_channels_to_ablate": ABLATION_RATIO}
+    ablation = {"ratio_channels_to_ablate": ABLATION_RATIO, "batch_size": ABLATION_BATCH}
     runs = ((compat.GradCAM, pgc.GradCAM, [model.backbone.body.layer4], {}, {}, 2),
             (compat.EigenCAM, pgc.EigenCAM, [model.backbone], stack, {}, 2),
             (compat.AblationCAM, pgc.AblationCAM, [model.backbone],
