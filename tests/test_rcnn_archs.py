@@ -30,7 +30,12 @@ from camexport.explain import Explainer
 
 ARCHS = ("fasterrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn")
 
-pytestmark = pytest.mark.xdist_group("rcnn-archs")
+#: one worker runs every Faster R-CNN module in turn (each holds several GB of explainers and
+#: torch models; two at once on the two workers came within 1.5 GB of this machine's 23 GB)
+pytestmark = pytest.mark.xdist_group("fasterrcnn")
+#: detections compared: the best ones, whose scores lie further apart than SCORE_ATOL (the random
+#: Mask R-CNN's tail of near-tied scores around 0.817 lost one detection to NMS in one CI run)
+COMPARED = 10
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -67,7 +72,10 @@ def test_detections_match_torchvision(rcnn):
     scores = np.abs(found.scores - theirs["scores"]).max()
     boxes = np.abs(found.boxes[:TOP] - theirs["boxes"][:TOP]).max()
     print(f"{rcnn['arch']} detections: scores max |diff| {scores:.1e}, top {TOP} boxes {boxes:.1e} px")
-    assert_same_detections(found, theirs)
+    assert len(found) == len(theirs["scores"]) > COMPARED
+    top = type(found)(found.boxes[:COMPARED], found.scores[:COMPARED], found.labels[:COMPARED],
+                      found.anchors[:COMPARED])
+    assert_same_detections(top, {key: value[:COMPARED] for key, value in theirs.items()})
 
 
 def test_gradcam_matches_pgc(rcnn):
