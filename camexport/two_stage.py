@@ -474,6 +474,11 @@ def export(loaded):
     return plain
 
 
+def level_outputs(spec: DetectorSpec) -> list[str]:
+    """The RPN graph's FPN level outputs (``fpn_<level>``, as RPNGraph names them), in order."""
+    return [f"fpn_{name}" for name in spec.settings["rpn"]["levels"]]
+
+
 @dataclass
 class RPNRun:
     """One run of the RPN graph on a batch (:meth:`ProposalSource.run`): the batch's key, the
@@ -503,7 +508,7 @@ class ProposalSource:
     def __init__(self, rpn_session, spec: DetectorSpec, forward, boxes: PooledBoxes | None = None):
         self.session, self.spec, self.forward, self.boxes = rpn_session, spec, forward, boxes
         self.image_name = rpn_session.get_inputs()[0].name
-        self.level_outputs = [f"fpn_{name}" for name in spec.settings["rpn"]["levels"]]
+        self.level_outputs = level_outputs(spec)
         self._last: RPNRun | None = None
         self._rows: tuple | None = None
 
@@ -702,7 +707,7 @@ class LevelAblation:
         settings = spec.settings
         self.spec, self.boxes = spec, boxes
         names = settings["rpn"]["levels"]
-        self.level_outputs = [f"fpn_{name}" for name in names]
+        self.level_outputs = level_outputs(spec)
         pieces = [_level_parts(rpn_plain, output, len(names)) for output in (OBJECTNESS, DELTAS)]
         heads = [layer_tail(rpn_plain, [level], [objectness, deltas], rows=False)
                  for level, objectness, deltas in zip(self.level_outputs, *pieces)]
