@@ -60,6 +60,16 @@ CASES = [
          name="Conv-dilated-bias"),
     Case("Conv", [(2, 3, 8, 9), np.random.default_rng(7).standard_normal((4, 3, 3, 2))],
          {"strides": [2, 2], "auto_pad": "SAME_UPPER"}, name="Conv-same-upper"),
+    # stride 1: dX is a Conv of dY with the kernel rearranged (channels swapped per group, taps
+    # reversed, pads d(k-1) - p); pads beyond the kernel's reach keep the ConvTranspose
+    Case("Conv", [(2, 4, 7, 6), np.random.default_rng(10).standard_normal((6, 2, 3, 2))],
+         {"group": 2, "pads": [1, 0, 2, 1]}, name="Conv-grouped-stride1-asymmetric"),
+    Case("Conv", [(2, 5, 8, 8), np.random.default_rng(11).standard_normal((5, 1, 5, 5))],
+         {"group": 5, "auto_pad": "SAME_UPPER"}, name="Conv-depthwise-same-upper"),
+    Case("Conv", [(2, 3, 11), np.random.default_rng(12).standard_normal((4, 3, 3))],
+         {"pads": [1, 1], "dilations": [3]}, name="Conv-1d-stride1-dilated"),
+    Case("Conv", [(2, 3, 6, 6), np.random.default_rng(13).standard_normal((4, 3, 3, 3))],
+         {"pads": [3, 1, 1, 3]}, name="Conv-pads-beyond-the-kernel"),
     Case("Conv", [(2, 3, 11), np.random.default_rng(6).standard_normal((4, 3, 4))],
          {"strides": [3]}, name="Conv-1d"),
     Case("ConvTranspose", [(2, 4, 3, 4), np.random.default_rng(8).standard_normal((4, 3, 2, 2))],
@@ -331,3 +341,21 @@ def test_roialign_matches_torchvision_with_boxes_as_inputs(aligned, sampling_rat
         got32 = session.run([dx], {k: v.astype(np.float32) if v.dtype == np.float64 else v
                                    for k, v in feeds.items()})[0]
         assert np.linalg.norm(got32 - expected) <= 1e-5 * np.linalg.norm(expected)
+
+
+@pytest.mark.parametrize("name, transposed", [("Conv-grouped-stride1-asymmetric", False),
+                                              ("Conv-depthwise-same-upper", False),
+                                              ("Conv-1d-stride1-dilated", False),
+                                              ("Conv-dilated-bias", False),
+                                              ("Conv-pads-beyond-the-kernel", True),
+                                              ("Conv-grouped-strided", True)])
+def test_stride1_conv_backward_is_a_conv(name, transposed):
+    """A stride-1 Conv's dX is a Conv of dY (faster in onnxruntime than ConvTranspose); strided
+    ones and pads beyond the kernel's reach keep the ConvTranspose (each case's values: test_rule)."""
+    from rule_harness import backward_model
+
+    case = next(c for c in CASES if c.id == name)
+    model, _, _ = backward_model(case, np.float32)
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("ConvTranspose") == int(transposed)
+    assert ops.count("Conv") == 1 + int(not transposed)

@@ -83,14 +83,48 @@ def _transpose_conv(b, node, dy: str, weight: str, kernel: list[int], group: int
                 group=group, kernel_shape=kernel, output_padding=output_padding)
 
 
+def _flipped_conv(b, node, dy: str, weight: str, kernel: list[int], group: int) -> str | None:
+    """dX of a stride-1 Conv as a Conv of dY (onnxruntime's Conv is 1.6x faster than its
+    ConvTranspose on a 3x3 kernel, 3.5x on a depthwise one): the kernel's input and output
+    channels swapped within each group and its taps reversed, pads d(k-1) - p on each side. The
+    kernel is rearranged by Reshape/Transpose/Slice of the weight (onnxruntime folds them when
+    the weight is an initializer). None where that does not apply (strides above 1, pads beyond
+    the kernel's reach)."""
+    x = node.input[0]
+    n = len(kernel)
+    strides = list(attr(node, "strides", [1] * n))
+    dilations = list(attr(node, "dilations", [1] * n))
+    if any(s != 1 for s in strides):
+        return None
+    pads = explicit_pads(b, node, x, kernel, strides, dilations)
+    flipped_pads = [d * (k - 1) - p for p, d, k in zip(pads, dilations * 2, kernel * 2)]
+    shape = b.facts.shape(weight)
+    if min(flipped_pads) < 0 or shape is None or any(not isinstance(v, int) for v in shape):
+        return None
+    out_channels, in_per_group = shape[0], shape[1]
+    grouped = b.op("Reshape", weight, b.ints([group, out_channels // group, in_per_group, *kernel]))
+    swapped = b.op("Transpose", grouped, perm=[0, 2, 1, *range(3, 3 + n)])
+    merged = b.op("Reshape", swapped, b.ints([group * in_per_group, out_channels // group, *kernel]))
+    axes = list(range(2, 2 + n))
+    reversed_taps = b.op("Slice", merged, b.ints([-1] * n), b.ints([-(2 ** 62)] * n), b.ints(axes),
+                         b.ints([-1] * n))
+    return b.op("Conv", dy, reversed_taps, strides=strides, dilations=dilations, pads=flipped_pads,
+                group=group, kernel_shape=kernel)
+
+
 @rule("Conv")
 def _conv(b, node, dys):
-    """Y = Conv(X, W) + B: dX = ConvTranspose(dY, W) with the same strides, pads, dilations."""
+    """Y = Conv(X, W) + B: dX = ConvTranspose(dY, W) with the same strides, pads, dilations; for
+    stride 1, the Conv of dY with the rearranged kernel (:func:`_flipped_conv`), which is the
+    same sum."""
     weight = node.input[1]
     if b.needs(weight):
         raise NotImplementedError("Conv with a differentiated weight")
     kernel = list(b.facts.shape(weight)[2:])
-    dx = _transpose_conv(b, node, dys[0], weight, kernel, attr(node, "group", 1))
+    group = attr(node, "group", 1)
+    dx = _flipped_conv(b, node, dys[0], weight, kernel, group)
+    if dx is None:
+        dx = _transpose_conv(b, node, dys[0], weight, kernel, group)
     return none_but(dx, node)
 
 
