@@ -269,7 +269,7 @@ def _scratch_prefixes(target: Path) -> tuple[str, str]:
 
 def check_target(target: Path, overwrite: bool) -> None:
     """Refuse ``target`` unless it is absent, an empty directory, or (``overwrite``) a directory
-    holding only artifact files."""
+    holding only artifact files (:func:`artifact_file_names`)."""
     if not target.exists() and not target.is_symlink():
         return
     if not target.is_dir() or target.is_symlink():
@@ -277,7 +277,8 @@ def check_target(target: Path, overwrite: bool) -> None:
     names = sorted(p.name for p in target.iterdir())
     if not names:
         return
-    foreign = [n for n in names if n not in FILES and not n.startswith(".") and not n.endswith(".partial")]
+    own = set(artifact_file_names(target))  # an R-CNN's extra graphs (model.rpn.onnx, ...) too
+    foreign = [n for n in names if n not in own and not n.startswith(".") and not n.endswith(".partial")]
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise ArtifactError(f"--out {target} is a directory holding other files ({shown}), not an "

@@ -116,10 +116,6 @@ def build(
             stack.enter_context(artifact_writer(directory, overwrite))
         with clock.step("export", "exporting to ONNX"):
             plain, detector = export_plain(loaded)
-        left_out = ((detector.settings or {}) if detector else {}).get("heads_left_out")
-        if left_out:
-            progress(f"{loaded.name}: {', '.join(left_out)} left out (masks are not computed yet); "
-                     f"its boxes, scores, labels and CAMs are those of the Faster R-CNN it extends")
         with clock.step("augment", "locating layers and differentiating the tail"):
             augmented, manifest = make_augmented(loaded, plain, layers, method_names, score, output,
                                                  maxpool_indices, detector, fullgrad_biases)
@@ -175,7 +171,8 @@ def check_input_size(loaded: Loaded, own: tuple[int, ...]) -> None:
     their inputs; an Ultralytics detector is checked against its stride when wrapped) are not
     checked."""
     module = loaded.module
-    if module is None or detection.detector_kind(module) or ultralytics_task(module) == "detect":
+    if module is None or detection.detector_kind(module) or ultralytics_task(module) in ("detect", "segment",
+                                                                                          "pose"):
         return
     size = tuple(loaded.preprocessing.size)
     channels = loaded.preprocessing.channels

@@ -32,6 +32,8 @@ TWO_STAGE = "fasterrcnn"
 STACK_LAYER = "backbone"
 #: The graph outputs of a detector artifact.
 DETECTIONS, STACK = "detections", "fpn_stack"
+#: an Ultralytics segment model's mask prototypes (B, M, H / 4, W / 4), a detector graph output
+PROTOS = "yolo_protos"
 BOX = 4
 
 
@@ -56,9 +58,13 @@ class DetectorSpec:
     #: boxes by label x class_offset (its max_wh), or class-agnostic
     class_offset: float = 0.0
     agnostic: bool = False
-    #: a two-stage detector (kind "fasterrcnn", camexport.two_stage) only: its RPN and box
-    #: settings ({"rpn": ..., "box": ...}); level_sizes is then (proposals per image,)
+    #: a two-stage detector (kind "fasterrcnn", camexport.two_stage): its RPN, box (and mask)
+    #: settings ({"rpn": ..., "box": ...}); level_sizes is then (proposals per image,). An
+    #: Ultralytics segment or pose model: camexport.yolo.task_settings
     settings: dict | None = None
+    #: columns of a row after the class scores: an Ultralytics segment model's mask
+    #: coefficients, a pose model's keypoints (x, y[, visibility]) x K
+    extra: int = 0
 
     @property
     def two_stage(self) -> bool:
@@ -68,7 +74,7 @@ class DetectorSpec:
     def row_shape(self) -> tuple[int, ...]:
         """One image's rows: (anchors, 4 + K), or (proposals, C, 5) for a two-stage detector."""
         count = sum(self.level_sizes)
-        return (count, self.classes, BOX + 1) if self.two_stage else (count, BOX + self.classes)
+        return (count, self.classes, BOX + 1) if self.two_stage else (count, BOX + self.classes + self.extra)
 
     def flat_rows(self, rows: np.ndarray) -> np.ndarray:
         """One image's rows as (n, columns), n indexed by Detections.anchors."""
@@ -79,7 +85,8 @@ class DetectorSpec:
         return BOX if self.two_stage else BOX + label
 
     def as_dict(self) -> dict:
-        record = {**asdict(self), "layout": "x1 y1 x2 y2 score_0 ... score_K-1 per anchor"}
+        record = {**asdict(self), "layout": "x1 y1 x2 y2 score_0 ... score_K-1 per anchor" + (
+            f", then {self.extra} {(self.settings or {}).get('task')} values" if self.extra else "")}
         if self.two_stage:
             record["layout"] = "x1 y1 x2 y2 probability per proposal and class (P, C, 5)"
         if self.kind == "yolo":
@@ -211,15 +218,74 @@ def detector_graph(model, size: tuple[int, int]):
 @dataclass
 class Detections:
     """One image's detections, best score first: boxes (n, 4) x1 y1 x2 y2, scores (n,),
-    labels (n,), and the anchor (row of the graph output) each came from."""
+    labels (n,), and the anchor (row of the graph output) each came from; for a Mask R-CNN,
+    ``box_masks`` (n, M, M): each detection's mask probabilities in its box's frame (torchvision's
+    before ``paste_masks_in_image``; :func:`paste_masks` puts them in the image); for an
+    Ultralytics segment model, ``masks`` (n, h, w) uint8 0/1 at its prototypes' resolution in
+    the image frame (camexport.yolo.instance_masks); for a pose model, ``keypoints`` (n, K, D):
+    x, y in input pixels (and the visibility, sigmoid), as Ultralytics decodes them."""
 
     boxes: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
     anchors: np.ndarray
+    box_masks: np.ndarray | None = None
+    masks: np.ndarray | None = None
+    keypoints: np.ndarray | None = None
+
+    def select(self, keep: np.ndarray) -> Detections:
+        """The detections ``keep`` (a bool or index array) picks, with their masks and keypoints."""
+        def pick(values):
+            return None if values is None else values[keep]
+
+        return Detections(self.boxes[keep], self.scores[keep], self.labels[keep], self.anchors[keep],
+                          pick(self.box_masks), pick(self.masks), pick(self.keypoints))
+
+    def image_masks(self, size: tuple[int, int]) -> np.ndarray | None:
+        """(n, H, W) float32 masks in an image of ``size``: a Mask R-CNN's pasted
+        (:func:`paste_masks`), a segment model's resized bilinearly; None without masks."""
+        import cv2
+
+        if self.box_masks is not None:
+            return paste_masks(self.box_masks, self.boxes, size)
+        if self.masks is None:
+            return None
+        shape = (int(size[1]), int(size[0]))
+        resized = [cv2.resize(m.astype(np.float32), shape, interpolation=cv2.INTER_LINEAR)
+                   for m in self.masks]
+        return np.stack(resized) if resized else np.zeros((0, *size), np.float32)
 
     def __len__(self) -> int:
         return len(self.scores)
+
+
+def paste_masks(masks: np.ndarray, boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(n, H, W) float32: each (M, M) mask of ``masks`` in the box frame of ``boxes[i]`` pasted
+    into an image of ``size`` (H, W), zero outside its box, as torchvision's
+    ``paste_masks_in_image`` (padding 1): the mask padded with zeros to M + 2, its box scaled
+    by (M + 2) / M about the centre and truncated to integers, the mask resized bilinearly
+    (half-pixel centres, no antialiasing) to the box's w + 1 by h + 1 pixels and clipped to the
+    image."""
+    import cv2
+
+    masks = np.asarray(masks, np.float32)
+    height, width = (int(s) for s in size)
+    pasted = np.zeros((len(masks), height, width), np.float32)
+    if not len(masks):
+        return pasted
+    side = masks.shape[-1]
+    scale = np.float32((side + 2) / side)
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    half = (boxes[:, 2:] - boxes[:, :2]) * np.float32(0.5) * scale
+    centre = (boxes[:, 2:] + boxes[:, :2]) * np.float32(0.5)
+    expanded = np.concatenate([centre - half, centre + half], axis=1).astype(np.int64)  # truncates
+    for k, (mask, (x0, y0, x1, y1)) in enumerate(zip(masks, expanded)):
+        w, h = max(int(x1 - x0 + 1), 1), max(int(y1 - y0 + 1), 1)
+        resized = cv2.resize(np.pad(mask, 1), (w, h), interpolation=cv2.INTER_LINEAR)
+        left, right, top, bottom = max(x0, 0), min(x1 + 1, width), max(y0, 0), min(y1 + 1, height)
+        if right > left and bottom > top:
+            pasted[k, top:bottom, left:right] = resized[top - y0:bottom - y0, left - x0:right - x0]
+    return pasted
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -424,10 +490,16 @@ def detection_targets(found: Detections, threshold: float, category: int | None 
                       iou_threshold: float = 0.5, spec: DetectorSpec | None = None):
     """pgc's tutorial target for one image: its own detections scoring at least ``threshold``
     (of class ``category`` if given) as the reference boxes."""
+    keep = explained(found, threshold, category)
+    return FasterRCNNBoxScoreTarget(found.labels[keep], found.boxes[keep], iou_threshold, spec)
+
+
+def explained(found: Detections, threshold: float, category: int | None = None) -> np.ndarray:
+    """Which of ``found`` :func:`detection_targets` explains: a bool per detection."""
     keep = found.scores >= threshold
     if category is not None:
         keep &= found.labels == category
-    return FasterRCNNBoxScoreTarget(found.labels[keep], found.boxes[keep], iou_threshold, spec)
+    return keep
 
 
 # -- build integration ----------------------------------------------------------------------
@@ -479,13 +551,26 @@ def layer_aliases(spec: DetectorSpec | None) -> dict[str, str]:
 
 
 def name_outputs(plain) -> None:
-    """Name a detector graph's two outputs ``detections`` and ``fpn_stack`` (in place)."""
-    for output, name in zip(plain.graph.output, (DETECTIONS, STACK)):
-        old = output.name
-        for node in plain.graph.node:
-            node.output[:] = [name if o == old else o for o in node.output]
-            node.input[:] = [name if i == old else i for i in node.input]
+    """Name a detector graph's outputs ``detections`` and ``fpn_stack`` (and an Ultralytics
+    segment model's prototypes, :data:`PROTOS`), in place."""
+    for output, name in zip(plain.graph.output, (DETECTIONS, STACK, PROTOS)):
+        rename_value(plain.graph, output.name, name)
         output.name = name
+
+
+def rename_value(graph, old: str, new: str) -> None:
+    """Rename the value ``old`` of an ONNX graph to ``new`` wherever a node makes or reads it,
+    in place (the graph's inputs and outputs are the caller's to rename)."""
+    for node in graph.node:
+        node.output[:] = [new if o == old else o for o in node.output]
+        node.input[:] = [new if i == old else i for i in node.input]
+
+
+def batch_key(image: np.ndarray) -> tuple:
+    """What identifies a batch of images: its shape and a digest of its bytes."""
+    import hashlib
+
+    return image.shape, hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
 
 
 #: Methods that work on the stacked FPN levels: they read its activations only (pgc's stacked

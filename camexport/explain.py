@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from camexport.artifact import read_artifact, read_plain
-from camexport.detection import Detections
+from camexport.detection import Detections, batch_key
 from camexport.errors import CamexportError
 from camexport.graph.ablate import ABLATED_CHANNELS, ABLATED_VALUES, ablation_tail
 from camexport.graph.cut import layer_tail, prune, split_by_targets, target_dependent
@@ -137,6 +137,9 @@ class Explainer:
         # its own copy of the weights and a memory arena at its peak size
         self._pruned = _Sessions()
         self._splits = _Sessions()
+        #: (batch key, output set, head outputs) of a detect(methods=...) run of the split
+        #: graph's head, for the explanation of the same batch that follows it (used once)
+        self._head_memo: tuple | None = None
 
     def release(self) -> None:
         """Drop every session made so far (each holds its own copy of the weights); the next
@@ -146,6 +149,7 @@ class Explainer:
         self._tails.clear()
         self._ablation.clear()
         self._frontier = None
+        self._head_memo = None
         self._plain = None
         self.task.release()
 
@@ -328,11 +332,32 @@ class Explainer:
         return {name: np.concatenate(values) for name, values in parts.items()}
 
     # -- explanation ---------------------------------------------------------------------
-    def detect(self, x: np.ndarray, outputs: np.ndarray | None = None) -> list[Detections]:
+    def detect(self, x: np.ndarray, outputs: np.ndarray | None = None,
+               methods: str | Sequence | None = None) -> list[Detections]:
         """A detector artifact's detections per image (torchvision's post-processing of the
-        graph's rows, :func:`camexport.detection.postprocess`); ``outputs``: rows already run."""
-        outputs = self.forward(np.ascontiguousarray(x, np.float32)) if outputs is None else outputs
-        return self.task.detections(outputs, self.path)
+        graph's rows, :func:`camexport.detection.postprocess`; with their masks or keypoints);
+        ``outputs``: rows already run. ``methods``: the methods that will explain these
+        detections on the same batch next (``camexport run``): the rows then come from the
+        split graph's head run for those methods, which that explanation reuses instead of
+        running the model again (target methods on a one-stage detector)."""
+        x = np.ascontiguousarray(x, np.float32)
+        if outputs is None and methods is not None:
+            outputs = self._head_rows(x, methods)
+        outputs = self.forward(x) if outputs is None else outputs
+        return self.task.with_extras(self, x, outputs, self.task.detections(outputs, self.path))
+
+    def _head_rows(self, x: np.ndarray, methods) -> np.ndarray | None:
+        """The model outputs of ``x`` from the split graph's head for ``methods``, the head's
+        outputs remembered for :meth:`_slots`; None where no split serves them."""
+        outputs = self.outputs_for(needs_of(method_objects(methods)))
+        if not self.task.splits or not any(name in self.target_outputs for name in outputs):
+            return None
+        split, head_session, _ = self._split_graph(outputs)
+        if split is None:
+            return None
+        head = dict(zip(split.head_outputs, head_session.run(split.head_outputs, {self.input_name: x})))
+        self._head_memo = (batch_key(x), outputs, head)
+        return head[self.output_name]
 
     def inputs(self, x: np.ndarray, targets=None, needs=None, free: bool = False) -> CamInputs:
         """Run the graph once (twice for targets that need the outputs first) and gather what
@@ -495,7 +520,11 @@ class Explainer:
                 per_slot.append(inputs)
             return per_slot, None
         split, head_session, _ = cut
-        head = dict(zip(split.head_outputs, head_session.run(split.head_outputs, {self.input_name: x})))
+        memo, self._head_memo = self._head_memo, None
+        if memo is not None and memo[1] == outputs and memo[0] == batch_key(x):
+            head = memo[2]  # detect(methods=...) ran it on this batch
+        else:
+            head = dict(zip(split.head_outputs, head_session.run(split.head_outputs, {self.input_name: x})))
         model_outputs = head[self.output_name]
         resolved = [as_targets(column, model_outputs) for column in columns]
         weights = np.stack([target_weights(column, model_outputs, self.output_shape)

@@ -274,7 +274,14 @@ def _ultralytics(module, path: Path, digest: str, kind: str) -> Loaded:
 def _ultralytics_yaml(path: Path) -> Loaded:
     """An Ultralytics model built from its yaml (random weights, as ``YOLO('yolo11n.yaml')``)."""
     _ultralytics_import(path)
-    from ultralytics.nn.tasks import ClassificationModel, DetectionModel, guess_model_task, yaml_model_load
+    from ultralytics.nn.tasks import (
+        ClassificationModel,
+        DetectionModel,
+        PoseModel,
+        SegmentationModel,
+        guess_model_task,
+        yaml_model_load,
+    )
 
     from camexport.yolo import check_task
 
@@ -285,7 +292,8 @@ def _ultralytics_yaml(path: Path) -> Loaded:
                         f"Ultralytics by that name ({type(err).__name__}: {err})") from err
     task = guess_model_task(config)
     check_task(task, str(path))
-    models = {"detect": DetectionModel, "classify": ClassificationModel}
+    models = {"detect": DetectionModel, "classify": ClassificationModel, "segment": SegmentationModel,
+              "pose": PoseModel}
     digest = sha256(path) if path.is_file() else hashlib.sha256(str(config).encode()).hexdigest()
     return _ultralytics(models[task](config, verbose=False), path, digest, "ultralytics_yaml")
 

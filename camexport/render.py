@@ -82,17 +82,38 @@ def draw_boxes(tile: np.ndarray, boxes: np.ndarray, names: list[str]) -> np.ndar
     return tile
 
 
-def _explained_detections(results, i: int) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes and labels of the detections sample ``i``'s CAMs explain: those scoring at least
-    the run's --detection-threshold (of the --targets class, if one). ``results``: a
+def draw_masks(tile: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """A copy of an RGB uint8 tile with each (H, W) mask's pixels of probability at least 0.5
+    tinted in the box colour, half opaque."""
+    covered = (np.asarray(masks) >= 0.5).any(axis=0) if len(masks) else np.zeros(tile.shape[:2], bool)
+    tile = tile.copy()
+    tile[covered] = (tile[covered] * 0.5 + np.asarray(BOX_COLOUR) * 0.5).astype(np.uint8)
+    return tile
+
+
+def draw_keypoints(tile: np.ndarray, keypoints: np.ndarray) -> np.ndarray:
+    """A copy of an RGB uint8 tile with each keypoint (x, y[, visibility]) of ``keypoints``
+    (n, K, D) drawn as a dot in the box colour, those of visibility under 0.5 left out (as
+    Ultralytics' plotting does)."""
+    tile = tile.copy()
+    for point in np.asarray(keypoints, np.float32).reshape(-1, keypoints.shape[-1]):
+        if len(point) > 2 and point[2] < 0.5 or not np.isfinite(point[:2]).all():
+            continue
+        centre = np.rint(point[:2]).astype(int)
+        cv2.circle(tile, (int(centre[0]), int(centre[1])), 2, BOX_COLOUR, -1, cv2.LINE_AA)
+    return tile
+
+
+def _explained_detections(results, i: int):
+    """The detections sample ``i``'s CAMs explain: those scoring at least the run's
+    --detection-threshold (of the --targets class, if one). ``results``: a
     :class:`camexport.store.ResultReader`."""
-    from camexport.detection import detection_targets
+    from camexport.detection import explained
 
     threshold = results.parameters["detection_threshold"]
     found = results.detections(i)
     target = int(results.targets(i))
-    chosen = detection_targets(found, threshold, target if target >= 0 else None)
-    return chosen.bounding_boxes, np.asarray(chosen.labels, np.int64)
+    return found.select(explained(found, threshold, target if target >= 0 else None))
 
 
 def read_class_names(path) -> list[str]:
@@ -180,9 +201,14 @@ def render_results(results, out_dir, indices=None, data=None, class_names=None,
             tiles = [np.uint8(image * 255)] + [overlay(image, stored.cams(m, i)[depth].astype(np.float32),
                                                        image_weight) for m in methods]
             if detector:
-                boxes, found = _explained_detections(stored, i)
-                tiles = [draw_boxes(t, boxes, [label_of(int(k)) for k in found]) for t in tiles]
-                headline = f"{len(boxes)} detections explained"
+                shown = _explained_detections(stored, i)
+                masks = shown.image_masks(image.shape[:2])
+                if masks is not None:  # on the image tile only: the CAMs stay clear
+                    tiles[0] = draw_masks(tiles[0], masks)
+                if shown.keypoints is not None:
+                    tiles[0] = draw_keypoints(tiles[0], shown.keypoints)
+                tiles = [draw_boxes(t, shown.boxes, [label_of(int(k)) for k in shown.labels]) for t in tiles]
+                headline = f"{len(shown)} detections explained"
             else:
                 predicted = int(np.argmax(stored.outputs(output, i)))
                 headline = label_of(predicted)

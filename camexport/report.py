@@ -612,8 +612,8 @@ def _gallery_strip(path: Path, stored, method: str, chosen, labels: list[str], s
         else:
             tile = overlay(np.zeros((*cam.shape, 3), np.float32), cam, 0.0)
         if stored.detector:
-            boxes, found = _explained_detections(stored, int(i))
-            tile = draw_boxes(tile, boxes, [str(int(k)) for k in found])
+            shown = _explained_detections(stored, int(i))
+            tile = draw_boxes(tile, shown.boxes, [str(int(k)) for k in shown.labels])
         scale = max(1, -(-TILE // tile.shape[0]))
         tiles.append(cv2.resize(tile, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST))
     if not tiles:

@@ -78,6 +78,11 @@ class Task:
         levels); None: the Explainer's tail with ``values`` filled in."""
         return None
 
+    def with_extras(self, explainer, x: np.ndarray, outputs: np.ndarray, found: list) -> list:
+        """The detections ``found`` of images ``x`` (model ``outputs``), with their masks or
+        keypoints where this kind has them (a Mask R-CNN, an Ultralytics segment or pose model)."""
+        return found
+
     def detections(self, outputs: np.ndarray, source) -> list:
         """Per image, the detections in the model's ``outputs`` (detectors only)."""
         from camexport.detection import DetectionError
@@ -198,7 +203,7 @@ class DetectorTask(Task):
 
         if not len(rows):
             return chosen, self._detection_arrays([], [], rows, n)
-        found = job.explainer.detect(x)
+        found = job.explainer.detect(x, methods=job.config.methods)  # the explanation reuses its run
         classes = chosen or [None] * len(x)
         targets = [detection_targets(f, job.config.detection_threshold, c, spec=self.detection)
                    for f, c in zip(found, classes)]
@@ -206,21 +211,38 @@ class DetectorTask(Task):
 
     def _detection_arrays(self, found: list, targets: list, rows: np.ndarray,
                           n: int) -> dict[str, np.ndarray]:
-        """Per image, the detections padded to detections_per_img (NaN, label -1 past count),
-        and how many of them the CAMs explain (``detections/explained``; 0: none scores at
-        least --detection-threshold, so target-dependent CAMs are all zero)."""
+        """Per image, the detections padded to detections_per_img (NaN, label -1 past count;
+        a Mask R-CNN's box masks as probabilities x 255 in uint8, 0 past count; a segment model's
+        masks, 0 past count; a pose model's keypoints, NaN past count), and how many of
+        them the CAMs explain (``detections/explained``; 0: none scores at least
+        --detection-threshold, so target-dependent CAMs are all zero)."""
         most = self.detection.detections_per_img
         arrays = {"detections/boxes": np.full((n, most, 4), np.nan, np.float32),
                   "detections/scores": np.full((n, most), np.nan, np.float32),
                   "detections/labels": np.full((n, most), -1, np.int32),
                   "detections/count": np.zeros(n, np.int32),
                   "detections/explained": np.zeros(n, np.int32)}
+        settings = self.detection.settings or {}
+        extras = {}  # name: (empty array, detection field, conversion)
+        if "mask" in settings:  # a Mask R-CNN
+            side = settings["mask"]["resolution"]
+            extras["box_masks"] = (np.zeros((n, most, side, side), np.uint8),
+                                   lambda v: np.rint(np.clip(v, 0, 1) * 255))
+        if settings.get("task") == "segment":
+            extras["masks"] = (np.zeros((n, most, *settings["proto_size"]), np.uint8), None)
+        if settings.get("task") == "pose":
+            extras["keypoints"] = (np.full((n, most, *settings["keypoint_shape"]), np.nan, np.float32), None)
         for row, f, target in zip(rows, found, targets):
+            for name, (values, convert) in extras.items():
+                if len(f):
+                    given = getattr(f, name)
+                    values[row, :len(f)] = given if convert is None else convert(given)
             arrays["detections/boxes"][row, :len(f)] = f.boxes
             arrays["detections/scores"][row, :len(f)] = f.scores
             arrays["detections/labels"][row, :len(f)] = f.labels
             arrays["detections/count"][row] = len(f)
             arrays["detections/explained"][row] = len(target.labels)
+        arrays.update({f"detections/{name}": values for name, (values, _) in extras.items()})
         return arrays
 
     def stored_classes(self, asked, resolved):
@@ -235,11 +257,77 @@ class DetectorTask(Task):
 
 
 class YoloTask(DetectorTask):
-    """An Ultralytics YOLO detect export (camexport.yolo): rows per anchor as for torchvision's
-    detectors, post-processed as Ultralytics' non_max_suppression (the manifest's settings);
-    images are letterboxed (the manifest's preprocessing ``resize``). What differs from
-    DetectorTask lies in the spec (kind "yolo"), which camexport.detection.postprocess and
-    the targets read: this class names the kind for readers of task_for."""
+    """An Ultralytics YOLO detect, segment or pose model (camexport.yolo): rows per anchor as
+    for torchvision's detectors, post-processed as Ultralytics' non_max_suppression (the
+    manifest's settings); images are letterboxed (the manifest's preprocessing ``resize``).
+    A segment model's plain forward also keeps its batch's mask prototypes for the masks of
+    its detections; a pose model's keypoints are columns of its rows."""
+
+    def __init__(self, manifest, output_shape):
+        super().__init__(manifest, output_shape)
+        self.yolo_task = (self.detection.settings or {}).get("task", "detect")
+        #: the last plain forward's (batch key, mask prototypes) of a segment model
+        self.protos: tuple | None = None
+
+    def session(self, made, explainer):
+        from camexport.detection import PROTOS
+
+        if self.yolo_task == "segment" and PROTOS in {o.name for o in made.get_outputs()}:
+            return _ProtoKeeper(made, self)
+        return made
+
+    def release(self):
+        self.protos = None
+
+    def with_extras(self, explainer, x, outputs, found):
+        """Pose: each detection's keypoints from its row. Segment: its mask
+        (camexport.yolo.instance_masks) from its row's coefficients and the prototypes that the
+        forward which gave ``outputs`` kept (or of a forward of each image, where that forward
+        ran ``x`` in several chunks)."""
+        from camexport.detection import BOX, batch_key
+        from camexport.yolo import instance_masks
+
+        if self.yolo_task not in ("segment", "pose"):
+            return found
+        start = BOX + self.detection.classes
+        if self.yolo_task == "pose":
+            shape = self.detection.settings["keypoint_shape"]
+            for rows, f in zip(outputs, found):
+                f.keypoints = rows[f.anchors, start:].reshape(len(f), *shape)
+            return found
+        x = np.ascontiguousarray(x, np.float32)
+        if self.protos is None or self.protos[0] != batch_key(x):
+            protos = []
+            for k in range(len(x)):
+                explainer.forward(x[k:k + 1])
+                protos.append(self.protos[1][0])
+        else:
+            protos = self.protos[1]
+        size = self.detection.image_size
+        for rows, f, image_protos in zip(outputs, found, protos):
+            f.masks = instance_masks(rows[f.anchors, start:], image_protos, f.boxes, size)
+        return found
+
+
+class _ProtoKeeper:
+    """A segment model's plain session: a run for the detections also fetches the mask
+    prototypes and keeps them with the batch's key (YoloTask.protos)."""
+
+    def __init__(self, inner, task: YoloTask):
+        self.inner, self.task = inner, task
+        self.image_name = inner.get_inputs()[0].name
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def run(self, names, feed, *args):
+        from camexport.detection import DETECTIONS, PROTOS, batch_key
+
+        if list(names) != [DETECTIONS]:
+            return self.inner.run(names, feed, *args)
+        rows, protos = self.inner.run([DETECTIONS, PROTOS], feed, *args)
+        self.task.protos = (batch_key(feed[self.image_name]), protos)
+        return [rows]
 
 
 class TwoStageTask(DetectorTask):
@@ -257,6 +345,7 @@ class TwoStageTask(DetectorTask):
         self._source = None
         self._ablation = None
         self._levels: tuple | None = None
+        self._masks = None
 
     def _proposals(self, explainer):
         """The ProposalSource of the artifact's RPN graph, made on first use."""
@@ -279,7 +368,33 @@ class TwoStageTask(DetectorTask):
         return two_stage.ProposalSession(made, self._proposals(explainer), explainer.input_name)
 
     def release(self):
-        self._source = self._ablation = self._levels = None
+        self._source = self._ablation = self._levels = self._masks = None
+
+    def with_extras(self, explainer, x, outputs, found):
+        """A Mask R-CNN's detections with their masks (camexport.two_stage.Masks) on the FPN
+        levels of the forward that detected them (kept by the ProposalSource), or, where the
+        forward ran ``x`` in several chunks, of an RPN graph run per image."""
+        from camexport import two_stage
+
+        if "mask" not in self.detection.settings or not any(len(f) for f in found):
+            return found
+        source = self._proposals(explainer)
+        if self._masks is None:
+            from camexport.artifact import read_extra
+            from camexport.runtime import session
+
+            plain = read_extra(explainer.path, two_stage.MASK_GRAPH, explainer.manifest)
+            self._masks = two_stage.Masks(session(plain, explainer.provider, spin=False), self.detection)
+        x = np.ascontiguousarray(x, np.float32)
+        key = source.key(x)
+        if source.kept_levels is not None and source.kept_levels[0] == key:
+            for f, masks in zip(found, self._masks(source.levels(x, key), found)):
+                f.box_masks = masks
+            return found
+        for k, f in enumerate(found):
+            image = x[k:k + 1]
+            f.box_masks = self._masks(source.levels(image, source.key(image)), [f])[0]
+        return found
 
     def check_cut(self, explainer, what):
         from camexport.detection import DetectionError

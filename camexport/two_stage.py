@@ -53,7 +53,9 @@ from camexport.detection import (
     DetectionError,
     Detections,
     DetectorSpec,
+    batch_key,
     nms,
+    rename_value,
     stack_levels,
 )
 
@@ -61,6 +63,8 @@ from camexport.detection import (
 OBJECTNESS, DELTAS = "objectness", "rpn_deltas"
 #: The box graph's inputs after the image, and its output.
 PROPOSALS, LEVELS, BOX_ROWS = "proposals", "box_levels", "box_rows"
+#: The mask graph's inputs before the FPN levels, and its output (a Mask R-CNN's masks).
+MASK_BOXES, MASK_LEVELS, MASK_LABELS, MASK_PROBS = "mask_boxes", "mask_levels", "mask_labels", "mask_probs"
 #: what pads a batch's proposals to one count: a 1 px box pooled with weight 0 on every level
 PAD_BOX = (0.0, 0.0, 1.0, 1.0)
 #: the value an ablated FPN channel is set to (pgc's AblationLayerFasterRCNN; no minimum rule)
@@ -155,14 +159,12 @@ def _check(model, size) -> None:
         raise DetectionError(f"a detector takes 2-D images; input size {size} has {len(size)} values")
 
 
-def box_settings(model, size: tuple[int, int], pooled, feature_sizes) -> dict:
-    """What :func:`box_inputs` and :func:`detections` need from a Faster R-CNN's RoIHeads, as
-    plain JSON types: MultiScaleRoIAlign's levels (torchvision's ``_setup_scales`` on the
-    graph's image size and the ``pooled`` levels' ``feature_sizes``) and the eval
-    post-processing settings."""
+def pool_settings(pool, size: tuple[int, int], pooled, feature_sizes) -> dict:
+    """A MultiScaleRoIAlign's levels as plain JSON types (torchvision's ``_setup_scales`` on the
+    graph's image size and the ``pooled`` levels' ``feature_sizes``): what :func:`levels_of`
+    and the graphs' RoiAlign need."""
     import math
 
-    heads, pool = model.roi_heads, model.roi_heads.box_roi_pool
     scales = [2.0 ** round(math.log2(float(h) / float(size[0]))) for h, _ in feature_sizes]
     return {
         "pooled_levels": list(pooled),
@@ -173,6 +175,16 @@ def box_settings(model, size: tuple[int, int], pooled, feature_sizes) -> dict:
         "canonical_level": int(pool.canonical_level),
         "output_size": [int(s) for s in pool.output_size],
         "sampling_ratio": int(pool.sampling_ratio),
+    }
+
+
+def box_settings(model, size: tuple[int, int], pooled, feature_sizes) -> dict:
+    """What :func:`box_inputs` and :func:`detections` need from a Faster R-CNN's RoIHeads, as
+    plain JSON types: the box pooling's :func:`pool_settings` and the eval post-processing
+    settings."""
+    heads = model.roi_heads
+    return {
+        **pool_settings(heads.box_roi_pool, size, pooled, feature_sizes),
         "box_weights": [float(w) for w in heads.box_coder.weights],
         "bbox_xform_clip": float(heads.box_coder.bbox_xform_clip),
         "score_thresh": float(heads.score_thresh),
@@ -182,10 +194,33 @@ def box_settings(model, size: tuple[int, int], pooled, feature_sizes) -> dict:
     }
 
 
+def _pool_levels(features: dict, rois, weights, names, settings: dict):
+    """MultiScaleRoIAlign with the level chosen by one-hot ``weights`` (N, L, 1, 1, 1): every
+    box pooled on every level ``names`` and the levels summed, weighted (the chosen level
+    times 1 plus the others times 0 is the chosen level's pooling exactly)."""
+    from torchvision.ops import roi_align
+
+    pooled = 0
+    for level, (name, scale) in enumerate(zip(names, settings["pool_scales"])):
+        pooled = pooled + weights[:, level] * roi_align(
+            features[name], rois, output_size=settings["output_size"], spatial_scale=scale,
+            sampling_ratio=settings["sampling_ratio"], aligned=False)
+    return pooled
+
+
+def _rois(boxes):
+    """RoiAlign's (B * P, 5) rois [image index, x1, y1, x2, y2] of boxes (B, P, 4)."""
+    import torch
+
+    batch, count = boxes.shape[0], boxes.shape[1]
+    flat = boxes.reshape(-1, BOX)
+    index = torch.arange(batch, dtype=flat.dtype).reshape(-1, 1, 1).expand(batch, count, 1)
+    return torch.cat([index.reshape(-1, 1), flat], dim=1)
+
+
 def _box_graph_class():
     import torch
     from torchvision.ops import boxes as box_ops
-    from torchvision.ops import roi_align
 
     class BoxGraph(torch.nn.Module):
         """(image in [0, 1] (B, 3, H, W), proposals (B, P, 4), box_levels (B, P, L)) →
@@ -207,20 +242,12 @@ def _box_graph_class():
             self.output_names = (BOX_ROWS, STACK)
 
         def forward(self, x, proposals, box_levels):
-            settings = self.settings
             features = self.backbone((x - self.mean) / self.std)
             stack = stack_levels(list(features.values()))
             batch, count = proposals.shape[0], proposals.shape[1]
             flat = proposals.reshape(-1, BOX)
-            index = torch.arange(batch, dtype=flat.dtype).reshape(-1, 1, 1).expand(batch, count, 1)
-            index = index.reshape(-1, 1)
-            rois = torch.cat([index, flat], dim=1)
             weights = box_levels.reshape(-1, len(self.pooled), 1, 1, 1)
-            pooled = 0
-            for level, (name, scale) in enumerate(zip(self.pooled, settings["pool_scales"])):
-                pooled = pooled + weights[:, level] * roi_align(
-                    features[name], rois, output_size=settings["output_size"], spatial_scale=scale,
-                    sampling_ratio=settings["sampling_ratio"], aligned=False)
+            pooled = _pool_levels(features, _rois(proposals), weights, self.pooled, self.settings)
             logits, regression = self.box_predictor(self.box_head(pooled))
             boxes = self.box_coder.decode_single(regression.reshape(batch * count, -1), flat)
             boxes = box_ops.clip_boxes_to_image(boxes.reshape(batch * count, -1, BOX), self.size)
@@ -237,6 +264,59 @@ def box_graph(model, size: tuple[int, int]):
     its ``settings`` are :func:`box_settings`."""
     _check(model, size)
     return _box_graph_class()(model.eval(), size).eval()
+
+
+def _mask_graph_class():
+    import torch
+
+    class MaskGraph(torch.nn.Module):
+        """A Mask R-CNN's mask branch on given boxes: (the pooled FPN levels ``fpn_<name>``
+        (B, C, h, w) as the RPN graph outputs them, ``mask_boxes`` (B, D, 4), ``mask_levels``
+        (B, D, L) one-hot, ``mask_labels`` (B, D) int64) → ``mask_probs`` (B, D, M, M): the
+        sigmoid of each box's label's mask logits (torchvision's ``maskrcnn_inference``, before
+        ``paste_masks_in_image``)."""
+
+        def __init__(self, model, size: tuple[int, int], features: dict):
+            super().__init__()
+            heads = model.roi_heads
+            self.mask_head, self.mask_predictor = heads.mask_head, heads.mask_predictor
+            pooled = [n for n in features if n in heads.mask_roi_pool.featmap_names]
+            self.pooled = tuple(pooled)
+            self.settings = pool_settings(heads.mask_roi_pool, size, pooled,
+                                          [tuple(features[n].shape[-2:]) for n in pooled])
+            with torch.no_grad():  # the masks' side M (28: the predictor upsamples 14 x 14 twice)
+                channels = features[pooled[0]].shape[1]
+                probe = torch.zeros(1, channels, *self.settings["output_size"])
+                self.settings["resolution"] = int(self.mask_predictor(self.mask_head(probe)).shape[-1])
+            self.input_names = (MASK_BOXES, MASK_LEVELS, MASK_LABELS, *(f"fpn_{n}" for n in pooled))
+            self.output_names = (MASK_PROBS,)
+
+        def forward(self, boxes, levels, labels, *features):
+            batch, count = boxes.shape[0], boxes.shape[1]
+            weights = levels.reshape(-1, len(self.pooled), 1, 1, 1)
+            pooled = _pool_levels(dict(zip(self.pooled, features)), _rois(boxes), weights, self.pooled,
+                                  self.settings)
+            logits = self.mask_predictor(self.mask_head(pooled))
+            flat = labels.reshape(-1)
+            chosen = logits[torch.arange(flat.shape[0]), flat]
+            return chosen.sigmoid().reshape(batch, count, *chosen.shape[-2:])
+
+    return MaskGraph
+
+
+def mask_graph(model, size: tuple[int, int]):
+    """The exportable :class:`MaskGraph` of a torchvision Mask R-CNN at input ``size`` (H, W),
+    or None for a model without a mask branch; its ``settings`` are :func:`pool_settings` of
+    the mask pooling."""
+    import torch
+
+    heads = model.roi_heads
+    if getattr(heads, "mask_head", None) is None or getattr(heads, "mask_predictor", None) is None:
+        return None
+    with torch.no_grad():
+        holder = torch.nn.Module()
+        features = _take_backbone(holder, model, size)
+    return _mask_graph_class()(model.eval(), size, features).eval()
 
 
 def levels_of(boxes: np.ndarray, settings: dict) -> np.ndarray:
@@ -297,14 +377,18 @@ def detections(rows: np.ndarray, settings: dict, count: int | None = None) -> De
     return Detections(boxes[keep], scores[keep], labels[keep], flat[keep])
 
 
+def name_inputs(plain, names) -> None:
+    """Rename an exported graph's inputs to ``names``, in place."""
+    for value, name in zip(plain.graph.input, names):
+        rename_value(plain.graph, value.name, name)
+        value.name = name
+
+
 def name_outputs(plain, names) -> None:
     """Rename an exported graph's outputs to ``names`` (an RPNGraph's ``output_names``), in place."""
-    for output, name in zip(plain.graph.output, names):
-        old = output.name
-        for node in plain.graph.node:
-            node.output[:] = [name if o == old else o for o in node.output]
-            node.input[:] = [name if i == old else i for i in node.input]
-        output.name = name
+    for value, name in zip(plain.graph.output, names):
+        rename_value(plain.graph, value.name, name)
+        value.name = name
 
 
 # -- the RPN's post-processing, in numpy -------------------------------------------------------
@@ -421,23 +505,23 @@ def proposals(objectness: np.ndarray, deltas: np.ndarray, image_size, settings: 
 
 #: the key of the RPN graph among an artifact's extra graphs (camexport.artifact.read_extra)
 RPN_GRAPH = "rpn"
-#: RoIHeads parts that the graphs leave out (a Mask R-CNN's mask branch runs on the final
-#: detections, after the boxes: its masks are not computed yet), recorded in the manifest
-#: (``detection.settings.heads_left_out``)
-LEFT_OUT_HEADS = ("mask_head",)
+#: the key of a Mask R-CNN's mask graph among an artifact's extra graphs
+MASK_GRAPH = "mask"
 
 
 def wrap(loaded) -> DetectorSpec:
     """Replace a loaded torchvision Faster R-CNN by its :class:`BoxGraph` at the loaded input
     size (images in [0, 1]: the graphs normalise them themselves), with its :class:`RPNGraph`
-    in ``loaded.graphs``; :func:`export` exports both. The spec records both graphs' settings
-    and the heads left out (a Mask R-CNN is built as the Faster R-CNN it extends: its boxes,
-    scores, labels and CAMs, no masks)."""
+    (and a Mask R-CNN's :class:`MaskGraph`) in ``loaded.graphs``; :func:`export` exports them.
+    The spec records the graphs' settings (``rpn``, ``box``, and ``mask`` for a Mask R-CNN)."""
     size = tuple(loaded.preprocessing.size)
     model = loaded.module
-    rpn, box = rpn_graph(model, size), box_graph(model, size)
-    left_out = [name for name in LEFT_OUT_HEADS if getattr(model.roi_heads, name, None) is not None]
+    rpn, box, mask = rpn_graph(model, size), box_graph(model, size), mask_graph(model, size)
     loaded.module, loaded.graphs = box, {**loaded.graphs, RPN_GRAPH: rpn}
+    settings = {"rpn": rpn.settings, "box": box.settings}
+    if mask is not None:
+        loaded.graphs[MASK_GRAPH] = mask
+        settings["mask"] = mask.settings
     loaded.preprocessing.mean, loaded.preprocessing.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     box_ = box.settings
     return DetectorSpec(
@@ -445,7 +529,7 @@ def wrap(loaded) -> DetectorSpec:
         image_size=tuple(box_["image_size"]), score_thresh=box_["score_thresh"],
         nms_thresh=box_["nms_thresh"], detections_per_img=box_["detections_per_img"],
         topk_candidates=rpn.settings["pre_nms_top_n"], levels=tuple(rpn.settings["levels"]),
-        settings={"rpn": rpn.settings, "box": box_, "heads_left_out": left_out})
+        settings=settings)
 
 
 def export(loaded):
@@ -471,6 +555,18 @@ def export(loaded):
     plain = _dynamo(box, inputs, ({0: batch}, {0: batch, 1: count}, {0: batch, 1: count}))
     name_outputs(plain, box.output_names)
     loaded.graphs = {**loaded.graphs, RPN_GRAPH: rpn_plain}
+    mask = loaded.graphs.get(MASK_GRAPH)
+    if mask is not None:  # traced on the first proposals of the pair, labelled 1
+        with torch.no_grad():
+            levels = [level for name, level in zip(rpn.level_names, rpn(x)[2:]) if name in mask.pooled]
+        boxes, weights = pad_boxes([b[:3] for b in chosen], [levels_of(b[:3], mask.settings) for b in chosen],
+                                   len(mask.pooled))
+        labels = np.ones(boxes.shape[:2], np.int64)
+        inputs = (torch.from_numpy(boxes), torch.from_numpy(weights), torch.from_numpy(labels), *levels)
+        mask_plain = _dynamo(mask, inputs, ({0: batch, 1: count},) * 3 + (tuple({0: batch} for _ in levels),))
+        name_inputs(mask_plain, mask.input_names)
+        name_outputs(mask_plain, mask.output_names)
+        loaded.graphs[MASK_GRAPH] = mask_plain
     return plain
 
 
@@ -509,15 +605,16 @@ class ProposalSource:
         self.session, self.spec, self.forward, self.boxes = rpn_session, spec, forward, boxes
         self.image_name = rpn_session.get_inputs()[0].name
         self.level_outputs = level_outputs(spec)
+        #: whether :meth:`full_rows` keeps its batch's FPN levels (``kept_levels``: key, levels)
+        self.keep_levels = "mask" in spec.settings
+        self.kept_levels: tuple | None = None
         self._last: RPNRun | None = None
         self._rows: tuple | None = None
 
     @staticmethod
     def key(image: np.ndarray) -> tuple:
-        """What identifies a batch: its shape and a digest of its bytes (hashed once a run)."""
-        import hashlib
-
-        return image.shape, hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
+        """What identifies a batch (:func:`camexport.detection.batch_key`; hashed once a run)."""
+        return batch_key(image)
 
     def __call__(self, image: np.ndarray, key: tuple) -> dict[str, np.ndarray]:
         """The proposal inputs of ``image`` (its :meth:`key` ``key``)."""
@@ -538,6 +635,15 @@ class ProposalSource:
         self._last = RPNRun(key, {PROPOSALS: padded, LEVELS: weights}, chosen, objectness, deltas)
         return RPNRun(key, self._last.feeds, chosen, objectness, deltas, maps or None)
 
+    def levels(self, image: np.ndarray, key: tuple) -> list[np.ndarray]:
+        """The FPN levels of ``image`` (its :meth:`key` ``key``; the RPN graph's level outputs):
+        those :meth:`full_rows` kept (``keep_levels``: a Mask R-CNN's masks read the levels of
+        the batch just detected), or a run of the RPN graph that changes nothing remembered."""
+        if self.kept_levels is not None and self.kept_levels[0] == key:
+            return self.kept_levels[1]
+        image = np.ascontiguousarray(image, np.float32)
+        return self.session.run(self.level_outputs, {self.image_name: image})
+
     def full_rows(self, image: np.ndarray, key: tuple) -> np.ndarray:
         """The box rows (B, P, C, 5) of every proposal of ``image`` from the per-level box
         graphs (``boxes``), remembered; padding rows are zero (the whole box graph's decode
@@ -545,6 +651,8 @@ class ProposalSource:
         ran = self.run(image, key, levels=True)
         rows = self.boxes.batch_rows(ran.levels, ran.chosen, self.spec.row_shape[0])
         self.remember(key, rows)
+        if self.keep_levels:
+            self.kept_levels = (key, ran.levels)
         return rows
 
     def remember(self, key: tuple, rows: np.ndarray) -> None:
@@ -604,6 +712,33 @@ class PooledBoxes:
             for b, (places, rows) in enumerate(zip(chosen, ran)):
                 result[b, places] = rows
         return result
+
+
+class Masks:
+    """A Mask R-CNN's masks of its detections (torchvision's ``maskrcnn_inference``): the mask
+    graph's session on an image's FPN levels (the RPN graph's outputs) and its detections'
+    boxes and labels, each box pooled on its level (:func:`levels_of` with the mask pooling's
+    settings)."""
+
+    def __init__(self, session, spec: DetectorSpec):
+        self.session = session
+        self.settings = spec.settings["mask"]
+        rpn_levels = spec.settings["rpn"]["levels"]
+        self.pooled = [rpn_levels.index(name) for name in self.settings["pooled_levels"]]
+        self.names = [f"fpn_{name}" for name in self.settings["pooled_levels"]]
+
+    def __call__(self, levels: list[np.ndarray], found: list[Detections]) -> list[np.ndarray]:
+        """Each image's (n_i, M, M) mask probabilities of its detections ``found[i]``, on the
+        FPN ``levels`` (the RPN graph's, each (B, C_l, h, w))."""
+        boxes = [f.boxes for f in found]
+        padded, weights = pad_boxes(boxes, [levels_of(b, self.settings) for b in boxes], len(self.names))
+        labels = np.zeros(padded.shape[:2], np.int64)
+        for k, f in enumerate(found):
+            labels[k, :len(f)] = f.labels
+        feed = {MASK_BOXES: padded, MASK_LEVELS: weights, MASK_LABELS: labels,
+                **{name: levels[at] for name, at in zip(self.names, self.pooled)}}
+        probs = self.session.run([MASK_PROBS], feed)[0]
+        return [probs[k, :len(f)] for k, f in enumerate(found)]
 
 
 def _check_frontiers(cuts) -> None:

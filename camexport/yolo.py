@@ -21,6 +21,7 @@ preprocessing says ``"resize": "letterbox"``).
 
 from __future__ import annotations
 
+import ast
 import copy
 import logging
 import re
@@ -30,7 +31,17 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from camexport.detection import BOX, DETECTIONS, STACK, DetectionError, Detections, DetectorSpec, nms
+from camexport.detection import (
+    BOX,
+    DETECTIONS,
+    PROTOS,
+    STACK,
+    DetectionError,
+    Detections,
+    DetectorSpec,
+    nms,
+    rename_value,
+)
 from camexport.load import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -57,10 +68,15 @@ class LetterboxPreprocessing(Preprocessing):
         return {**super().as_dict(), "resize": "letterbox", "pad_value": self.pad_value}
 
 
+#: Ultralytics tasks read as detectors: a segment model's rows carry its mask coefficients and
+#: its graph the mask prototypes (camexport.detection.PROTOS), a pose model's rows its keypoints
+DETECTOR_TASKS = ("detect", "segment", "pose")
+
+
 def is_yolo(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` is an Ultralytics detect export (its metadata says so)."""
+    """Whether ``model`` is an Ultralytics detect, segment or pose export (its metadata says so)."""
     meta = {p.key: p.value for p in model.metadata_props}
-    return meta.get("author") == "Ultralytics" and meta.get("task") == "detect"
+    return meta.get("author") == "Ultralytics" and meta.get("task") in DETECTOR_TASKS
 
 
 def _refuse_unsupported(meta: dict, model: onnx.ModelProto) -> None:
@@ -68,9 +84,30 @@ def _refuse_unsupported(meta: dict, model: onnx.ModelProto) -> None:
         raise DetectionError("this Ultralytics export has NMS inside the graph (end2end or nms=True): "
                              "its outputs are selected boxes, with no per-anchor rows to explain. "
                              "Export again with model.export(format='onnx', nms=False) (YOLOv8/YOLO11)")
-    if len(model.graph.output) != 1:
-        raise DetectionError(f"an Ultralytics detect export has one output (B, 4 + classes, anchors); "
-                             f"this one has {len(model.graph.output)}")
+    task = meta.get("task")
+    wanted = 2 if task == "segment" else 1
+    if len(model.graph.output) != wanted:
+        raise DetectionError(f"an Ultralytics {task} export has {wanted} output(s) (rows (B, 4 + classes "
+                             f"[+ extra], anchors){', mask prototypes' if wanted == 2 else ''}); this one "
+                             f"has {len(model.graph.output)}")
+
+
+def task_settings(task: str, classes: int, columns: int, kpt_shape=None, protos=None) -> dict | None:
+    """The spec's ``settings`` of an Ultralytics model whose rows hold ``columns`` values after
+    the box (``classes`` scores, then the task's own): a segment model's mask coefficients and
+    prototype size, a pose model's keypoint shape (K, 2 or 3); None for detect."""
+    extra = columns - classes
+    if task == "detect":
+        return None
+    if task == "segment":
+        return {"task": task, "mask_channels": extra, "proto_size": [int(s) for s in protos]}
+    if task == "pose":
+        shape = [int(s) for s in kpt_shape]
+        if shape[0] * shape[1] != extra:
+            raise DetectionError(f"this Ultralytics pose model's rows hold {extra} keypoint values, not "
+                                 f"kpt_shape {shape[0]}x{shape[1]}")
+        return {"task": task, "keypoint_shape": shape}
+    raise DetectionError(f"Ultralytics {task} models are not detectors camexport reads")
 
 
 def _constant(graph: onnx.GraphProto, name: str) -> onnx.TensorProto | None:
@@ -212,12 +249,14 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
                           for d in v.type.tensor_type.shape.dim) for v in values}
 
 
-def _append_heads(model: onnx.ModelProto, levels: list[str], shapes: dict) -> None:
-    """``detections`` (xywh -> xyxy rows) and ``fpn_stack`` (the neck levels stacked), in place,
-    replacing ``output0`` as the graph's outputs."""
+def _append_heads(model: onnx.ModelProto, levels: list[str], shapes: dict, classes: int) -> None:
+    """``detections`` (xywh -> xyxy rows, the ``classes`` scores, then a segment or pose model's
+    own columns) and ``fpn_stack`` (the neck levels stacked), in place, replacing ``output0`` as
+    the graph's outputs (a segment model's prototypes ``output1`` stay, renamed :data:`PROTOS`)."""
     graph = model.graph
     raw = graph.output[0].name
-    classes = shapes[raw][1] - BOX
+    columns = shapes[raw][1]
+    protos = graph.output[1] if len(graph.output) > 1 else None
 
     def const(name, values, dtype=np.int64):
         graph.initializer.append(numpy_helper.from_array(np.asarray(values, dtype), f"yolo/{name}"))
@@ -234,11 +273,11 @@ def _append_heads(model: onnx.ModelProto, levels: list[str], shapes: dict) -> No
         return node("Slice", [rows, const(f"{name}_start", [start]), const(f"{name}_stop", [stop]), axis],
                     f"yolo/{name}")
 
-    centre, size, scores = part("xy", 0, 2), part("wh", 2, BOX), part("scores", BOX, BOX + classes)
+    centre, size, scores = part("xy", 0, 2), part("wh", 2, BOX), part("scores", BOX, columns)
     half = node("Div", [size, const("two", 2.0, np.float32)], "yolo/half_wh")  # xywh2xyxy: wh / 2
     top_left = node("Sub", [centre, half], "yolo/x1y1")
     bottom_right = node("Add", [centre, half], "yolo/x2y2")
-    node("Concat", [top_left, bottom_right, scores], DETECTIONS, axis=2)
+    node("Concat", [top_left, bottom_right, scores], DETECTIONS, axis=2)  # scores and extra columns
     coarsest = min(levels, key=lambda v: shapes[v][2] * shapes[v][3])
     hw = const("stack_hw", shapes[coarsest][2:])
     empty = const("empty", [], np.float32)
@@ -255,8 +294,12 @@ def _append_heads(model: onnx.ModelProto, levels: list[str], shapes: dict) -> No
     del graph.output[:]
     float32 = onnx.TensorProto.FLOAT
     graph.output.extend([
-        helper.make_tensor_value_info(DETECTIONS, float32, ["batch", shapes[raw][2], BOX + classes]),
+        helper.make_tensor_value_info(DETECTIONS, float32, ["batch", shapes[raw][2], columns]),
         helper.make_tensor_value_info(STACK, float32, ["batch", channels, *shapes[coarsest][2:]])])
+    if protos is not None:
+        rename_value(graph, protos.name, PROTOS)
+        shape = ["batch", *shapes[protos.name][1:]]
+        graph.output.append(helper.make_tensor_value_info(PROTOS, float32, shape))
 
 
 def detector_graph(model: onnx.ModelProto,
@@ -286,15 +329,28 @@ def detector_graph(model: onnx.ModelProto,
     if len(raw) != 3 or raw[1] is None or raw[1] <= BOX or raw[2] is None:
         raise DetectionError(f"the export's output {graph.graph.output[0].name} is {raw}; a detect "
                              f"model's is (batch, 4 + classes, anchors)")
-    _append_heads(graph, levels, shapes)
+    task = meta.get("task", "detect")
+    classes = raw[1] - BOX if task == "detect" else len(ast.literal_eval(meta.get("names", "{}")))
+    protos = shapes[graph.graph.output[1].name][2:] if task == "segment" else None
+    kpt_shape = ast.literal_eval(meta["kpt_shape"]) if task == "pose" else None
+    extra = task_settings(task, classes, raw[1] - BOX, kpt_shape, protos)
+    _append_heads(graph, levels, shapes, classes)
     onnx.checker.check_model(graph)
-    settings = ULTRALYTICS_NMS
-    spec = DetectorSpec(kind=KIND, classes=raw[1] - BOX, level_sizes=(raw[2],), image_size=exported,
-                        score_thresh=settings["conf"], nms_thresh=settings["iou"],
-                        detections_per_img=settings["max_det"], topk_candidates=settings["max_nms"],
-                        levels=tuple(levels), class_offset=float(settings["max_wh"]),
-                        agnostic=settings["agnostic"])
-    return graph, spec
+    return graph, yolo_spec(classes, raw[2], exported, levels, raw[1] - BOX - classes, extra)
+
+
+def yolo_spec(classes: int, anchors: int, size, levels, extra: int = 0, settings: dict | None = None
+              ) -> DetectorSpec:
+    """The spec of an Ultralytics detector graph: its rows (anchors, 4 + ``classes`` +
+    ``extra``), Ultralytics' predictor settings (:data:`ULTRALYTICS_NMS`), the neck ``levels``
+    and the task's :func:`task_settings`."""
+    nms_ = ULTRALYTICS_NMS
+    return DetectorSpec(kind=KIND, classes=int(classes), level_sizes=(int(anchors),),
+                        image_size=tuple(int(s) for s in size), score_thresh=nms_["conf"],
+                        nms_thresh=nms_["iou"], detections_per_img=nms_["max_det"],
+                        topk_candidates=nms_["max_nms"], levels=tuple(levels),
+                        class_offset=float(nms_["max_wh"]), agnostic=nms_["agnostic"], extra=int(extra),
+                        settings=settings)
 
 
 def wrap(loaded, default_size: tuple[int, int]) -> DetectorSpec | None:
@@ -321,7 +377,7 @@ def postprocess(rows: np.ndarray, spec: DetectorSpec) -> Detections:
     best ``topk_candidates`` (max_nms); NMS (IoU > ``nms_thresh`` dropped) on the boxes offset
     by label x ``class_offset`` (class-aware; 0 when ``agnostic``); the best
     ``detections_per_img``."""
-    labels = np.argmax(rows[:, BOX:], axis=1)
+    labels = np.argmax(rows[:, BOX:BOX + spec.classes], axis=1)
     scores = rows[np.arange(len(rows)), BOX + labels]
     anchors = np.flatnonzero(scores > spec.score_thresh)
     if len(anchors) > spec.topk_candidates:
@@ -333,10 +389,27 @@ def postprocess(rows: np.ndarray, spec: DetectorSpec) -> Detections:
     return Detections(boxes[keep], scores[keep], labels[keep], anchors[keep])
 
 
+def instance_masks(coefficients: np.ndarray, protos: np.ndarray, boxes: np.ndarray,
+                   image_size) -> np.ndarray:
+    """(n, h, w) uint8 0/1: a segment model's masks of n detections at the prototypes'
+    resolution, as Ultralytics' ``process_mask(..., upsample=False)``: the mask coefficients
+    (n, M) times the prototypes (M, h, w), above 0 (sigmoid above 0.5), cropped to each box
+    (x1 y1 x2 y2 in input pixels of ``image_size`` (H, W), scaled to the prototypes: the
+    pixels whose index c satisfies x1 <= c < x2, likewise rows)."""
+    channels, height, width = protos.shape
+    logits = (np.asarray(coefficients, np.float32) @ protos.reshape(channels, -1)).reshape(-1, height, width)
+    ratios = np.asarray([width / image_size[1], height / image_size[0]] * 2, np.float32)
+    scaled = np.asarray(boxes, np.float32).reshape(-1, BOX) * ratios
+    columns, rows = np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32)
+    inside_x = (columns >= scaled[:, 0:1]) & (columns < scaled[:, 2:3])
+    inside_y = (rows >= scaled[:, 1:2]) & (rows < scaled[:, 3:4])
+    return ((logits > 0) & inside_y[:, :, None] & inside_x[:, None, :]).astype(np.uint8)
+
+
 # -- Ultralytics models (a .pt checkpoint or a yaml), exported by camexport itself ------------
 
-#: Ultralytics' default image size (cfg/default.yaml imgsz) for detect and classify models
-DEFAULT_SIZE = {"detect": 640, "classify": 224}
+#: Ultralytics' default image size (cfg/default.yaml imgsz) for the models camexport exports
+DEFAULT_SIZE = {"detect": 640, "segment": 640, "pose": 640, "classify": 224}
 
 
 def ultralytics_task(module) -> str | None:
@@ -352,8 +425,8 @@ def ultralytics_task(module) -> str | None:
 def check_task(task: str, where: str) -> None:
     """Refuse Ultralytics tasks camexport cannot export yet, naming the ones it can."""
     if task not in DEFAULT_SIZE:
-        raise DetectionError(f"{where} is an Ultralytics {task} model; camexport exports detect and "
-                             f"classify models from PyTorch (segment, pose and OBB heads are not yet "
+        raise DetectionError(f"{where} is an Ultralytics {task} model; camexport exports detect, "
+                             f"segment, pose and classify models from PyTorch (OBB heads are not yet "
                              f"supported)")
 
 
@@ -380,7 +453,9 @@ def _module_graph_classes():
 
     class YoloGraph(torch.nn.Module):
         """An Ultralytics DetectionModel as a camexport detector graph: image in [0, 1]
-        (B, 3, H, W) → (detections (B, A, 4 + K) xyxy + sigmoid scores, fpn_stack). Its layers
+        (B, 3, H, W) → (detections (B, A, 4 + K [+ extra]) xyxy + sigmoid scores (a segment
+        model's mask coefficients, a pose model's decoded keypoints after them), fpn_stack[, a
+        segment model's mask prototypes]). Its layers
         keep Ultralytics' names (``model.N``, as in Ultralytics' own ONNX exports). The Detect
         head's anchors are computed once at ``size``, so the batch axis exports free."""
 
@@ -401,13 +476,15 @@ def _module_graph_classes():
             self.register_buffer("anchors", anchors.unsqueeze(0))
             self.register_buffer("strides", strides)
             self.necks = tuple(int(i) for i in head.f)
-            settings = ULTRALYTICS_NMS
-            self.spec = DetectorSpec(
-                kind=KIND, classes=int(head.nc), level_sizes=(int(anchors.shape[-1]),),
-                image_size=self.size, score_thresh=settings["conf"], nms_thresh=settings["iou"],
-                detections_per_img=settings["max_det"], topk_candidates=settings["max_nms"],
-                levels=tuple(f"model.{i}" for i in self.necks), class_offset=float(settings["max_wh"]),
-                agnostic=settings["agnostic"])
+            self.task = ultralytics_task(model)
+            kpt_shape, protos = getattr(head, "kpt_shape", None), None
+            if self.task == "segment":
+                with torch.no_grad():
+                    protos = head.proto(levels[0]).shape[-2:]
+            extra = {"segment": getattr(head, "nm", 0), "pose": getattr(head, "nk", 0)}.get(self.task, 0)
+            settings = task_settings(self.task, int(head.nc), int(head.nc) + extra, kpt_shape, protos)
+            self.spec = yolo_spec(head.nc, anchors.shape[-1], self.size,
+                                  [f"model.{i}" for i in self.necks], extra, settings)
 
         def forward(self, x):
             head = self.model[-1]
@@ -416,8 +493,25 @@ def _module_graph_classes():
             box = head.decode_bboxes(head.dfl(raw["boxes"]), self.anchors) * self.strides
             centre, size = box[:, :2], box[:, 2:]
             half = size / 2  # Ultralytics' xywh2xyxy, as the ONNX path rewrites it
-            rows = torch.cat([centre - half, centre + half, raw["scores"].sigmoid()], 1)
-            return rows.transpose(1, 2), stack_levels(levels)
+            columns = [centre - half, centre + half, raw["scores"].sigmoid()]
+            if self.task == "segment":
+                columns.append(raw["mask_coefficient"])
+            elif self.task == "pose":
+                columns.append(self._keypoints(head, raw["kpts"]))
+            rows = torch.cat(columns, 1).transpose(1, 2)
+            if self.task == "segment":
+                return rows, stack_levels(levels), head.proto(levels[0])
+            return rows, stack_levels(levels)
+
+        def _keypoints(self, head, kpts):
+            """Ultralytics' Pose.kpts_decode (its export branch) on this graph's anchors:
+            (B, K x D, A) pixel x, y (and the sigmoid of the visibility)."""
+            batch, (count, dims) = kpts.shape[0], head.kpt_shape
+            y = kpts.view(batch, count, dims, -1)
+            xy = (y[:, :, :2] * 2.0 + (self.anchors[0] - 0.5)) * self.strides
+            if dims == 3:
+                xy = torch.cat((xy, y[:, :, 2:3].sigmoid()), 2)
+            return xy.view(batch, count * dims, -1)
 
     class YoloClassifier(torch.nn.Module):
         """An Ultralytics ClassificationModel returning its logits (B, K) (its Classify head
@@ -449,7 +543,7 @@ def wrap_module(loaded) -> DetectorSpec | None:
         return None
     stride = int(max(loaded.module.stride))
     if len(size) != 2 or any(s % stride for s in size):
-        raise DetectionError(f"an Ultralytics detect model takes images whose sides are multiples of "
+        raise DetectionError(f"an Ultralytics {task} model takes images whose sides are multiples of "
                              f"its stride {stride}; --input-size {'x'.join(map(str, size))} is not: "
                              f"pass e.g. --input-size {DEFAULT_SIZE['detect']} {DEFAULT_SIZE['detect']}")
     graph = graph_class(loaded.module, size).eval()

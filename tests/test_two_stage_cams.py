@@ -74,8 +74,8 @@ def test_artifact_holds_the_rpn_graph_and_the_settings(frcnn):
     detection = manifest["detection"]
     assert detection["kind"] == "fasterrcnn" and detection["classes"] == 91
     assert list(detection["level_sizes"]) == [1000]  # the RPN's post_nms_top_n (testing)
-    assert set(detection["settings"]) == {"rpn", "box", "heads_left_out"}
-    assert detection["settings"]["heads_left_out"] == []
+    assert set(detection["settings"]) == {"rpn", "box"}  # and "mask" for a Mask R-CNN
+    assert set(manifest["graphs"]) == {"rpn"}
     json.dumps(manifest)
     rpn = read_extra(frcnn["built"].directory, "rpn")
     assert [o.name for o in rpn.graph.output][:2] == ["objectness", "rpn_deltas"]
@@ -94,6 +94,24 @@ def test_artifact_holds_the_rpn_graph_and_the_settings(frcnn):
     finally:
         path.write_bytes(original)
     verify_artifact(frcnn["built"].directory)
+
+
+def test_an_rcnn_artifact_may_be_overwritten_and_only_with_overwrite(frcnn):
+    """--out naming a Faster R-CNN artifact (its extra graph model.rpn.onnx included) is an
+    artifact to replace with --overwrite, refused without it; another file there is foreign."""
+    from camexport.artifact import ArtifactError, check_target
+
+    directory = frcnn["built"].directory
+    check_target(directory, overwrite=True)
+    with pytest.raises(ArtifactError, match="already holds an artifact; pass --overwrite"):
+        check_target(directory, overwrite=False)
+    stray = directory / "notes.txt"
+    stray.write_text("mine")
+    try:
+        with pytest.raises(ArtifactError, match=r"holding other files \(notes.txt\)"):
+            check_target(directory, overwrite=True)
+    finally:
+        stray.unlink()
 
 
 def test_detections_match_torchvision(frcnn):

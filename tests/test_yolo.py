@@ -413,8 +413,39 @@ def test_yaml_and_checkpoint_errors_name_the_fix(root, tmp_path):
     with pytest.raises(CamexportError, match="--trust-pickle"):
         load(checkpoint)
     assert load(checkpoint, trust_pickle=True).kind == "ultralytics_checkpoint"
-    with pytest.raises(CamexportError, match="segment, pose and OBB heads are not yet"):
-        load(_package_yaml("yolov8n-seg", str(tmp_path)))
+    with pytest.raises(CamexportError, match="OBB heads are not yet supported"):
+        load(_package_yaml("yolov8n-obb", str(tmp_path)))
     with pytest.raises(CamexportError, match="multiples of its stride 32"):
         build(checkpoint, ["model.15"], "gradcam", out_dir=str(tmp_path / "a"), trust_pickle=True,
               input_size=(100, 100))
+
+
+def test_detect_for_methods_lends_its_head_run_to_the_explanation(yolo):
+    """`camexport run` detects with the methods it will explain: the rows come from the split
+    graph's head run, which the explanation of the same batch then reuses (one model run in
+    all instead of a forward and the head); the CAMs are those of a fresh run."""
+    explainer = yolo.explainer
+    plain = explainer.detect(yolo.x)
+    from camexport.methods.registry import method_objects, needs_of
+
+    targets = [FasterRCNNBoxScoreTarget(f.labels[:2], f.boxes[:2]) for f in plain]
+    reference = explainer(yolo.x, targets=targets, methods=["gradcam"]).cams["gradcam"]
+
+    _, head, _ = explainer._split_graph(explainer.outputs_for(needs_of(method_objects(["gradcam"]))))
+    runs = []
+    original = head.run
+    head.run = lambda *args, **kwargs: (runs.append(1), original(*args, **kwargs))[1]
+    forwards = []
+    explainer_forward = explainer.forward
+    explainer.forward = lambda x: (forwards.append(1), explainer_forward(x))[1]
+    try:
+        found = explainer.detect(yolo.x, methods=["gradcam"])
+        targets = [FasterRCNNBoxScoreTarget(f.labels[:2], f.boxes[:2]) for f in found]
+        cams = explainer(yolo.x, targets=targets, methods=["gradcam"]).cams["gradcam"]
+    finally:
+        head.run = original
+        del explainer.forward
+    assert (len(runs), len(forwards)) == (1, 0)
+    for mine, theirs in zip(found, plain):
+        np.testing.assert_array_equal(mine.boxes, theirs.boxes)
+    np.testing.assert_allclose(cams, reference, atol=1e-6)

@@ -35,6 +35,16 @@ Result file (``camexport run`` writes it; read it with :class:`ResultReader`)::
                                   score first, NaN past /detections/count
     /detections/scores            (N, D) float32   NaN past the count
     /detections/labels            (N, D) int32     -1 past the count
+    /detections/box_masks         (N, D, M, M) uint8  Mask R-CNN only: each detection's mask
+                                  probability x 255 (rounded) in its box's frame, M x M (28),
+                                  torchvision's before paste_masks_in_image
+                                  (camexport.detection.paste_masks); 0 past the count
+    /detections/masks             (N, D, h, w) uint8  Ultralytics segment models only: each
+                                  detection's mask, 0/1, at the prototypes' resolution (h, w =
+                                  input / 4) in the image frame, as Ultralytics' process_mask
+                                  with upsample=False; 0 past the count
+    /detections/keypoints         (N, D, K, 3) float32  Ultralytics pose models only: x, y in
+                                  input pixels, visibility (sigmoid); NaN past the count
     /detections/count             (N,) int32       detections of each image
     /detections/explained         (N,) int32       0: no detection reached --detection-threshold
                                                    (target methods give an all-zero map)
@@ -54,7 +64,7 @@ Result file (``camexport run`` writes it; read it with :class:`ResultReader`)::
                                   :mod:`camexport.store.evaluations`)
 
 While a run is going ``OUT.h5`` is a live view of the finished batches: every dataset above but
-/labels and /names, rows not done yet read as NaN (float), -1 (int) or False (bool), complete
+/labels and /names, rows not done yet read as NaN (float), -1 (int), 0 (unsigned) or False (bool), complete
 false, and /done absent until the first batch is written.
 
 Every per-sample dataset is chunked one sample per chunk (1-D ones in blocks) and compressed.
@@ -256,7 +266,7 @@ def virtual_view(h5: h5py.File, count: int, shards: list[tuple[int, int, Path]],
         layout = h5py.VirtualLayout((count, *tail), dtype)
         for start, stop, shard in shards:
             layout[start:stop] = h5py.VirtualSource(source(shard), name, shape=(stop - start, *tail))
-        fill = False if dtype == bool else (np.nan if dtype.kind == "f" else -1)
+        fill = False if dtype == bool else np.nan if dtype.kind == "f" else 0 if dtype.kind == "u" else -1
         h5.create_virtual_dataset(name, layout, fillvalue=fill)
 
 

@@ -252,12 +252,17 @@ class ResultReader:
 
     def detections(self, i: int):
         """Image ``i``'s detections as a :class:`camexport.detection.Detections`, padding
-        dropped (anchors are not stored: zeros)."""
+        dropped (anchors are not stored: zeros), with the masks or keypoints stored (a Mask R-CNN's
+        box masks / 255)."""
         from camexport.detection import Detections
 
         count = int(self._h5["detections/count"][i])
+        extras = {k: self._h5[f"detections/{k}"][i][:count] for k in ("box_masks", "masks", "keypoints")
+                  if f"detections/{k}" in self._h5}
+        if "box_masks" in extras:  # a Mask R-CNN's, in the box frame, stored x 255
+            extras["box_masks"] = extras["box_masks"].astype(np.float32) / np.float32(255)
         return Detections(*(self._h5[f"detections/{k}"][i][:count] for k in ("boxes", "scores", "labels")),
-                          anchors=np.zeros(count, np.int64))
+                          anchors=np.zeros(count, np.int64), **extras)
 
     @property
     def labels(self) -> np.ndarray | None:
