@@ -174,8 +174,8 @@ def yolo_camexport(work: Path, exported: str) -> dict:
     name = plain.get_inputs()[0].name
     x = np.load(work / "yolo-images.npy")
 
-    def gradcam(image):
-        found = explainer.detect(image)[0]
+    def gradcam(image):  # as `camexport run` does: the detections' run serves the explanation
+        found = explainer.detect(image, methods=["gradcam"])[0]
         target = FasterRCNNBoxScoreTarget(found.labels[:1], found.boxes[:1])
         return explainer(image, targets=[target], methods=["gradcam"]).cams["gradcam"]
 

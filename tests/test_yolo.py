@@ -449,3 +449,16 @@ def test_detect_for_methods_lends_its_head_run_to_the_explanation(yolo):
     for mine, theirs in zip(found, plain):
         np.testing.assert_array_equal(mine.boxes, theirs.boxes)
     np.testing.assert_allclose(cams, reference, atol=1e-6)
+
+
+def test_the_gradient_tail_does_not_recompute_the_neck(yolo):
+    """The neck's Upsample (Resize, scale 1 on the batch axis) keeps the batch axis: the split
+    of the gradient graph knows it (ONNX inference names that axis anew), so the tail reads the
+    neck's values from the head's run instead of recomputing the neck from the backbone's
+    outputs (no forward Resize or Sigmoid in the tail; YOLOv8n GradCAM at 640: 0.17 -> 0.14 s)."""
+    from camexport.methods.registry import method_objects, needs_of
+
+    explainer = yolo.explainer
+    split, _, _ = explainer._split_graph(explainer.outputs_for(needs_of(method_objects(["gradcam"]))))
+    ops = {node.op_type for node in split.tail.graph.node}
+    assert "Conv" in ops and not ops & {"Resize", "Sigmoid"}

@@ -137,9 +137,65 @@ def split_by_targets(model: onnx.ModelProto, outputs: Sequence[str] | None = Non
 
 
 def _value_info(model: onnx.ModelProto) -> dict:
-    """Every value's inferred type by name (inputs and outputs included)."""
+    """Every value's inferred type by name (inputs and outputs included), the image's batch
+    symbol carried through the ops that keep the batch axis where ONNX inference gives a new
+    symbol (:func:`_carry_batch`)."""
     inferred = onnx.shape_inference.infer_shapes(without_weights(model), data_prop=True).graph
-    return {v.name: v for v in [*inferred.value_info, *inferred.input, *inferred.output]}
+    info = {v.name: v for v in [*inferred.value_info, *inferred.input, *inferred.output]}
+    _carry_batch(model, info)
+    return info
+
+
+#: ops whose output keeps the batch axis of a batch-major input of its rank (element-wise)
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Sum", "Mean"}
+
+
+def _carry_batch(model: onnx.ModelProto, info: dict) -> None:
+    """Rename, in ``info``, the symbols ONNX inference makes up for a batch axis it cannot name
+    (``unk__N``) back to the image's batch symbol, where the op keeps the batch axis: Resize
+    with scale 1 on axis 0 (ONNX cannot multiply a symbol by 1: an Upsample in a YOLO neck
+    made every value after it lose the batch, and a split's tail then recomputed the whole neck
+    from its backbone outputs), Concat on another axis and element-wise ops of batch-major
+    inputs of the output's rank. Values sharing a renamed symbol are renamed with it."""
+    graph = model.graph
+    if not graph.input:
+        return
+    image = info.get(graph.input[0].name)
+    dims = image.type.tensor_type.shape.dim if image is not None else ()
+    batch = dims[0].dim_param if len(dims) else ""
+    if not batch:
+        return
+    constants = {t.name: t for t in graph.initializer}
+    constants.update({n.output[0]: a.t for n in graph.node if n.op_type == "Constant"
+                      for a in n.attribute if a.name == "value"})
+
+    def first(name):
+        value = info.get(name)
+        shape = value.type.tensor_type.shape.dim if value is not None else ()
+        return (shape[0].dim_param if len(shape) and shape[0].HasField("dim_param") else None), len(shape)
+
+    renamed = {}
+    for node in graph.node:
+        if not node.output or not node.input:
+            continue
+        symbol, rank = first(node.output[0])
+        if symbol is None or symbol == batch or not symbol.startswith("unk__") or symbol in renamed:
+            continue
+        keeps = False
+        if node.op_type == "Resize" and len(node.input) > 2 and node.input[2] in constants:
+            scales = onnx.numpy_helper.to_array(constants[node.input[2]])
+            keeps = len(scales) > 0 and float(scales[0]) == 1.0 and first(node.input[0])[0] == batch
+        elif node.op_type == "Concat":
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            keeps = axis % max(rank, 1) != 0 and all(first(i)[0] == batch for i in node.input if i)
+        elif node.op_type in _ELEMENTWISE:
+            keeps = any(first(i) == (batch, rank) for i in node.input if i)
+        if keeps:
+            renamed[symbol] = batch
+            for value in info.values():
+                for dim in value.type.tensor_type.shape.dim[:1]:
+                    if dim.HasField("dim_param") and dim.dim_param == symbol:
+                        dim.dim_param = batch
 
 
 def _batch_major(info: dict, name: str, batch: str) -> bool:
