@@ -62,28 +62,12 @@ class Prepared:
     def __init__(self, name: str, source: str, root: str):
         from ultralytics import YOLO
 
-        rng = np.random.default_rng(1)
-        self.images = [rng.integers(0, 256, shape, np.uint8) for shape in ((120, 200, 3), (200, 150, 3))]
-        self.x = np.stack([preprocess(image, (SIZE, SIZE), (0, 0, 0), (1, 1, 1), resize="letterbox")
-                           for image in self.images])
+        self.images, self.x = sample_images()
         torch.manual_seed(0)
         yolo = YOLO(f"{name}.yaml")
         detect = yolo.model.model[-1]
         spread_random_scores(yolo.model, self.x, CLASS_STD, CLASS_BIAS)
-        if source == "onnx":  # Ultralytics' own export, rewritten by camexport
-            here = os.getcwd()
-            os.chdir(root)  # a yaml-built model is exported into the working directory
-            try:
-                path = yolo.export(format="onnx", imgsz=SIZE, simplify=False, verbose=False)
-            finally:
-                os.chdir(here)
-            self.path = os.path.join(root, path) if not os.path.isabs(path) else path
-            self.model = copy.deepcopy(yolo.model).double().eval()
-        else:  # Ultralytics' checkpoint (float16 weights), exported by camexport
-            self.path = f"{root}/{name}.pt"
-            yolo.save(self.path)
-            checkpoint = torch.load(self.path, map_location="cpu", weights_only=False)
-            self.model = copy.deepcopy(checkpoint.get("ema") or checkpoint["model"]).double().eval()
+        self.path, self.model = model_file(yolo, name, source, root)
         self.necks = [int(i) for i in detect.f]
         self.layers = [f"model.{i}" for i in self.necks]
         options = {"trust_pickle": source == "pt", "input_size": (SIZE, SIZE) if source == "pt" else None}
@@ -95,6 +79,34 @@ class Prepared:
     def torch_rows(self, x: np.ndarray) -> torch.Tensor:
         """Ultralytics' (B, 4 + K, A) output in float64."""
         return self.model(torch.tensor(x, dtype=torch.float64))[0]
+
+
+def sample_images() -> tuple[list[np.ndarray], np.ndarray]:
+    """Two random uint8 images of other shapes than the model's, and them letterboxed (2, 3,
+    SIZE, SIZE)."""
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, shape, np.uint8) for shape in ((120, 200, 3), (200, 150, 3))]
+    return images, np.stack([preprocess(image, (SIZE, SIZE), (0, 0, 0), (1, 1, 1), resize="letterbox")
+                             for image in images])
+
+
+def model_file(yolo, name: str, source: str, root: str) -> tuple[str, torch.nn.Module]:
+    """The file camexport builds from (``source`` "onnx": Ultralytics' own ONNX export; "pt":
+    its checkpoint, float16 weights, exported by camexport) and the float64 reference model of
+    that same file."""
+    if source == "onnx":
+        here = os.getcwd()
+        os.chdir(root)  # a yaml-built model is exported into the working directory
+        try:
+            path = yolo.export(format="onnx", imgsz=SIZE, simplify=False, verbose=False)
+        finally:
+            os.chdir(here)
+        path = os.path.join(root, path) if not os.path.isabs(path) else path
+        return path, copy.deepcopy(yolo.model).double().eval()
+    path = f"{root}/{name}.pt"
+    yolo.save(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    return path, copy.deepcopy(checkpoint.get("ema") or checkpoint["model"]).double().eval()
 
 
 @pytest.fixture(scope="module")

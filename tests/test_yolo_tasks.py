@@ -11,7 +11,6 @@ its non_max_suppression and process_mask, torch autograd.
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import tempfile
@@ -24,10 +23,9 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(tempfile.gettempdir(), "camexport-ultralytics"))
 pytest.importorskip("ultralytics")
 
-from test_yolo import BOX_TOLERANCE, SCORE_TOLERANCE, SIZE, _check_gradients
+from test_yolo import BOX_TOLERANCE, SCORE_TOLERANCE, SIZE, _check_gradients, model_file, sample_images
 
 from camexport.build import build
-from camexport.data import preprocess
 from camexport.detection import BOX
 from camexport.explain import Explainer
 from camexport.yolo import spread_random_scores
@@ -54,28 +52,12 @@ class Prepared:
     def __init__(self, name: str, source: str, root: str):
         from ultralytics import YOLO
 
-        rng = np.random.default_rng(1)
-        images = [rng.integers(0, 256, shape, np.uint8) for shape in ((120, 200, 3), (200, 150, 3))]
-        self.x = np.stack([preprocess(image, (SIZE, SIZE), (0, 0, 0), (1, 1, 1), resize="letterbox")
-                           for image in images])
+        _, self.x = sample_images()
         self.name, self.task = name, {"seg": "segment", "pose": "pose"}[name.split("-")[1]]
         torch.manual_seed(0)
         yolo = YOLO(f"{name}.yaml")
         spread_random_scores(yolo.model, self.x, class_bias=CLASS_BIAS[name])
-        if source == "onnx":
-            here = os.getcwd()
-            os.chdir(root)  # a yaml-built model is exported into the working directory
-            try:
-                path = yolo.export(format="onnx", imgsz=SIZE, simplify=False, verbose=False)
-            finally:
-                os.chdir(here)
-            self.path = os.path.join(root, path) if not os.path.isabs(path) else path
-            self.model = copy.deepcopy(yolo.model).double().eval()
-        else:
-            self.path = f"{root}/{name}.pt"
-            yolo.save(self.path)
-            checkpoint = torch.load(self.path, map_location="cpu", weights_only=False)
-            self.model = copy.deepcopy(checkpoint.get("ema") or checkpoint["model"]).double().eval()
+        self.path, self.model = model_file(yolo, name, source, root)
         self.necks = [int(i) for i in self.model.model[-1].f]
         self.layers = [f"model.{i}" for i in self.necks]
         options = {"trust_pickle": source == "pt", "input_size": (SIZE, SIZE) if source == "pt" else None}
