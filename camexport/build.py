@@ -36,7 +36,7 @@ from camexport.layout import infer_layout
 from camexport.load import Loaded, load
 from camexport.methods import FUSABLE, METHODS, canonical_methods
 from camexport.precision import PRECISIONS, measure_drift, to_float16
-from camexport.yolo import ultralytics_task
+from camexport.yolo import DETECTOR_TASKS, ultralytics_task
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +171,7 @@ def check_input_size(loaded: Loaded, own: tuple[int, ...]) -> None:
     their inputs; an Ultralytics detector is checked against its stride when wrapped) are not
     checked."""
     module = loaded.module
-    if module is None or detection.detector_kind(module) or ultralytics_task(module) in ("detect", "segment",
-                                                                                          "pose"):
+    if module is None or detection.detector_kind(module) or ultralytics_task(module) in DETECTOR_TASKS:
         return
     size = tuple(loaded.preprocessing.size)
     channels = loaded.preprocessing.channels

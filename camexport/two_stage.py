@@ -276,17 +276,16 @@ def _mask_graph_class():
         sigmoid of each box's label's mask logits (torchvision's ``maskrcnn_inference``, before
         ``paste_masks_in_image``)."""
 
-        def __init__(self, model, size: tuple[int, int], features: dict):
+        def __init__(self, model, size: tuple[int, int], feature_sizes: dict):
             super().__init__()
             heads = model.roi_heads
             self.mask_head, self.mask_predictor = heads.mask_head, heads.mask_predictor
-            pooled = [n for n in features if n in heads.mask_roi_pool.featmap_names]
+            pooled = [n for n in feature_sizes if n in heads.mask_roi_pool.featmap_names]
             self.pooled = tuple(pooled)
             self.settings = pool_settings(heads.mask_roi_pool, size, pooled,
-                                          [tuple(features[n].shape[-2:]) for n in pooled])
+                                          [feature_sizes[n] for n in pooled])
             with torch.no_grad():  # the masks' side M (28: the predictor upsamples 14 x 14 twice)
-                channels = features[pooled[0]].shape[1]
-                probe = torch.zeros(1, channels, *self.settings["output_size"])
+                probe = torch.zeros(1, model.backbone.out_channels, *self.settings["output_size"])
                 self.settings["resolution"] = int(self.mask_predictor(self.mask_head(probe)).shape[-1])
             self.input_names = (MASK_BOXES, MASK_LEVELS, MASK_LABELS, *(f"fpn_{n}" for n in pooled))
             self.output_names = (MASK_PROBS,)
@@ -304,19 +303,17 @@ def _mask_graph_class():
     return MaskGraph
 
 
-def mask_graph(model, size: tuple[int, int]):
+def mask_graph(model, size: tuple[int, int], rpn_settings: dict):
     """The exportable :class:`MaskGraph` of a torchvision Mask R-CNN at input ``size`` (H, W),
-    or None for a model without a mask branch; its ``settings`` are :func:`pool_settings` of
-    the mask pooling."""
-    import torch
-
+    or None for a model without a mask branch; the FPN levels' names and sizes come from its
+    :class:`RPNGraph`'s ``rpn_settings``; its ``settings`` are :func:`pool_settings` of the mask
+    pooling."""
     heads = model.roi_heads
     if getattr(heads, "mask_head", None) is None or getattr(heads, "mask_predictor", None) is None:
         return None
-    with torch.no_grad():
-        holder = torch.nn.Module()
-        features = _take_backbone(holder, model, size)
-    return _mask_graph_class()(model.eval(), size, features).eval()
+    feature_sizes = {name: tuple(side)
+                     for name, side in zip(rpn_settings["levels"], rpn_settings["feature_sizes"])}
+    return _mask_graph_class()(model.eval(), size, feature_sizes).eval()
 
 
 def levels_of(boxes: np.ndarray, settings: dict) -> np.ndarray:
@@ -516,7 +513,8 @@ def wrap(loaded) -> DetectorSpec:
     The spec records the graphs' settings (``rpn``, ``box``, and ``mask`` for a Mask R-CNN)."""
     size = tuple(loaded.preprocessing.size)
     model = loaded.module
-    rpn, box, mask = rpn_graph(model, size), box_graph(model, size), mask_graph(model, size)
+    rpn, box = rpn_graph(model, size), box_graph(model, size)
+    mask = mask_graph(model, size, rpn.settings)
     loaded.module, loaded.graphs = box, {**loaded.graphs, RPN_GRAPH: rpn}
     settings = {"rpn": rpn.settings, "box": box.settings}
     if mask is not None:
@@ -547,7 +545,8 @@ def export(loaded):
     rpn_plain = _dynamo(rpn, (x,), ({0: batch},))
     name_outputs(rpn_plain, rpn.output_names)
     with torch.no_grad():
-        objectness, deltas = (t.numpy() for t in rpn(x)[:2])
+        objectness, deltas, *features = rpn(x)
+    objectness, deltas = objectness.numpy(), deltas.numpy()
     chosen = proposals(objectness, deltas, box.size, rpn.settings)
     padded, levels_ = box_inputs(chosen, box.settings, rpn.settings["post_nms_top_n"])
     inputs = (x, torch.from_numpy(padded), torch.from_numpy(levels_))
@@ -557,8 +556,7 @@ def export(loaded):
     loaded.graphs = {**loaded.graphs, RPN_GRAPH: rpn_plain}
     mask = loaded.graphs.get(MASK_GRAPH)
     if mask is not None:  # traced on the first proposals of the pair, labelled 1
-        with torch.no_grad():
-            levels = [level for name, level in zip(rpn.level_names, rpn(x)[2:]) if name in mask.pooled]
+        levels = [level for name, level in zip(rpn.level_names, features) if name in mask.pooled]
         boxes, weights = pad_boxes([b[:3] for b in chosen], [levels_of(b[:3], mask.settings) for b in chosen],
                                    len(mask.pooled))
         labels = np.ones(boxes.shape[:2], np.int64)
@@ -725,7 +723,7 @@ class Masks:
         self.settings = spec.settings["mask"]
         rpn_levels = spec.settings["rpn"]["levels"]
         self.pooled = [rpn_levels.index(name) for name in self.settings["pooled_levels"]]
-        self.names = [f"fpn_{name}" for name in self.settings["pooled_levels"]]
+        self.names = [level_outputs(spec)[at] for at in self.pooled]
 
     def __call__(self, levels: list[np.ndarray], found: list[Detections]) -> list[np.ndarray]:
         """Each image's (n_i, M, M) mask probabilities of its detections ``found[i]``, on the

@@ -92,11 +92,10 @@ def _refuse_unsupported(meta: dict, model: onnx.ModelProto) -> None:
                              f"has {len(model.graph.output)}")
 
 
-def task_settings(task: str, classes: int, columns: int, kpt_shape=None, protos=None) -> dict | None:
-    """The spec's ``settings`` of an Ultralytics model whose rows hold ``columns`` values after
-    the box (``classes`` scores, then the task's own): a segment model's mask coefficients and
-    prototype size, a pose model's keypoint shape (K, 2 or 3); None for detect."""
-    extra = columns - classes
+def task_settings(task: str, extra: int, kpt_shape=None, protos=None) -> dict | None:
+    """The spec's ``settings`` of an Ultralytics model whose rows hold ``extra`` values of the
+    task's own after the class scores: a segment model's mask coefficients and prototype size,
+    a pose model's keypoint shape (K, 2 or 3); None for detect."""
     if task == "detect":
         return None
     if task == "segment":
@@ -333,10 +332,11 @@ def detector_graph(model: onnx.ModelProto,
     classes = raw[1] - BOX if task == "detect" else len(ast.literal_eval(meta.get("names", "{}")))
     protos = shapes[graph.graph.output[1].name][2:] if task == "segment" else None
     kpt_shape = ast.literal_eval(meta["kpt_shape"]) if task == "pose" else None
-    extra = task_settings(task, classes, raw[1] - BOX, kpt_shape, protos)
+    extra = raw[1] - BOX - classes
+    settings = task_settings(task, extra, kpt_shape, protos)
     _append_heads(graph, levels, shapes, classes)
     onnx.checker.check_model(graph)
-    return graph, yolo_spec(classes, raw[2], exported, levels, raw[1] - BOX - classes, extra)
+    return graph, yolo_spec(classes, raw[2], exported, levels, extra, settings)
 
 
 def yolo_spec(classes: int, anchors: int, size, levels, extra: int = 0, settings: dict | None = None
@@ -482,7 +482,7 @@ def _module_graph_classes():
                 with torch.no_grad():
                     protos = head.proto(levels[0]).shape[-2:]
             extra = {"segment": getattr(head, "nm", 0), "pose": getattr(head, "nk", 0)}.get(self.task, 0)
-            settings = task_settings(self.task, int(head.nc), int(head.nc) + extra, kpt_shape, protos)
+            settings = task_settings(self.task, extra, kpt_shape, protos)
             self.spec = yolo_spec(head.nc, anchors.shape[-1], self.size,
                                   [f"model.{i}" for i in self.necks], extra, settings)
 
