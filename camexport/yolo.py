@@ -385,7 +385,7 @@ def postprocess(rows: np.ndarray, spec: DetectorSpec) -> Detections:
     boxes, labels, scores = rows[anchors, :BOX], labels[anchors], scores[anchors]
     offset = np.float32(0 if spec.agnostic else spec.class_offset)
     shifted = boxes + (labels.astype(np.float32) * offset)[:, None]
-    keep = nms(shifted, scores, spec.nms_thresh)[:spec.detections_per_img]
+    keep = nms(shifted, scores, spec.nms_thresh, spec.detections_per_img)
     return Detections(boxes[keep], scores[keep], labels[keep], anchors[keep])
 
 
