@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from camexport.artifact import read_artifact, read_plain
-from camexport.detection import Detections, batch_key
+from camexport.detection import Detections, same_batch
 from camexport.errors import CamexportError
 from camexport.graph.ablate import ABLATED_CHANNELS, ABLATED_VALUES, ablation_tail
 from camexport.graph.cut import layer_tail, prune, split_by_targets, target_dependent
 from camexport.graph.outputs import TARGET_WEIGHTS, activation_name, gradient_name, graph_outputs
+from camexport.graph.sparse import SparseTails
 from camexport.methods import METHODS, canonical_methods
 from camexport.methods.base import Method
 from camexport.methods.inputs import CamInputs, ablated_copies, channel_axis
@@ -137,6 +138,8 @@ class Explainer:
         # its own copy of the weights and a memory arena at its peak size
         self._pruned = _Sessions()
         self._splits = _Sessions()
+        #: the pruned variants of the split tail in use (camexport.graph.sparse.SparseTails)
+        self._sparse: dict[int, SparseTails] = {}
         #: (batch key, output set, head outputs) of a detect(methods=...) run of the split
         #: graph's head, for the explanation of the same batch that follows it (used once)
         self._head_memo: tuple | None = None
@@ -146,6 +149,7 @@ class Explainer:
         call makes what it needs again."""
         self._pruned.clear()
         self._splits.clear()
+        self._sparse.clear()
         self._tails.clear()
         self._ablation.clear()
         self._frontier = None
@@ -316,20 +320,38 @@ class Explainer:
     def _tail_gradients(self, cut: tuple, head: dict[str, np.ndarray],
                         weights: np.ndarray) -> dict[str, np.ndarray]:
         """The tail's outputs for target rows ``weights`` (K, B, *output) on one head run:
-        each output as (K, B, ...). Explicit rows only (an all-zero row gives zero gradients)."""
+        each output as (K, B, ...). Explicit rows only (an all-zero row gives zero gradients).
+        Sparse weights run the tail pruned to what they reach (camexport.graph.sparse)."""
         split, _, tail = cut
         slots, batch = weights.shape[:2]
         per_run = max(1, self.batch_size // max(batch, 1))
         parts: dict[str, list] = {name: [] for name in split.tail_outputs}
         for start in range(0, slots, per_run):
             chunk = weights[start:start + per_run]
-            feed = {name: np.concatenate([head[name]] * len(chunk)) for name in split.frontier}
-            feed[TARGET_WEIGHTS] = np.ascontiguousarray(chunk.reshape(-1, *chunk.shape[2:]), np.float32)
-            ran = dict(zip(split.tail_outputs, tail.run(split.tail_outputs, feed)))
-            _zero_rows(ran, ~_rows_any(feed[TARGET_WEIGHTS]), split.tail_outputs)
+            rows = np.ascontiguousarray(chunk.reshape(-1, *chunk.shape[2:]), np.float32)
+            run, names, zeros = self._sparse_tail(cut).variant(rows) or (tail, split.tail_outputs, {})
+            ran = {name: np.zeros((len(rows), *shape[1:]), np.float32) for name, shape in zeros.items()}
+            if run is not None:
+                feed = {name: rows if name == TARGET_WEIGHTS else head[name] if len(chunk) == 1
+                        else np.concatenate([head[name]] * len(chunk))
+                        for name in (i.name for i in run.get_inputs())}
+                ran.update(zip(names, run.run(names, feed)))
+            _zero_rows(ran, ~_rows_any(rows), split.tail_outputs)
             for name, value in ran.items():
                 parts[name].append(value.reshape(len(chunk), batch, *value.shape[1:]))
         return {name: np.concatenate(values) for name, values in parts.items()}
+
+    def _sparse_tail(self, cut: tuple) -> SparseTails:
+        """The pruned variants of ``cut``'s tail, kept while its split is (each entry holds its
+        tail, so the id keying it is not reused)."""
+        tail = cut[0].tail
+        if id(tail) not in self._sparse:
+            live = {id(kept[0].tail) for kept in self._splits.values() if kept[0] is not None}
+            for key in [key for key in self._sparse if key not in live]:
+                del self._sparse[key]
+            self._sparse[id(tail)] = SparseTails(
+                tail, TARGET_WEIGHTS, lambda model: session(model, self.provider, spin=False))
+        return self._sparse[id(tail)]
 
     # -- explanation ---------------------------------------------------------------------
     def detect(self, x: np.ndarray, outputs: np.ndarray | None = None,
@@ -356,7 +378,7 @@ class Explainer:
         if split is None:
             return None
         head = dict(zip(split.head_outputs, head_session.run(split.head_outputs, {self.input_name: x})))
-        self._head_memo = (batch_key(x), outputs, head)
+        self._head_memo = (x.copy(), outputs, head)  # a copy: the caller may reuse its array
         return head[self.output_name]
 
     def inputs(self, x: np.ndarray, targets=None, needs=None, free: bool = False) -> CamInputs:
@@ -521,7 +543,7 @@ class Explainer:
             return per_slot, None
         split, head_session, _ = cut
         memo, self._head_memo = self._head_memo, None
-        if memo is not None and memo[1] == outputs and memo[0] == batch_key(x):
+        if memo is not None and memo[1] == outputs and same_batch(memo[0], x):
             head = memo[2]  # detect(methods=...) ran it on this batch
         else:
             head = dict(zip(split.head_outputs, head_session.run(split.head_outputs, {self.input_name: x})))

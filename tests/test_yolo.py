@@ -36,6 +36,9 @@ from camexport.build import build
 from camexport.data import letterbox, preprocess
 from camexport.detection import BOX, FasterRCNNBoxScoreTarget, box_iou
 from camexport.explain import Explainer
+from camexport.graph.cut import RECOMPUTED
+from camexport.graph.outputs import TARGET_WEIGHTS, gradient_name
+from camexport.graph.sparse import prune_zeros, support_of
 from camexport.yolo import spread_random_scores
 
 SIZE = 160
@@ -475,7 +478,54 @@ def test_the_gradient_tail_does_not_recompute_the_neck(yolo):
     explainer = yolo.explainer
     split, _, _ = explainer._split_graph(explainer.outputs_for(needs_of(method_objects(["gradcam"]))))
     ops = {node.op_type for node in split.tail.graph.node}
-    assert "Conv" in ops and not ops & {"Resize", "Sigmoid"}
+    assert "Conv" in ops and "Resize" not in ops
+    # the SiLUs' sigmoids the tail computes read the Conv outputs the head gives it
+    sigmoids = [node for node in split.tail.graph.node if node.op_type == "Sigmoid"]
+    assert sigmoids and all(node.input[0] in split.frontier for node in sigmoids)
+
+
+def test_the_head_gives_the_tail_no_element_wise_values(yolo):
+    """The split's head outputs no value that an element-wise op makes (a SiLU's sigmoid, its
+    derivative): the tail computes those from the Conv outputs, and onnxruntime fuses the head's
+    SiLUs as in the plain forward (YOLOv8n at 640: the head ran 1.25x the forward with them)."""
+    from camexport.methods.registry import method_objects, needs_of
+
+    explainer = yolo.explainer
+    split, _, _ = explainer._split_graph(explainer.outputs_for(needs_of(method_objects(["gradcam"]))))
+    made_by = {out: node.op_type for node in split.head.graph.node for out in node.output}
+    element_wise = [name for name in split.frontier if made_by.get(name) in RECOMPUTED]
+    # one at most: the output sigmoid's derivative, whose input (the levels' class logits
+    # concatenated) the tail does not read otherwise; there were 45 (22 SiLUs x 2 + it)
+    assert split.frontier and len(element_wise) <= 1, element_wise
+
+
+def test_a_box_score_runs_the_backward_of_its_own_level_only(yolo):
+    """One anchor's class score reaches one level of the Detect head: the tail run for it is
+    pruned to that level's backward (camexport.graph.sparse), the neck outputs above its level
+    get zero gradients without a run, and every gradient equals the whole tail's exactly."""
+    from camexport.methods.registry import method_objects, needs_of
+
+    explainer = yolo.explainer
+    cut = explainer._split_graph(explainer.outputs_for(needs_of(method_objects(["gradcam"]))))
+    split, head_session, tail = cut
+    head = dict(zip(split.head_outputs, head_session.run(split.head_outputs, {explainer.input_name: yolo.x})))
+    sizes = [(SIZE // stride) ** 2 for stride in (8, 16, 32)]
+    starts = np.cumsum([0, *sizes[:-1]])
+    gradients = [gradient_name(layer) for layer in yolo.layers]
+    for level, (start, size) in enumerate(zip(starts, sizes)):
+        weights = np.zeros((1, len(yolo.x), *explainer.output_shape), np.float32)
+        weights[0, 0, start + size // 3, BOX + 2] = 1.0
+        weights[0, 1, start + size - 1, BOX + 5] = 0.5
+        feed = {name: head[name] for name in split.frontier}
+        feed[TARGET_WEIGHTS] = weights[0]
+        whole = dict(zip(split.tail_outputs, tail.run(split.tail_outputs, feed)))
+        pruned = prune_zeros(split.tail, TARGET_WEIGHTS, support_of(weights[0]))
+        assert set(pruned.zeros) == set(gradients[level + 1:])
+        assert pruned.removed > 0 and len(pruned.model.graph.node) < len(split.tail.graph.node)
+        got = explainer._tail_gradients(cut, head, weights)
+        for name in split.tail_outputs:
+            np.testing.assert_array_equal(got[name][0], whole[name])
+            assert (name in pruned.zeros) == (not whole[name].any()), name
 
 
 def test_gradient_error_is_float32_round_off(yolo):
