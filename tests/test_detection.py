@@ -20,12 +20,15 @@ from zoo import one_model_at_a_time
 
 from camexport.build import build
 from camexport.detection import (
+    BOX,
     DetectionError,
     FasterRCNNBoxScoreTarget,
+    box_iou,
     check_layers,
     detection_targets,
     detector_graph,
     detector_kind,
+    nms,
 )
 from camexport.explain import Explainer
 
@@ -364,3 +367,59 @@ def test_inspect_checks_a_detector_tail(root):
     assert ran.exit_code == 0, ran.output
     assert "to detections" in ran.output and "InstanceNormalization" in ran.output
     assert "MISSING" not in ran.output
+
+
+def _greedy_nms(boxes, scores, threshold):
+    """torchvision's rule spelled out: best first, drop every later box whose IoU with a kept
+    one exceeds the threshold (a NaN IoU, degenerate boxes, drops too, as the kept loop does)."""
+    order = np.argsort(-scores, kind="stable")
+    dropped = np.zeros(len(order), bool)
+    keep = []
+    for position, index in enumerate(order):
+        if dropped[position]:
+            continue
+        keep.append(index)
+        for later in range(position + 1, len(order)):
+            iou = box_iou(boxes[index], boxes[order[later]])[0, 0]
+            dropped[later] |= not iou <= threshold
+    return np.asarray(keep, np.int64)
+
+
+def test_nms_keeps_what_greedy_suppression_keeps():
+    """camexport's NMS (each kept box against the boxes still alive, stopping at ``limit``)
+    keeps exactly the boxes of plain greedy suppression, in its order: random boxes with tied
+    scores and degenerate (zero-area) boxes, three thresholds; with ``limit``, its first boxes."""
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        n = int(rng.integers(0, 120))
+        corner = rng.uniform(0, 100, (n, 2)).astype(np.float32)
+        size = rng.uniform(0, 30, (n, 2)).astype(np.float32)
+        if trial % 4 == 0:
+            size[: n // 3] = 0
+        boxes = np.concatenate([corner, corner + size], axis=1)
+        scores = (rng.integers(0, 10, n) if trial % 2 else rng.random(n)).astype(np.float32)
+        for threshold in (0.3, 0.5, 0.7):
+            expected = _greedy_nms(boxes, scores, threshold)
+            np.testing.assert_array_equal(nms(boxes, scores, threshold), expected)
+            np.testing.assert_array_equal(nms(boxes, scores, threshold, limit=5), expected[:5])
+
+
+def test_postprocessing_reuses_the_detections_of_the_same_rows_only():
+    """The rows just post-processed come back within one explanation (the detections, then the
+    box target matching them): their detections are reused, as a copy the caller may add masks
+    or keypoints to; other rows are post-processed afresh."""
+    from camexport.detection import postprocess
+    from camexport.yolo import yolo_spec
+
+    rng = np.random.default_rng(3)
+    spec = yolo_spec(3, 40, (64, 64), ["level"])
+    centre = rng.uniform(8, 56, (40, 2))
+    rows = np.concatenate([centre - 4, centre + 4, rng.uniform(0, 1, (40, 3))], axis=1).astype(np.float32)
+    first = postprocess(rows, spec)
+    first.keypoints = np.zeros(1)
+    again = postprocess(rows.copy(), spec)
+    assert again is not first and again.keypoints is None
+    np.testing.assert_array_equal(again.anchors, first.anchors)
+    changed = rows.copy()
+    changed[first.anchors[0], BOX:] = 0  # the best detection's scores gone
+    assert first.anchors[0] not in postprocess(changed, spec).anchors
