@@ -309,7 +309,8 @@ class Explainer:
         outputs = outputs or self.graph_outputs
         if outputs not in self._splits:
             model, _ = read_artifact(self.path, self.manifest)
-            split = split_by_targets(model, outputs) if self.task.splits else None
+            extra = [name for name in self.task.head_outputs(self.graph_outputs) if name not in outputs]
+            split = split_by_targets(model, [*outputs, *extra]) if self.task.splits else None
             # the head and the tail run in turn: threads left spinning after one slow the other
             # (a YOLOv8n detection's GradCAM at 640: 0.36 -> 0.26 s, 2 cores)
             self._splits[outputs] = (None, None, None) if split is None else (
@@ -379,6 +380,7 @@ class Explainer:
             return None
         head = dict(zip(split.head_outputs, head_session.run(split.head_outputs, {self.input_name: x})))
         self._head_memo = (x.copy(), outputs, head)  # a copy: the caller may reuse its array
+        self.task.keep_head(x, head)  # a segment model's prototypes, for the masks
         return head[self.output_name]
 
     def inputs(self, x: np.ndarray, targets=None, needs=None, free: bool = False) -> CamInputs:

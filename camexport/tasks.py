@@ -78,6 +78,14 @@ class Task:
         levels); None: the Explainer's tail with ``values`` filled in."""
         return None
 
+    def head_outputs(self, graph_outputs) -> tuple[str, ...]:
+        """Graph outputs that a split's head computes besides the methods' (an Ultralytics
+        segment model's mask prototypes), handed to :meth:`keep_head` when it runs."""
+        return ()
+
+    def keep_head(self, x: np.ndarray, head: dict) -> None:
+        """Keep what this kind needs of a split head's run on images ``x`` (:meth:`head_outputs`)."""
+
     def with_extras(self, explainer, x: np.ndarray, outputs: np.ndarray, found: list) -> list:
         """The detections ``found`` of images ``x`` (model ``outputs``), with their masks or
         keypoints where this kind has them (a Mask R-CNN, an Ultralytics segment or pose model)."""
@@ -266,7 +274,8 @@ class YoloTask(DetectorTask):
     def __init__(self, manifest, output_shape):
         super().__init__(manifest, output_shape)
         self.yolo_task = (self.detection.settings or {}).get("task", "detect")
-        #: the last plain forward's (batch key, mask prototypes) of a segment model
+        #: the last plain forward's (images, mask prototypes) of a segment model (or the split
+        #: head's that detect(methods=...) ran)
         self.protos: tuple | None = None
 
     def session(self, made, explainer):
@@ -279,12 +288,23 @@ class YoloTask(DetectorTask):
     def release(self):
         self.protos = None
 
+    def head_outputs(self, graph_outputs):
+        from camexport.detection import PROTOS
+
+        return (PROTOS,) if self.yolo_task == "segment" and PROTOS in graph_outputs else ()
+
+    def keep_head(self, x, head):
+        from camexport.detection import PROTOS
+
+        if PROTOS in head:
+            self.protos = (np.array(x, np.float32), head[PROTOS])
+
     def with_extras(self, explainer, x, outputs, found):
         """Pose: each detection's keypoints from its row. Segment: its mask
         (camexport.yolo.instance_masks) from its row's coefficients and the prototypes that the
         forward which gave ``outputs`` kept (or of a forward of each image, where that forward
         ran ``x`` in several chunks)."""
-        from camexport.detection import BOX, batch_key
+        from camexport.detection import BOX, same_batch
         from camexport.yolo import instance_masks
 
         if self.yolo_task not in ("segment", "pose"):
@@ -296,7 +316,7 @@ class YoloTask(DetectorTask):
                 f.keypoints = rows[f.anchors, start:].reshape(len(f), *shape)
             return found
         x = np.ascontiguousarray(x, np.float32)
-        if self.protos is None or self.protos[0] != batch_key(x):
+        if self.protos is None or not same_batch(self.protos[0], x):
             protos = []
             for k in range(len(x)):
                 explainer.forward(x[k:k + 1])
@@ -321,12 +341,12 @@ class _ProtoKeeper:
         return getattr(self.inner, name)
 
     def run(self, names, feed, *args):
-        from camexport.detection import DETECTIONS, PROTOS, batch_key
+        from camexport.detection import DETECTIONS, PROTOS
 
         if list(names) != [DETECTIONS]:
             return self.inner.run(names, feed, *args)
         rows, protos = self.inner.run([DETECTIONS, PROTOS], feed, *args)
-        self.task.protos = (batch_key(feed[self.image_name]), protos)
+        self.task.protos = (np.array(feed[self.image_name], np.float32), protos)
         return [rows]
 
 

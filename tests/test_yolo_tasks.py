@@ -160,6 +160,29 @@ def test_masks_match_ultralytics_process_mask(model):
         assert theirs.sum() > 0 and (np.abs(logits[differ]) <= MASK_LOGIT_EDGE).all()
 
 
+def test_detect_for_methods_takes_the_masks_from_its_head_run(model):
+    """`camexport run` detects with the methods to come (Explainer.detect(x, methods=...)): a
+    segment model's split head outputs the mask prototypes too, so its masks need no forward of
+    their own; they equal those of a plain detect."""
+    explainer = model.explainer
+    plain = explainer.detect(model.x)
+    explainer.task.release()  # the prototypes the plain detect kept
+    forwards = []
+    original = explainer.forward
+    explainer.forward = lambda x: (forwards.append(len(x)), original(x))[1]
+    try:
+        found = explainer.detect(model.x, methods=["gradcam"])
+    finally:
+        del explainer.forward
+    assert forwards == []
+    for mine, theirs in zip(found, plain):
+        np.testing.assert_array_equal(mine.anchors, theirs.anchors)
+        if model.task == "segment":
+            np.testing.assert_array_equal(mine.masks, theirs.masks)
+        else:
+            assert mine.masks is None
+
+
 def test_box_score_gradients_match_torch_float64(model):
     """The best detection's class score: its gradient on each neck output equals float64
     autograd through Ultralytics' model (the segment and pose branches read the same outputs)."""
