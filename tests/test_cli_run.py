@@ -143,6 +143,11 @@ def test_resume_after_sigkill(workspace, finished, tmp_path):
         time.sleep(delay)
         process.send_signal(signal.SIGKILL)
         assert process.wait() == -signal.SIGKILL  # killed while working, not after
+        with ResultReader(out) as results:
+            if results.attrs["complete"]:
+                # the run got through its final copy before the kill landed (a loaded machine
+                # let it get ahead of this loop): nothing is left to interrupt
+                break
         assert _shards(out) >= shards
         finished_rows = np.zeros(6, bool)
         for shard in out.with_name(out.name + ".parts").glob("shard-*.h5"):
