@@ -138,8 +138,6 @@ class Explainer:
         # its own copy of the weights and a memory arena at its peak size
         self._pruned = _Sessions()
         self._splits = _Sessions()
-        #: the pruned variants of the split tail in use (camexport.graph.sparse.SparseTails)
-        self._sparse: dict[int, SparseTails] = {}
         #: (batch key, output set, head outputs) of a detect(methods=...) run of the split
         #: graph's head, for the explanation of the same batch that follows it (used once)
         self._head_memo: tuple | None = None
@@ -149,7 +147,6 @@ class Explainer:
         call makes what it needs again."""
         self._pruned.clear()
         self._splits.clear()
-        self._sparse.clear()
         self._tails.clear()
         self._ablation.clear()
         self._frontier = None
@@ -304,8 +301,8 @@ class Explainer:
         return self._run(x, weights)
 
     def _split_graph(self, outputs: tuple[str, ...] | None = None):
-        """(split, head session, tail session) for ``outputs``, built on first use; split None:
-        no cut."""
+        """(split, head session, tail sessions: camexport.graph.sparse.SparseTails) for
+        ``outputs``, built on first use; split None: no cut."""
         outputs = outputs or self.graph_outputs
         if outputs not in self._splits:
             model, _ = read_artifact(self.path, self.manifest)
@@ -313,9 +310,11 @@ class Explainer:
             split = split_by_targets(model, [*outputs, *extra]) if self.task.splits else None
             # the head and the tail run in turn: threads left spinning after one slow the other
             # (a YOLOv8n detection's GradCAM at 640: 0.36 -> 0.26 s, 2 cores)
+            def quiet(part):
+                return session(part, self.provider, spin=False)
+
             self._splits[outputs] = (None, None, None) if split is None else (
-                split, session(split.head, self.provider, spin=False),
-                session(split.tail, self.provider, spin=False))
+                split, quiet(split.head), SparseTails(split.tail, TARGET_WEIGHTS, quiet))
         return self._splits[outputs]
 
     def _tail_gradients(self, cut: tuple, head: dict[str, np.ndarray],
@@ -323,14 +322,14 @@ class Explainer:
         """The tail's outputs for target rows ``weights`` (K, B, *output) on one head run:
         each output as (K, B, ...). Explicit rows only (an all-zero row gives zero gradients).
         Sparse weights run the tail pruned to what they reach (camexport.graph.sparse)."""
-        split, _, tail = cut
+        split, _, tails = cut
         slots, batch = weights.shape[:2]
         per_run = max(1, self.batch_size // max(batch, 1))
         parts: dict[str, list] = {name: [] for name in split.tail_outputs}
         for start in range(0, slots, per_run):
             chunk = weights[start:start + per_run]
             rows = np.ascontiguousarray(chunk.reshape(-1, *chunk.shape[2:]), np.float32)
-            run, names, zeros = self._sparse_tail(cut).variant(rows) or (tail, split.tail_outputs, {})
+            run, names, zeros = tails.variant(rows)
             ran = {name: np.zeros((len(rows), *shape[1:]), np.float32) for name, shape in zeros.items()}
             if run is not None:
                 feed = {name: rows if name == TARGET_WEIGHTS else head[name] if len(chunk) == 1
@@ -341,18 +340,6 @@ class Explainer:
             for name, value in ran.items():
                 parts[name].append(value.reshape(len(chunk), batch, *value.shape[1:]))
         return {name: np.concatenate(values) for name, values in parts.items()}
-
-    def _sparse_tail(self, cut: tuple) -> SparseTails:
-        """The pruned variants of ``cut``'s tail, kept while its split is (each entry holds its
-        tail, so the id keying it is not reused)."""
-        tail = cut[0].tail
-        if id(tail) not in self._sparse:
-            live = {id(kept[0].tail) for kept in self._splits.values() if kept[0] is not None}
-            for key in [key for key in self._sparse if key not in live]:
-                del self._sparse[key]
-            self._sparse[id(tail)] = SparseTails(
-                tail, TARGET_WEIGHTS, lambda model: session(model, self.provider, spin=False))
-        return self._sparse[id(tail)]
 
     # -- explanation ---------------------------------------------------------------------
     def detect(self, x: np.ndarray, outputs: np.ndarray | None = None,
@@ -379,8 +366,9 @@ class Explainer:
         if split is None:
             return None
         head = dict(zip(split.head_outputs, head_session.run(split.head_outputs, {self.input_name: x})))
-        self._head_memo = (x.copy(), outputs, head)  # a copy: the caller may reuse its array
-        self.task.keep_head(x, head)  # a segment model's prototypes, for the masks
+        kept = x.copy()  # a copy: the caller may reuse its array
+        self._head_memo = (kept, outputs, head)
+        self.task.keep_head(kept, head)  # a segment model's prototypes, for the masks
         return head[self.output_name]
 
     def inputs(self, x: np.ndarray, targets=None, needs=None, free: bool = False) -> CamInputs:

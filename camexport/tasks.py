@@ -84,7 +84,8 @@ class Task:
         return ()
 
     def keep_head(self, x: np.ndarray, head: dict) -> None:
-        """Keep what this kind needs of a split head's run on images ``x`` (:meth:`head_outputs`)."""
+        """Keep what this kind needs of a split head's run on images ``x`` (:meth:`head_outputs`);
+        ``x`` is the Explainer's own copy, which this kind may keep as it is."""
 
     def with_extras(self, explainer, x: np.ndarray, outputs: np.ndarray, found: list) -> list:
         """The detections ``found`` of images ``x`` (model ``outputs``), with their masks or
@@ -297,7 +298,7 @@ class YoloTask(DetectorTask):
         from camexport.detection import PROTOS
 
         if PROTOS in head:
-            self.protos = (np.array(x, np.float32), head[PROTOS])
+            self.protos = (x, head[PROTOS])
 
     def with_extras(self, explainer, x, outputs, found):
         """Pose: each detection's keypoints from its row. Segment: its mask

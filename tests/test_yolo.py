@@ -507,7 +507,7 @@ def test_a_box_score_runs_the_backward_of_its_own_level_only(yolo):
 
     explainer = yolo.explainer
     cut = explainer._split_graph(explainer.outputs_for(needs_of(method_objects(["gradcam"]))))
-    split, head_session, tail = cut
+    split, head_session, tails = cut
     head = dict(zip(split.head_outputs, head_session.run(split.head_outputs, {explainer.input_name: yolo.x})))
     sizes = [(SIZE // stride) ** 2 for stride in (8, 16, 32)]
     starts = np.cumsum([0, *sizes[:-1]])
@@ -518,7 +518,7 @@ def test_a_box_score_runs_the_backward_of_its_own_level_only(yolo):
         weights[0, 1, start + size - 1, BOX + 5] = 0.5
         feed = {name: head[name] for name in split.frontier}
         feed[TARGET_WEIGHTS] = weights[0]
-        whole = dict(zip(split.tail_outputs, tail.run(split.tail_outputs, feed)))
+        whole = dict(zip(split.tail_outputs, tails.whole.run(split.tail_outputs, feed)))
         pruned = prune_zeros(split.tail, TARGET_WEIGHTS, support_of(weights[0]))
         assert set(pruned.zeros) == set(gradients[level + 1:])
         assert pruned.removed > 0 and len(pruned.model.graph.node) < len(split.tail.graph.node)

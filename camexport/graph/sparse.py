@@ -37,6 +37,7 @@ import onnx
 from onnx import helper
 
 from camexport.graph.builder import GraphFacts
+from camexport.graph.cut import computed_from
 
 Box = tuple[tuple[int, int], ...]
 #: the stop of an axis whose size is not static (the batch axis): read as "to the end"
@@ -121,6 +122,10 @@ class _Walk:
     def _dims(self, name: str) -> tuple[int, ...]:
         return tuple(END if d is None else int(d) for d in self._shape(name))
 
+    def _zero(self, name: str) -> Box:
+        """The empty box of value ``name``: zero everywhere."""
+        return tuple((0, 0) for _ in self._shape(name))
+
     def _tracked(self, name: str) -> bool:
         return bool(name) and name in self.support
 
@@ -129,9 +134,9 @@ class _Walk:
         box = self.support[name]
         if box is None:
             return box
-        dims, out_dims = self._dims(name), self._dims(out)
         if _empty(box):
-            return tuple((0, 0) for _ in out_dims)
+            return self._zero(out)
+        dims, out_dims = self._dims(name), self._dims(out)
         lead = len(out_dims) - len(dims)
         aligned = [(0, d) for d in out_dims[:lead]]
         for (lo, hi), d, od in zip(box, dims, out_dims[lead:]):
@@ -153,7 +158,6 @@ class _Walk:
         op, ins, out = node.op_type, list(node.input), node.output[0]
         tracked = [name for name in ins if self._tracked(name)]
         empty = [name for name in tracked if _empty(self.support[name])]
-        zero = tuple((0, 0) for _ in self._shape(out)) if op != "Split" else None
         if op in _ZERO_PRESERVING:
             return [self.support[ins[0]]]
         if op in ("Mul", "And"):
@@ -169,13 +173,13 @@ class _Walk:
         if op in _PRODUCTS:
             biased = op in ("Conv", "ConvTranspose") and len(ins) > 2 and ins[2]
             biased = biased or (op == "Gemm" and len(ins) > 2 and ins[2])
-            return [zero if empty and not biased else None]
+            return [self._zero(out) if empty and not biased else None]
         if op in ("Add", "Sub", "Sum") or (op == "Where" and not self._tracked(ins[0])):
             terms = ins if op != "Where" else ins[1:]
             if any(not self._tracked(name) for name in terms):
                 return [None]
             boxes = [self._aligned(name, out) for name in terms]
-            return [zero if all(_empty(b) for b in boxes) else _hull(boxes)]
+            return [self._zero(out) if all(_empty(b) for b in boxes) else _hull(boxes)]
         if op == "Transpose":
             box = self.support[ins[0]]
             perm = self._ints(node, None, "perm") or list(range(len(box or ())))[::-1]
@@ -187,7 +191,7 @@ class _Walk:
         if op == "Concat":
             return [self._concat(node)]
         if op in _LINEAR and tracked == [ins[0]] and empty:
-            return [tuple((0, 0) for _ in self._shape(name)) for name in node.output]
+            return [self._zero(name) for name in node.output]
         return [None] * len(node.output)
 
     def _slice(self, node) -> Box | None:
@@ -232,7 +236,7 @@ class _Walk:
         """Stride-1 Conv: an output position is nonzero where its window meets the input's box."""
         box = self.support[node.input[0]]
         if box is None or _empty(box):
-            return tuple((0, 0) for _ in box) if box is not None else None
+            return box if box is None else self._zero(node.output[0])
         kernel = self._dims(node.input[1])[2:]
         spatial = len(kernel)
         strides = self._ints(node, None, "strides") or [1] * spatial
@@ -252,7 +256,7 @@ class _Walk:
     def _reduce(self, node) -> Box | None:
         box = self.support[node.input[0]]
         if box is None or _empty(box):
-            return box if box is None else tuple((0, 0) for _ in self._shape(node.output[0]))
+            return box if box is None else self._zero(node.output[0])
         axes = self._ints(node, 1, "axes")
         keep = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
         if axes is None or not keep:
@@ -266,7 +270,7 @@ class _Walk:
         box = self.support[node.input[0]]
         out_shape = self._shape(node.output[0])
         if box is None or _empty(box):
-            return box if box is None else tuple((0, 0) for _ in out_shape)
+            return box if box is None else self._zero(node.output[0])
         ins, outs = list(self._shape(node.input[0])), list(out_shape)
         if ins[:1] == [None] and outs[:1] == [None]:  # the batch axis, unchanged
             result, box, ins, outs = [box[0]], box[1:], ins[1:], outs[1:]
@@ -322,7 +326,7 @@ class _Walk:
                 shifted[axis] = (box[axis][0] + offset, box[axis][1] + offset)
                 boxes.append(tuple(shifted))
             offset += dims[axis]
-        return _hull(boxes) if boxes else tuple((0, 0) for _ in range(rank))
+        return _hull(boxes) if boxes else self._zero(node.output[0])
 
 
 def prune_zeros(model: onnx.ModelProto, source: str, box: Box,
@@ -378,17 +382,16 @@ def _absorbed(walk: _Walk, node: onnx.NodeProto, zero: set[str]) -> onnx.NodePro
 
 
 class SparseTails:
-    """The pruned variants of one split's tail (:func:`prune_zeros`), made on first use and
-    chosen per run from the support of the target weights: a YOLO box's class score runs the
-    backward of its own level's head only. Variants are keyed by what they keep, so the
-    anchors of one level share one; at most ``limit`` are made (each is a session), then the
-    whole tail serves. A tail that slices no target-dependent value has nothing to prune
-    (a classifier's): it is never analysed."""
+    """One split's tail as sessions: the whole tail (``whole``) and its pruned variants
+    (:func:`prune_zeros`), made on first use and chosen per run from the support of the target
+    weights: a YOLO box's class score runs the backward of its own level's head only. Variants
+    are keyed by what they keep, so the anchors of one level share one; at most ``limit`` are
+    made (each is a session), then the whole tail serves. A tail that slices no
+    target-dependent value has nothing to prune (a classifier's): it is never analysed."""
 
     def __init__(self, tail: onnx.ModelProto, source: str, make, limit: int = 8, boxes: int = 4096):
-        from camexport.graph.cut import computed_from
-
         self.tail, self.source, self._make, self._limit, self._most = tail, source, make, limit, boxes
+        self.whole = make(tail)
         dependent = computed_from(tail.graph.node, [source])
         self.useful = any(node.op_type in ("Slice", "Split") and node.input[0] in dependent
                           for node in tail.graph.node)
@@ -396,26 +399,28 @@ class SparseTails:
         self._keys: OrderedDict = OrderedDict()
         self._variants: dict = {}
 
-    def variant(self, weights: np.ndarray) -> tuple | None:
-        """(session or None, its output names, {zero output: shape}) for these target weights
-        (rows first), or None: run the whole tail."""
+    def variant(self, weights: np.ndarray) -> tuple:
+        """(session or None: no run, its output names, {zero output: shape}) for these target
+        weights (rows first): a pruned variant, or the whole tail."""
+        whole = (self.whole, [o.name for o in self.tail.graph.output], {})
         if not self.useful:
-            return None
+            return whole
         box = support_of(weights)
-        if box in self._keys:
-            self._keys.move_to_end(box)
-            key = self._keys[box]
-            return None if key is None else self._variants.get(key)
+        if box not in self._keys:
+            self._keys[box] = self._variant_key(box)
+            if len(self._keys) > self._most:
+                self._keys.popitem(last=False)
+        self._keys.move_to_end(box)
+        return self._variants.get(self._keys[box], whole)
+
+    def _variant_key(self, box: Box):
+        """The key of the variant for ``box`` (made here if there is room), None: none helps."""
         self._facts = self._facts or GraphFacts(self.tail)
         pruned = prune_zeros(self.tail, self.source, box, self._facts)
-        key = None
-        if pruned.removed or not pruned.model.graph.output:
-            key = (tuple(node.name or node.output[0] for node in pruned.model.graph.node),
-                   tuple(pruned.zeros))
-            if key not in self._variants and len(self._variants) < self._limit:
-                outputs = [o.name for o in pruned.model.graph.output]
-                self._variants[key] = (self._make(pruned.model) if outputs else None, outputs, pruned.zeros)
-        self._keys[box] = key
-        if len(self._keys) > self._most:
-            self._keys.popitem(last=False)
-        return None if key is None else self._variants.get(key)
+        if not pruned.removed and pruned.model.graph.output:
+            return None
+        key = (tuple(node.name or node.output[0] for node in pruned.model.graph.node), tuple(pruned.zeros))
+        if key not in self._variants and len(self._variants) < self._limit:
+            outputs = [o.name for o in pruned.model.graph.output]
+            self._variants[key] = (self._make(pruned.model) if outputs else None, outputs, pruned.zeros)
+        return key
