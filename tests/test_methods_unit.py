@@ -161,10 +161,18 @@ def _plain_raw(name: str, a: np.ndarray, g: np.ndarray) -> np.ndarray:
     return (weights[expand] * a).sum(axis=1)
 
 
+#: methods whose weights sum over positions in einsum's order, not numpy's pairwise one, and
+#: how far from the plain formula (of the map's largest value) that may take them here: these
+#: random activations have channel sums near zero, where GradCAM++'s alpha = G^2 / (2 G^2 + S G^3)
+#: is ill-conditioned (measured 1.5e-5 on NCHW, 4e-6 on the others; GradCAM, XGradCAM <= 9e-7)
+REORDERED = {"gradcam": 1e-6, "gradcam++": 5e-5, "xgradcam": 2e-6}
+
+
 @pytest.mark.parametrize("block", [1, 10 ** 9])
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", sorted({*CASES, "gradcam++"}))
 def test_gradient_methods_equal_their_plain_formulas(name, block, monkeypatch):
-    """Bit for bit, on every layout, one image per block or the whole batch at once."""
+    """On every layout, one image per block or the whole batch at once: bit for bit, but for the
+    methods whose per-channel weights sum the positions in another order (REORDERED)."""
     from camexport.methods import pipeline
 
     monkeypatch.setattr(pipeline, "BLOCK_ELEMENTS", block)
@@ -175,8 +183,12 @@ def test_gradient_methods_equal_their_plain_formulas(name, block, monkeypatch):
         inputs = CamInputs(x=np.zeros((len(a), 3, 8, 8), np.float32),
                            outputs=np.zeros((len(a), 2), np.float32), targets=[None] * len(a),
                            activations=[a], gradients=[g])
-        np.testing.assert_array_equal(method(name).raw(inputs, 0, False), _plain_raw(name, a, g),
-                                      err_msg=f"{name} {layout}")
+        ours, plain = method(name).raw(inputs, 0, False), _plain_raw(name, a, g)
+        if name in REORDERED:
+            np.testing.assert_allclose(ours, plain, rtol=0, atol=REORDERED[name] * np.abs(plain).max(),
+                                       err_msg=f"{name} {layout}")
+        else:
+            np.testing.assert_array_equal(ours, plain, err_msg=f"{name} {layout}")
 
 
 def test_gradcam_plus_plus_where_the_activation_sum_is_not_finite():
@@ -196,7 +208,7 @@ def test_gradcam_plus_plus_where_the_activation_sum_is_not_finite():
 
 
 def test_product_and_weighted_sums_equal_the_broadcast_products():
-    from camexport.methods.pipeline import product_sum, weighted_sum
+    from camexport.methods.pipeline import channel_sum, product_sum, weighted_sum
 
     rng = np.random.default_rng(1)
     for layout, a in _layouts(rng).items():
@@ -205,6 +217,27 @@ def test_product_and_weighted_sums_equal_the_broadcast_products():
         expand = w.reshape(w.shape + (1,) * (a.ndim - 2))
         np.testing.assert_array_equal(product_sum(b, a), (b * a).sum(axis=1), err_msg=layout)
         np.testing.assert_array_equal(weighted_sum(w, a), (expand * a).sum(axis=1), err_msg=layout)
+        np.testing.assert_array_equal(channel_sum(b * a), (b * a).sum(axis=1), err_msg=layout)
+
+
+def test_relu_is_numpys_maximum_with_zero_bit_for_bit(monkeypatch):
+    """NaN, -0.0 and infinities as np.maximum(x, 0) leaves them, on contiguous and strided
+    arrays, in place, and past the size the zeros are kept for."""
+    from camexport.methods import pipeline
+
+    x = np.random.default_rng(2).standard_normal((3, 5, 4, 6)).astype(np.float32)
+    x.flat[:5] = [np.nan, -0.0, 0.0, np.inf, -np.inf]
+    for value in (x, np.moveaxis(x, 1, -1), x[:, ::-2], x.astype(np.float64)):
+        expected = np.maximum(value, 0)
+        got = pipeline.relu(value)
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(np.signbit(got), np.signbit(expected))
+    inplace = x.copy()
+    assert pipeline.relu(inplace, out=inplace) is inplace
+    np.testing.assert_array_equal(inplace, np.maximum(x, 0))
+    monkeypatch.setattr(pipeline, "ZEROS_LIMIT", 10)
+    np.testing.assert_array_equal(pipeline.relu(x), np.maximum(x, 0))
 
 
 def test_by_images_concatenates_blocks(monkeypatch):

@@ -14,6 +14,7 @@ from camexport.methods.inputs import CamInputs, MethodInputError
 from camexport.methods.pipeline import (
     aggregate,
     by_images,
+    channel_sum,
     eigen_projection,
     layer_map,
     weighted_sum,
@@ -82,7 +83,7 @@ class ElementMethod(Method):
 
     def channel_sum(self, acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
         """sum_c E (B, *spatial); a method may give it without building E (one einsum)."""
-        return self.elements(acts, grads).sum(axis=1)
+        return channel_sum(self.elements(acts, grads))
 
     def raw(self, inputs, layer, eigen_smooth):
         acts, grads = inputs.activations[layer], self.gradients(inputs, layer)

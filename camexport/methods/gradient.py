@@ -9,10 +9,14 @@ from camexport.methods.base import ElementMethod, Method, WeightMethod
 from camexport.methods.inputs import MethodInputError
 from camexport.methods.pipeline import (
     by_images,
+    channel_sum,
     eigen_projection,
     product_sum,
+    relu,
     spatial_axes,
+    spatial_product_total,
     spatial_sums,
+    spatial_total,
 )
 
 #: GradCAM++ denominator epsilon (pytorch-grad-cam, reference §3.2, Q10).
@@ -27,7 +31,8 @@ class GradCAM(WeightMethod):
     name = "gradcam"
 
     def weights(self, inputs, layer):
-        return self.gradients(inputs, layer).mean(axis=spatial_axes(inputs.activations[layer]))
+        grads = self.gradients(inputs, layer)
+        return spatial_total(grads) / grads.dtype.type(np.prod(grads.shape[2:]))
 
 
 class HiResCAM(ElementMethod):
@@ -49,14 +54,15 @@ class GradCAMElementWise(ElementMethod):
 
     def elements(self, acts, grads):
         product = grads * acts
-        return np.maximum(product, 0, out=product)
+        return relu(product, out=product)
 
     def channel_sum(self, acts, grads):
-        return by_images(lambda a, g: self.elements(a, g).sum(axis=1), acts, grads)
+        return by_images(lambda a, g: channel_sum(self.elements(a, g)), acts, grads)
 
 
 def _gradcam_pp_weights(grads: np.ndarray, sums: np.ndarray) -> np.ndarray:
-    """pgc's GradCAM++ weights from G and S, its expression in its order, in three buffers."""
+    """pgc's GradCAM++ weights from G and S, its expression in its order, in three buffers; the
+    sum of relu(G) alpha over positions in one einsum."""
     g2 = grads * grads
     g3 = g2 * grads
     denominator = np.multiply(g2, 2)
@@ -66,9 +72,7 @@ def _gradcam_pp_weights(grads: np.ndarray, sums: np.ndarray) -> np.ndarray:
     if not np.isfinite(sums).all():
         # where G = 0 the expression is 0 / eps = 0, unless S is inf or nan (0 * S)
         alpha[grads == 0] = 0
-    weighted = np.maximum(grads, 0, out=denominator)
-    weighted *= alpha
-    return weighted.sum(axis=spatial_axes(grads))
+    return spatial_product_total(relu(grads, out=denominator), alpha)
 
 
 class GradCAMPlusPlus(WeightMethod):
@@ -85,7 +89,7 @@ class GradCAMPlusPlus(WeightMethod):
 def _xgradcam_weights(acts: np.ndarray, grads: np.ndarray, sums: np.ndarray) -> np.ndarray:
     ratio = grads * acts
     ratio /= sums + acts.dtype.type(XGRADCAM_EPS)
-    return ratio.sum(axis=spatial_axes(acts))
+    return spatial_total(ratio)
 
 
 class XGradCAM(WeightMethod):
@@ -104,10 +108,10 @@ class LayerCAM(ElementMethod):
     name = "layercam"
 
     def elements(self, acts, grads):
-        return np.maximum(grads, 0) * acts
+        return relu(grads) * acts
 
     def channel_sum(self, acts, grads):
-        return by_images(lambda a, g: product_sum(np.maximum(g, 0), a), acts, grads)
+        return by_images(lambda a, g: product_sum(relu(g), a), acts, grads)
 
 
 class EigenGradCAM(Method):

@@ -67,6 +67,47 @@ def spatial_sums(tensor: np.ndarray) -> np.ndarray:
     return sums
 
 
+#: float32 zeros that :func:`relu` compares with (grown on demand, never written)
+_zeros = np.zeros(0, np.float32)
+#: the largest array :func:`relu` keeps zeros for (elements): 16 MB
+ZEROS_LIMIT = 1 << 22
+
+
+def relu(tensor: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``np.maximum(tensor, 0, out=out)``, bit for bit (NaN and -0.0 kept as numpy keeps them),
+    against an array of zeros: numpy's vectorised maximum runs on two arrays only, and with the
+    scalar 0 it takes 3x as long (0.185 vs 0.064 ms for EfficientNet-Lite0's 8 x 1280 x 7 x 7)."""
+    global _zeros
+    tensor = np.asarray(tensor)
+    if tensor.dtype != np.float32 or tensor.size > ZEROS_LIMIT:
+        return np.maximum(tensor, 0, out=out)
+    if _zeros.size < tensor.size:
+        _zeros = np.zeros(max(tensor.size, 2 * _zeros.size), np.float32)
+        _zeros.flags.writeable = False
+    return np.maximum(tensor, _zeros[:tensor.size].reshape(tensor.shape), out=out)
+
+
+def spatial_total(tensor: np.ndarray) -> np.ndarray:
+    """sum_s X_bc, (B, C), for per-channel weights: one einsum over the flattened positions of a
+    contiguous tensor, 4x as fast as numpy's sum (0.06 vs 0.26 ms for EfficientNet-Lite0's
+    8 x 1280 x 7 x 7), which adds 49 positions with a call per channel. Not numpy's pairwise
+    order: the weights differ from pgc's in the last bits (1e-7 relative), as round-off in the
+    activations already makes them. The signed sums that are divided by (S of GradCAM++ and
+    XGradCAM, :func:`spatial_sums`) keep numpy's order."""
+    if not tensor.flags.c_contiguous or tensor.ndim < 3:
+        return tensor.sum(axis=spatial_axes(tensor))
+    return np.einsum("bcs->bc", tensor.reshape(*tensor.shape[:2], -1))
+
+
+def spatial_product_total(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """sum_s first_bc * second_bc, (B, C): :func:`spatial_total` of the product, in one einsum
+    without the product array where both are contiguous."""
+    if first.flags.c_contiguous and second.flags.c_contiguous and first.ndim > 2:
+        shape = (*first.shape[:2], -1)
+        return np.einsum("bcs,bcs->bc", first.reshape(shape), second.reshape(shape))
+    return spatial_total(first * second)
+
+
 def min_max(maps: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """n(X) per map over all but the first axis, eps added after subtracting the min.
     ``out=maps`` normalises in place; else a new array (the shifted maps, divided in place)."""
@@ -102,7 +143,7 @@ def resize(maps: np.ndarray, size: Sequence[int]) -> np.ndarray:
 
 def layer_map(raw: np.ndarray, size: Sequence[int]) -> np.ndarray:
     """Q_l = R(n(relu(M_l))) for one layer's raw maps (B, h, w)."""
-    return resize(min_max(np.maximum(raw, 0)), size)
+    return resize(min_max(relu(raw)), size)
 
 
 def aggregate(layer_maps: Sequence[np.ndarray], reuse: bool = False) -> np.ndarray:
@@ -112,7 +153,8 @@ def aggregate(layer_maps: Sequence[np.ndarray], reuse: bool = False) -> np.ndarr
         # Q = R(n(.)) >= 0 (a bilinear resize of non-negative maps; not the cubic volume zoom)
         # and a mean of one value is that value: the same numbers without full-size copies
         return min_max(layer_maps[0], out=layer_maps[0] if reuse else None)
-    stacked = np.maximum(np.stack(layer_maps, axis=1), 0)
+    stacked = np.stack(layer_maps, axis=1)
+    stacked = relu(stacked, out=stacked)
     return min_max(stacked.mean(axis=1)).astype(np.float32, copy=False)
 
 
@@ -140,6 +182,15 @@ def _sums_channel_by_channel(*tensors: np.ndarray) -> bool:
     reversed axis backwards)."""
     return all(t.ndim > 2 and min(t.strides) > 0 and t.strides[1] > min(t.strides[2:])
                for t in tensors)
+
+
+def channel_sum(tensor: np.ndarray) -> np.ndarray:
+    """sum_c X_bc: (B, C, *spatial) -> (B, *spatial), bit for bit ``tensor.sum(axis=1)``: one
+    einsum where numpy adds the channels one after another (channel-first layouts), twice as
+    fast as numpy's reduction (a call per channel)."""
+    if _sums_channel_by_channel(tensor):
+        return np.einsum("bc...->b...", tensor)
+    return tensor.sum(axis=1)
 
 
 def product_sum(first: np.ndarray, second: np.ndarray) -> np.ndarray:
