@@ -82,7 +82,12 @@ def session(model: onnx.ModelProto | str | Path, provider: str = "cpu", threads:
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.enable_cpu_mem_arena = arena
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    if isinstance(model, onnx.ModelProto):
+        from camexport.graph.cut import without_output_copies
+
+        source = without_output_copies(model).SerializeToString()
+    else:
+        source = str(model)
     providers = [wanted] if provider == "cpu" else [wanted, PROVIDERS["cpu"]]
     if provider == "cuda":
         providers[0] = (wanted, CUDA_OPTIONS)

@@ -220,6 +220,19 @@ class Builder:
     def shape_of(self, x: str) -> str:
         return self.op("Shape", x)
 
+    def spread(self, dy: str, like: str, axes: Sequence[int]) -> str:
+        """``dy``, shaped like ``like`` but of size 1 on ``axes``, broadcast to the shape of
+        ``like``: a Mul by ones of the axes' sizes where they are static (bit for bit the same;
+        onnxruntime's Expand takes 4x as long: 8 x 1280 x 1 x 1 to 7 x 7, 0.40 vs 0.10 ms on
+        2 cores), else an Expand to ``like``'s run-time shape."""
+        shape = self.facts.shape_or_none(like)
+        if shape is None or any(shape[a] is None for a in axes):
+            return self.op("Expand", dy, self.shape_of(like))
+        axes = set(axes)
+        ones = np.ones([shape[a] if a in axes else 1 for a in range(len(shape))],
+                       dtype=helper.tensor_dtype_to_np_dtype(self.facts.dtype(like)))
+        return self.op("Mul", dy, self.array(ones))
+
     def zeros_like(self, x: str) -> str:
         zero = numpy_helper.from_array(
             np.zeros(1, dtype=helper.tensor_dtype_to_np_dtype(self.facts.dtype(x))))

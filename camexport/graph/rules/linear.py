@@ -253,10 +253,11 @@ def _max_pool(b, node, dys):
 
 @rule("GlobalAveragePool")
 def _global_average_pool(b, node, dys):
-    """Y = mean over space: dX = Expand(dY / (H W), shape(X))."""
+    """Y = mean over space: dX = dY / (H W), broadcast to the shape of X."""
     x = node.input[0]
-    count = float(np.prod([b.facts.static_dim(x, i) for i in range(2, b.facts.rank(x))]))
-    return [b.op("Expand", b.op("Div", dys[0], b.const(count, x)), b.shape_of(x))]
+    space = range(2, b.facts.rank(x))
+    count = float(np.prod([b.facts.static_dim(x, i) for i in space]))
+    return [b.spread(b.op("Div", dys[0], b.const(count, x)), x, space)]
 
 
 def _reduce_axes(b, node) -> list[int]:
@@ -272,7 +273,7 @@ def _reduce_axes(b, node) -> list[int]:
 
 @rule("ReduceSum", "ReduceMean")
 def _reduce_sum_mean(b, node, dys):
-    """Y = Sum|Mean over axes: dX = Expand(dY (/ n), shape(X)), dropped axes restored."""
+    """Y = Sum|Mean over axes: dX = dY (/ n) broadcast to the shape of X, dropped axes restored."""
     x, dy = node.input[0], dys[0]
     axes = _reduce_axes(b, node)
     if not axes:
@@ -282,7 +283,7 @@ def _reduce_sum_mean(b, node, dys):
     if node.op_type == "ReduceMean":
         count = float(np.prod([b.facts.static_dim(x, a) for a in axes]))
         dy = b.op("Div", dy, b.const(count, x))
-    return none_but(b.op("Expand", dy, b.shape_of(x)), node)
+    return none_but(b.spread(dy, x, axes), node)
 
 
 @rule("ReduceL2", "ReduceSumSquare")
