@@ -218,6 +218,19 @@ def test_product_and_weighted_sums_equal_the_broadcast_products():
         np.testing.assert_array_equal(product_sum(b, a), (b * a).sum(axis=1), err_msg=layout)
         np.testing.assert_array_equal(weighted_sum(w, a), (expand * a).sum(axis=1), err_msg=layout)
         np.testing.assert_array_equal(channel_sum(b * a), (b * a).sum(axis=1), err_msg=layout)
+    # size-1 spatial axes of a larger array's view: numpy adds the channels pairwise there
+    a = rng.standard_normal((3, 300, 2, 1), dtype=np.float32)[:, :, :1]
+    b, w = np.ascontiguousarray(a[::-1]), rng.standard_normal(a.shape[:2], dtype=np.float32)
+    np.testing.assert_array_equal(channel_sum(a), a.sum(axis=1))
+    np.testing.assert_array_equal(product_sum(a, b), (a * b).sum(axis=1))
+    np.testing.assert_array_equal(weighted_sum(w, a), (w[..., None, None] * a).sum(axis=1))
+
+
+def test_position_sums_take_empty_batches():
+    from camexport.methods.pipeline import spatial_product_total, spatial_total
+
+    a = np.zeros((0, 4, 7, 7), np.float32)
+    assert spatial_total(a).shape == (0, 4) and spatial_product_total(a, a).shape == (0, 4)
 
 
 def test_relu_is_numpys_maximum_with_zero_bit_for_bit(monkeypatch):
