@@ -29,9 +29,11 @@ GradCAM-family maps from one graph run; its pgc column is the sum of the six pgc
 runs one forward and backward per method). Its target is against one plain forward.
 
 Columns: ratio = pgc s / camexport s; x fwd = camexport s / one plain onnxruntime forward
-(model.plain.onnx) of the same images, for ScoreCAM / its floor: the same plain forwards it runs
-(one per non-constant channel, one per image for the constant ones) on ready-made inputs, in the
-same chunks; max|d| = max |camexport CAM - pgc CAM| (maps in [0, 1]).
+(model.plain.onnx) of the same images, timed again right before the method (--repeats runs,
+median: this VM's speed drifts by up to 25 % within a run; a forward timed minutes earlier made
+Lite0's six methods read 1.38x), for ScoreCAM / its floor: the same plain forwards it runs (one
+per non-constant channel, one per image for the constant ones) on ready-made inputs, in the same
+chunks; max|d| = max |camexport CAM - pgc CAM| (maps in [0, 1]).
 Memory (Linux): "peak MB" is the peak RSS of that side's process during that method's calls
 (VmHWM, reset before each method through /proc/self/clear_refs). It is the whole process
 (imports, model or sessions, allocator arenas, plus what the method needs at its peak), not the
@@ -223,6 +225,9 @@ def camexport_side(spec: dict) -> tuple[dict, dict]:
         record["forward"][key], _ = phases(f"forward [{len(x)} images]", lambda x=x: explainer.forward(x))
     for name in spec["methods"]:
         x = arrays["slow" if name in SLOW else "batch"]
+        # the forward again right before the method: the x fwd column compares the two at the
+        # same moment (this VM's speed drifts by up to 25 % over a long run)
+        adjacent = None if name in SLOW else measure(lambda x=x: explainer.forward(x), spec["repeats"])[0]
         if name == SIX:
             record["methods"][name], maps = phases(name, lambda x=x: explainer(
                 x, targets=None, methods=list(GRADIENT_FAMILY)).cams)
@@ -230,6 +235,8 @@ def camexport_side(spec: dict) -> tuple[dict, dict]:
         else:
             record["methods"][name], cams[name] = phases(name, lambda x=x, name=name: explainer(
                 x, targets=None, methods=[name]).cams[name], slow=name in SLOW)
+        if adjacent is not None and record["methods"][name].get("median_s"):
+            record["methods"][name]["adjacent_forward_s"] = adjacent["median_s"]
         if cams.get(name) is None:
             cams.pop(name, None)
         if name == "scorecam" and cams.get(name) is not None:
@@ -410,6 +417,9 @@ def model_rows(methods: list[str], ours: dict, theirs: dict, our_cams: dict, the
             other, note = theirs["methods"].get(name), None
             diff = _max_diff(our_cams, their_cams, [(name, name)])
         floor = ours["forward"][key]
+        adjacent = (ours["methods"].get(name) or {}).get("adjacent_forward_s")
+        if adjacent:
+            floor = {"median_s": adjacent}
         if name in ours.get("floors", {}):  # ScoreCAM: its own count of plain forwards
             floor = ours["floors"][name]
             note = f"x fwd: against {floor['forwards']} plain forwards ({floor['images']} images)"
@@ -640,7 +650,8 @@ def main() -> None:
     print_table(results)
     cold = "off" if args.cold_limit is None else f"{args.cold_limit:g} s"
     print(f"\nratio = pgc s / camexport s (PASS/MISS against issues 5 and 19's targets, n/a: pgc not run); "
-          f"x fwd = camexport s / one plain\nonnxruntime forward of the same images (ScoreCAM: / the "
+          f"x fwd = camexport s / one plain\nonnxruntime forward of the same images timed right "
+          f"before the method (ScoreCAM: / the "
           f"same count of plain forwards, its floor); six = the six "
           f"gradient methods in one camexport call (pgc column: the sum of its six).\n"
           f"Times: medians of {args.repeats} runs after one warm-up (runs column: pgc/camexport); "
