@@ -392,6 +392,8 @@ class SparseTails:
     def __init__(self, tail: onnx.ModelProto, source: str, make, limit: int = 8, boxes: int = 4096):
         self.tail, self.source, self._make, self._limit, self._most = tail, source, make, limit, boxes
         self.whole = make(tail)
+        #: what :meth:`variant` answers when no pruned variant serves
+        self._whole = (self.whole, [o.name for o in tail.graph.output], {})
         dependent = computed_from(tail.graph.node, [source])
         self.useful = any(node.op_type in ("Slice", "Split") and node.input[0] in dependent
                           for node in tail.graph.node)
@@ -402,16 +404,15 @@ class SparseTails:
     def variant(self, weights: np.ndarray) -> tuple:
         """(session or None: no run, its output names, {zero output: shape}) for these target
         weights (rows first): a pruned variant, or the whole tail."""
-        whole = (self.whole, [o.name for o in self.tail.graph.output], {})
         if not self.useful:
-            return whole
+            return self._whole
         box = support_of(weights)
         if box not in self._keys:
             self._keys[box] = self._variant_key(box)
             if len(self._keys) > self._most:
                 self._keys.popitem(last=False)
         self._keys.move_to_end(box)
-        return self._variants.get(self._keys[box], whole)
+        return self._variants.get(self._keys[box], self._whole)
 
     def _variant_key(self, box: Box):
         """The key of the variant for ``box`` (made here if there is room), None: none helps."""
