@@ -3,6 +3,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+# the venv takes about 7.5 GB (torch 2.14.1 is a CUDA build): say so before pip runs out of room
+free_mb=$(df -Pm . | awk 'NR==2 {print $4}')
+if [ ! -x .venv/bin/python ] && [ "${free_mb:-0}" -lt 8500 ]; then
+    echo "setup.sh: only ${free_mb} MB free where .venv goes ($(pwd)); the install needs about" \
+         "7,500 MB (torch's CUDA build): free some space, or pip stops with 'No space left on device'" >&2
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
