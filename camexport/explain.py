@@ -329,11 +329,11 @@ class Explainer:
         for start in range(0, slots, per_run):
             chunk = weights[start:start + per_run]
             rows = np.ascontiguousarray(chunk.reshape(-1, *chunk.shape[2:]), np.float32)
-            run, names, zeros = tails.variant(rows)
+            run, names, zeros, windows = tails.variant(rows)
             ran = {name: np.zeros((len(rows), *shape[1:]), np.float32) for name, shape in zeros.items()}
             if run is not None:
-                feed = {name: rows if name == TARGET_WEIGHTS else head[name] if len(chunk) == 1
-                        else np.concatenate([head[name]] * len(chunk))
+                feed = {name: windows[name] if name in windows else rows if name == TARGET_WEIGHTS
+                        else head[name] if len(chunk) == 1 else np.concatenate([head[name]] * len(chunk))
                         for name in (i.name for i in run.get_inputs())}
                 ran.update(zip(names, run.run(names, feed)))
             _zero_rows(ran, ~_rows_any(rows), split.tail_outputs)

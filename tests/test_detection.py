@@ -386,12 +386,14 @@ def _greedy_nms(boxes, scores, threshold):
 
 
 def test_nms_keeps_what_greedy_suppression_keeps():
-    """camexport's NMS (each kept box against the boxes still alive, stopping at ``limit``)
-    keeps exactly the boxes of plain greedy suppression, in its order: random boxes with tied
-    scores and degenerate (zero-area) boxes, three thresholds; with ``limit``, its first boxes."""
+    """camexport's NMS (blocks of the best boxes still alive decided among themselves, then
+    against the rest; stopping at ``limit``) keeps exactly the boxes of plain greedy
+    suppression, in its order: random boxes with tied scores and degenerate (zero-area) boxes,
+    three thresholds, blocks of 64 (the default) and of 7 (many blocks); with ``limit``, its
+    first boxes."""
     rng = np.random.default_rng(0)
     for trial in range(60):
-        n = int(rng.integers(0, 120))
+        n = int(rng.integers(0, 200))
         corner = rng.uniform(0, 100, (n, 2)).astype(np.float32)
         size = rng.uniform(0, 30, (n, 2)).astype(np.float32)
         if trial % 4 == 0:
@@ -402,6 +404,8 @@ def test_nms_keeps_what_greedy_suppression_keeps():
             expected = _greedy_nms(boxes, scores, threshold)
             np.testing.assert_array_equal(nms(boxes, scores, threshold), expected)
             np.testing.assert_array_equal(nms(boxes, scores, threshold, limit=5), expected[:5])
+            np.testing.assert_array_equal(nms(boxes, scores, threshold, block=7), expected)
+            np.testing.assert_array_equal(nms(boxes, scores, threshold, limit=9, block=7), expected[:9])
 
 
 def test_postprocessing_reuses_the_detections_of_the_same_rows_only():

@@ -528,6 +528,45 @@ def test_a_box_score_runs_the_backward_of_its_own_level_only(yolo):
             assert (name in pruned.zeros) == (not whole[name].any()), name
 
 
+def test_one_anchor_runs_its_level_on_a_window(yolo):
+    """One anchor's score (at a corner, an edge and the middle of each level; a class score and
+    a box side) runs its level's backward on the window its receptive field covers
+    (camexport.graph.window): one windowed tail per level serves every anchor of it, fed its
+    window origins, and every gradient equals the whole tail's within float32 round-off
+    (1e-5 of the gradient's largest magnitude), zeros included."""
+    from camexport.methods.registry import method_objects, needs_of
+
+    explainer = yolo.explainer
+    cut = explainer._split_graph(explainer.outputs_for(needs_of(method_objects(["gradcam"]))))
+    split, head_session, tails = cut
+    x = yolo.x[:1]
+    head = dict(zip(split.head_outputs, head_session.run(split.head_outputs, {explainer.input_name: x})))
+    feed = {name: head[name] for name in split.frontier}
+    start, windowed = 0, set()
+    for stride in (8, 16, 32):
+        side = SIZE // stride
+        for row, column in ((0, 0), (0, side - 1), (side - 1, side // 2), (side // 2, side // 2),
+                            (side - 1, side - 1)):
+            for channel in (BOX + 3, 1):
+                weights = np.zeros((1, 1, *explainer.output_shape), np.float32)
+                weights[0, 0, start + row * side + column, channel] = 1.0
+                feed[TARGET_WEIGHTS] = weights[0]
+                whole = dict(zip(split.tail_outputs, tails.whole.run(split.tail_outputs, feed)))
+                run, _, _, windows = tails.variant(weights[0])
+                if stride == 8:  # the finest level's 3 Conv backward are windowed
+                    assert windows and run is not tails.whole
+                    windowed.add(run)
+                got = explainer._tail_gradients(cut, head, weights)
+                for name in split.tail_outputs:
+                    expected = got[name][0]
+                    scale = max(float(np.abs(whole[name]).max()), 1e-30)
+                    np.testing.assert_allclose(expected, whole[name], rtol=0, atol=1e-5 * scale,
+                                               err_msg=f"{name}, level {stride}, {(row, column)}")
+                    assert ((expected == 0) | (whole[name] != 0)).all()
+        start += side * side
+    assert len(windowed) == 2  # per level, one for the class score, one for the box side
+
+
 def test_gradient_error_is_float32_round_off(yolo):
     """The gap to float64 autograd (up to 8e-5 relative on YOLO11n, above camexport's usual 1e-5)
     is float32's: Ultralytics' own model in float32, differentiated by torch, is as far or

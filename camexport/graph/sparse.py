@@ -67,6 +67,8 @@ class Pruned:
     model: onnx.ModelProto
     zeros: dict[str, tuple]
     removed: int
+    #: the support of every value computed from the source (the walk's)
+    support: dict[str, Box | None]
 
 
 def support_of(weights: np.ndarray) -> Box:
@@ -103,10 +105,15 @@ def _meet(boxes: Sequence[Box]) -> Box | None:
 class _Walk:
     """The support of every value computed from the source (graph order)."""
 
-    def __init__(self, model: onnx.ModelProto, source: str, box: Box, facts: GraphFacts | None = None):
+    def __init__(self, model: onnx.ModelProto, source: str, box: Box, facts: GraphFacts | None = None,
+                 nodes: Sequence[onnx.NodeProto] | None = None, zeros: dict | None = None):
+        """``nodes``: the model's nodes that read a value computed from ``source``, in graph
+        order, where the caller knows them; ``zeros``: a dict the empty boxes of values are
+        kept in (both for one tail walked for many boxes)."""
         self.facts = facts or GraphFacts(model)
+        self._zeros = {} if zeros is None else zeros
         self.support: dict[str, Box | None] = {source: box}
-        for node in model.graph.node:
+        for node in model.graph.node if nodes is None else nodes:
             if any(name in self.support for name in node.input if name):
                 try:
                     outs = self._rule(node)
@@ -124,7 +131,10 @@ class _Walk:
 
     def _zero(self, name: str) -> Box:
         """The empty box of value ``name``: zero everywhere."""
-        return tuple((0, 0) for _ in self._shape(name))
+        box = self._zeros.get(name)
+        if box is None:
+            box = self._zeros[name] = tuple((0, 0) for _ in self._shape(name))
+        return box
 
     def _tracked(self, name: str) -> bool:
         return bool(name) and name in self.support
@@ -160,12 +170,16 @@ class _Walk:
         empty = [name for name in tracked if _empty(self.support[name])]
         if op in _ZERO_PRESERVING:
             return [self.support[ins[0]]]
+        if empty and len(empty) == len(tracked) and self._zero_for_zero(op, ins, tracked):
+            return [self._zero(name) for name in node.output]  # the common case, made short
         if op in ("Mul", "And"):
             return [_meet([self._aligned(name, out) for name in tracked])]
         if op == "Div":
             return [self._aligned(ins[0], out) if tracked == [ins[0]] else None]
         if op == "Conv" and tracked == [ins[0]] and not (len(ins) > 2 and ins[2]):
             return [self._conv(node)]
+        if op == "ConvTranspose" and tracked == [ins[0]] and not (len(ins) > 2 and ins[2]):
+            return [self._conv_transpose(node)]
         if op == "Reshape" and tracked == [ins[0]]:
             return [self._reshape(node)]
         if op in ("ReduceSum", "ReduceMean") and tracked == [ins[0]]:
@@ -193,6 +207,17 @@ class _Walk:
         if op in _LINEAR and tracked == [ins[0]] and empty:
             return [self._zero(name) for name in node.output]
         return [None] * len(node.output)
+
+    @staticmethod
+    def _zero_for_zero(op: str, ins: list[str], tracked: list[str]) -> bool:
+        """Whether ``op`` gives zero when every tracked input is (the rules below, in short)."""
+        if op in ("Mul", "And"):
+            return True
+        if op == "Div" or op in _LINEAR:
+            return tracked == [ins[0]]
+        if op in ("Add", "Sub", "Sum"):
+            return len(tracked) == sum(1 for name in ins if name)
+        return op in _PRODUCTS and not (op in ("Conv", "ConvTranspose", "Gemm") and len(ins) > 2 and ins[2])
 
     def _slice(self, node) -> Box | None:
         box = self.support[node.input[0]]
@@ -251,6 +276,29 @@ class _Walk:
             lo, hi = box[2 + k]
             reach = (kernel[k] - 1) * dilations[k]
             result.append((max(lo + pads[k] - reach, 0), min(hi + pads[k], out[2 + k])))
+        return tuple(result)
+
+    def _conv_transpose(self, node) -> Box | None:
+        """ConvTranspose (a strided Conv's backward): input position i reaches the outputs
+        i * stride + tap * dilation - pad_begin, tap < kernel."""
+        box = self.support[node.input[0]]
+        if box is None or _empty(box):
+            return box if box is None else self._zero(node.output[0])
+        kernel = self._dims(node.input[1])[2:]
+        spatial = len(kernel)
+        strides = self._ints(node, None, "strides") or [1] * spatial
+        dilations = self._ints(node, None, "dilations") or [1] * spatial
+        pads = self._ints(node, None, "pads") or [0] * (2 * spatial)
+        auto = next((a.s for a in node.attribute if a.name == "auto_pad"), b"NOTSET")
+        if auto not in (b"NOTSET", b"VALID") or any(a.name == "output_shape" for a in node.attribute):
+            return None
+        out = self._dims(node.output[0])
+        result = [box[0], (0, out[1])]
+        for k in range(spatial):
+            lo, hi = box[2 + k]
+            reach = (kernel[k] - 1) * dilations[k]
+            result.append((max(lo * strides[k] - pads[k], 0),
+                           min((hi - 1) * strides[k] + reach + 1 - pads[k], out[2 + k])))
         return tuple(result)
 
     def _reduce(self, node) -> Box | None:
@@ -333,8 +381,16 @@ def prune_zeros(model: onnx.ModelProto, source: str, box: Box,
                 facts: GraphFacts | None = None) -> Pruned:
     """``model`` without what stays zero when input ``source`` is zero outside ``box``
     (:func:`support_of`); see the module's docstring."""
-    walk = _Walk(model, source, box, facts)
-    zero = {name for name, b in walk.support.items() if _empty(b)}
+    return _pruned(model, _Walk(model, source, box, facts))
+
+
+def _zeros(walk: _Walk) -> frozenset[str]:
+    return frozenset(name for name, b in walk.support.items() if _empty(b))
+
+
+def _pruned(model: onnx.ModelProto, walk: _Walk) -> Pruned:
+    """``model`` without the values ``walk`` found zero (:func:`prune_zeros`)."""
+    zero = set(_zeros(walk))
     graph = model.graph
     nodes = []
     for node in graph.node:
@@ -357,7 +413,7 @@ def prune_zeros(model: onnx.ModelProto, source: str, box: Box,
     result = helper.make_model(pruned, opset_imports=model.opset_import, ir_version=model.ir_version)
     result.functions.extend(model.functions)
     zeros = {o.name: walk.facts.shape(o.name) for o in graph.output if o.name in zero}
-    return Pruned(result, zeros, removed)
+    return Pruned(result, zeros, removed, walk.support)
 
 
 def _known_past_batch(shape) -> bool:
@@ -384,26 +440,34 @@ def _absorbed(walk: _Walk, node: onnx.NodeProto, zero: set[str]) -> onnx.NodePro
 class SparseTails:
     """One split's tail as sessions: the whole tail (``whole``) and its pruned variants
     (:func:`prune_zeros`), made on first use and chosen per run from the support of the target
-    weights: a YOLO box's class score runs the backward of its own level's head only. Variants
-    are keyed by what they keep, so the anchors of one level share one; at most ``limit`` are
-    made (each is a session), then the whole tail serves. A tail that slices no
-    target-dependent value has nothing to prune (a classifier's): it is never analysed."""
+    weights: a YOLO box's class score runs the backward of its own level's head only, on the
+    window of the level its receptive field covers (:mod:`camexport.graph.window`). Variants
+    are keyed by what they keep (and by their windows' sizes), so the anchors of one level share
+    one, each fed its own window origins; at most ``limit`` are made (each is a session), then
+    the whole tail serves. A tail that slices no target-dependent value has nothing to prune (a
+    classifier's): it is never analysed."""
 
     def __init__(self, tail: onnx.ModelProto, source: str, make, limit: int = 8, boxes: int = 4096):
         self.tail, self.source, self._make, self._limit, self._most = tail, source, make, limit, boxes
         self.whole = make(tail)
         #: what :meth:`variant` answers when no pruned variant serves
-        self._whole = (self.whole, [o.name for o in tail.graph.output], {})
+        self._whole = (self.whole, [o.name for o in tail.graph.output], {}, {})
         dependent = computed_from(tail.graph.node, [source])
         self.useful = any(node.op_type in ("Slice", "Split") and node.input[0] in dependent
                           for node in tail.graph.node)
         self._facts: GraphFacts | None = None
-        self._keys: OrderedDict = OrderedDict()
-        self._variants: dict = {}
+        self._reading = [node for node in tail.graph.node if any(name in dependent for name in node.input)]
+        self._zero_boxes: dict = {}
+        self._pruned: OrderedDict = OrderedDict()  # zero values -> (Pruned, variant key)
+        self._keys: OrderedDict = OrderedDict()  # box -> (variant key, window feeds)
+        self._variants: dict = {}  # key -> (session or None, outputs, zeros, Windowed or None)
+        self._windowed: dict = {}  # pruned variant's key -> the keys of its windowed ones
+        self._unwindowed: set = set()  # (pruned key, its Conv inputs' support sizes): no window
 
     def variant(self, weights: np.ndarray) -> tuple:
-        """(session or None: no run, its output names, {zero output: shape}) for these target
-        weights (rows first): a pruned variant, or the whole tail."""
+        """(session or None: no run, its output names, {zero output: shape}, extra feeds: the
+        window origins) for these target weights (rows first): a pruned variant, or the whole
+        tail."""
         if not self.useful:
             return self._whole
         box = support_of(weights)
@@ -412,16 +476,50 @@ class SparseTails:
             if len(self._keys) > self._most:
                 self._keys.popitem(last=False)
         self._keys.move_to_end(box)
-        return self._variants.get(self._keys[box], self._whole)
+        key, feeds = self._keys[box]
+        if key not in self._variants:
+            return self._whole
+        return (*self._variants[key][:3], feeds)
 
-    def _variant_key(self, box: Box):
-        """The key of the variant for ``box`` (made here if there is room), None: none helps."""
+    def _variant_key(self, box: Box) -> tuple:
+        """(the key of the variant for ``box``, made here if there is room (None: none helps),
+        its window feeds for ``box``)."""
+        from camexport.graph.window import window_tail  # it reads this module's rules
+
         self._facts = self._facts or GraphFacts(self.tail)
-        pruned = prune_zeros(self.tail, self.source, box, self._facts)
+        walk = _Walk(self.tail, self.source, box, self._facts, self._reading, self._zero_boxes)
+        zero = _zeros(walk)
+        if zero not in self._pruned:  # the boxes of one level's anchors prune alike
+            pruned = _pruned(self.tail, walk)
+            graph = pruned.model.graph
+            self._pruned[zero] = (pruned, (tuple(node.name or node.output[0] for node in graph.node),
+                                           tuple(pruned.zeros)))
+            if len(self._pruned) > self._limit:
+                self._pruned.popitem(last=False)
+        pruned, base = self._pruned[zero]
         if not pruned.removed and pruned.model.graph.output:
-            return None
-        key = (tuple(node.name or node.output[0] for node in pruned.model.graph.node), tuple(pruned.zeros))
-        if key not in self._variants and len(self._variants) < self._limit:
-            outputs = [o.name for o in pruned.model.graph.output]
-            self._variants[key] = (self._make(pruned.model) if outputs else None, outputs, pruned.zeros)
-        return key
+            return None, {}
+        support, outputs = walk.support, [o.name for o in pruned.model.graph.output]
+        for key in self._windowed.get(base, ()):  # a windowed variant whose windows hold this box's
+            if self._variants[key][3].fits(support):
+                return key, self._variants[key][3].feeds(support)
+        sizes = (base, tuple(None if not self._tracked(support, node.input[0]) else
+                             tuple(hi - lo for lo, hi in support[node.input[0]][2:])
+                             for node in pruned.model.graph.node if node.op_type == "Conv"))
+        if outputs and sizes not in self._unwindowed and len(self._variants) < self._limit:
+            windowed = window_tail(pruned.model, support, self._facts)
+            if windowed is not None:
+                key = (*base, len(self._windowed.get(base, ())))
+                self._variants[key] = (self._make(windowed.model), outputs, pruned.zeros, windowed)
+                self._windowed.setdefault(base, []).append(key)
+                return key, windowed.feeds(support)
+            self._unwindowed.add(sizes)
+        if base not in self._variants and len(self._variants) < self._limit:
+            made = self._make(pruned.model) if outputs else None
+            self._variants[base] = (made, outputs, pruned.zeros, None)
+        return base, {}
+
+    @staticmethod
+    def _tracked(support: dict, name: str) -> bool:
+        box = support.get(name)
+        return box is not None and not _empty(box)
