@@ -74,11 +74,8 @@ class Pruned:
 def support_of(weights: np.ndarray) -> Box:
     """The box (per axis after the first, the rows' axis) outside which ``weights`` is zero;
     empty when it is zero everywhere."""
-    weights = np.asarray(weights)
-    box = []
-    for axis in range(1, weights.ndim):
-        seen = np.flatnonzero(np.any(weights != 0, axis=tuple(a for a in range(weights.ndim) if a != axis)))
-        box.append((int(seen[0]), int(seen[-1]) + 1) if len(seen) else (0, 0))
+    where = np.nonzero(np.asarray(weights))  # one pass: target weights are mostly zero
+    box = [(int(at.min()), int(at.max()) + 1) if len(at) else (0, 0) for at in where[1:]]
     return ((0, END), *box)
 
 
@@ -176,10 +173,8 @@ class _Walk:
             return [_meet([self._aligned(name, out) for name in tracked])]
         if op == "Div":
             return [self._aligned(ins[0], out) if tracked == [ins[0]] else None]
-        if op == "Conv" and tracked == [ins[0]] and not (len(ins) > 2 and ins[2]):
+        if op in ("Conv", "ConvTranspose") and tracked == [ins[0]] and not (len(ins) > 2 and ins[2]):
             return [self._conv(node)]
-        if op == "ConvTranspose" and tracked == [ins[0]] and not (len(ins) > 2 and ins[2]):
-            return [self._conv_transpose(node)]
         if op == "Reshape" and tracked == [ins[0]]:
             return [self._reshape(node)]
         if op in ("ReduceSum", "ReduceMean") and tracked == [ins[0]]:
@@ -258,7 +253,9 @@ class _Walk:
         return tuple(result)
 
     def _conv(self, node) -> Box | None:
-        """Stride-1 Conv: an output position is nonzero where its window meets the input's box."""
+        """Conv (stride 1: an output position is nonzero where its window meets the input's
+        box) or ConvTranspose (a strided Conv's backward: input position i reaches the outputs
+        i * stride + tap * dilation - pad_begin, tap < kernel)."""
         box = self.support[node.input[0]]
         if box is None or _empty(box):
             return box if box is None else self._zero(node.output[0])
@@ -268,37 +265,21 @@ class _Walk:
         dilations = self._ints(node, None, "dilations") or [1] * spatial
         pads = self._ints(node, None, "pads") or [0] * (2 * spatial)
         auto = next((a.s for a in node.attribute if a.name == "auto_pad"), b"NOTSET")
-        if any(s != 1 for s in strides) or auto not in (b"NOTSET", b"VALID"):
-            return None
-        out = self._dims(node.output[0])
-        result = [box[0], (0, out[1])]
-        for k in range(spatial):
-            lo, hi = box[2 + k]
-            reach = (kernel[k] - 1) * dilations[k]
-            result.append((max(lo + pads[k] - reach, 0), min(hi + pads[k], out[2 + k])))
-        return tuple(result)
-
-    def _conv_transpose(self, node) -> Box | None:
-        """ConvTranspose (a strided Conv's backward): input position i reaches the outputs
-        i * stride + tap * dilation - pad_begin, tap < kernel."""
-        box = self.support[node.input[0]]
-        if box is None or _empty(box):
-            return box if box is None else self._zero(node.output[0])
-        kernel = self._dims(node.input[1])[2:]
-        spatial = len(kernel)
-        strides = self._ints(node, None, "strides") or [1] * spatial
-        dilations = self._ints(node, None, "dilations") or [1] * spatial
-        pads = self._ints(node, None, "pads") or [0] * (2 * spatial)
-        auto = next((a.s for a in node.attribute if a.name == "auto_pad"), b"NOTSET")
+        transposed = node.op_type == "ConvTranspose"
         if auto not in (b"NOTSET", b"VALID") or any(a.name == "output_shape" for a in node.attribute):
             return None
+        if not transposed and any(s != 1 for s in strides):
+            return None
         out = self._dims(node.output[0])
         result = [box[0], (0, out[1])]
         for k in range(spatial):
             lo, hi = box[2 + k]
             reach = (kernel[k] - 1) * dilations[k]
-            result.append((max(lo * strides[k] - pads[k], 0),
-                           min((hi - 1) * strides[k] + reach + 1 - pads[k], out[2 + k])))
+            if transposed:
+                lo, hi = lo * strides[k] - pads[k], (hi - 1) * strides[k] + reach + 1 - pads[k]
+            else:
+                lo, hi = lo + pads[k] - reach, hi + pads[k]
+            result.append((max(lo, 0), min(hi, out[2 + k])))
         return tuple(result)
 
     def _reduce(self, node) -> Box | None:

@@ -153,8 +153,11 @@ def window_tail(model: onnx.ModelProto, support: Mapping[str, Box], facts: Graph
                 most: float = MOST) -> Windowed | None:
     """``model`` (a pruned tail) with its target-dependent convolutions on windows, for the
     supports ``support`` of one target (the module's docstring); None: no convolution reads a
-    value whose support is small enough."""
-    return _Rewrite(model, support, facts or GraphFacts(model), most).result()
+    value whose support is small enough, or the model's opset has no Pad with input pads (< 11)."""
+    facts = facts or GraphFacts(model)
+    if facts.opset < 11:
+        return None
+    return _Rewrite(model, support, facts, most).result()
 
 
 def _attributes(node: onnx.NodeProto) -> dict:
