@@ -446,7 +446,8 @@ class SparseTails:
         self._keys: OrderedDict = OrderedDict()  # box -> (variant key, window feeds)
         self._variants: dict = {}  # key -> (session or None, outputs, zeros, Windowed or None)
         self._windowed: dict = {}  # pruned variant's key -> the keys of its windowed ones
-        self._unwindowed: set = set()  # (pruned key, its Conv inputs' support sizes): no window
+        # (pruned key, its Conv inputs' support sizes) that no window serves, the latest ``boxes``
+        self._unwindowed: OrderedDict = OrderedDict()
 
     def variant(self, weights: np.ndarray) -> tuple:
         """(session or None: no run, its output names, {zero output: shape}, extra feeds: the
@@ -489,7 +490,8 @@ class SparseTails:
                 return key, self._variants[key][3].feeds(support)
         sizes = (base, tuple(None if not self._tracked(support, node.input[0]) else
                              tuple(hi - lo for lo, hi in support[node.input[0]][2:])
-                             for node in pruned.model.graph.node if node.op_type == "Conv"))
+                             for node in pruned.model.graph.node
+                             if node.op_type in ("Conv", "ConvTranspose")))
         if outputs and sizes not in self._unwindowed and len(self._variants) < self._limit:
             windowed = window_tail(pruned.model, support, self._facts)
             if windowed is not None:
@@ -497,7 +499,9 @@ class SparseTails:
                 self._variants[key] = (self._make(windowed.model), outputs, pruned.zeros, windowed)
                 self._windowed.setdefault(base, []).append(key)
                 return key, windowed.feeds(support)
-            self._unwindowed.add(sizes)
+            self._unwindowed[sizes] = None
+            if len(self._unwindowed) > self._most:
+                self._unwindowed.popitem(last=False)
         if base not in self._variants and len(self._variants) < self._limit:
             made = self._make(pruned.model) if outputs else None
             self._variants[base] = (made, outputs, pruned.zeros, None)
