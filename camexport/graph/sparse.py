@@ -67,8 +67,6 @@ class Pruned:
     model: onnx.ModelProto
     zeros: dict[str, tuple]
     removed: int
-    #: the support of every value computed from the source (the walk's)
-    support: dict[str, Box | None]
 
 
 def support_of(weights: np.ndarray) -> Box:
@@ -397,7 +395,7 @@ def _pruned(model: onnx.ModelProto, walk: _Walk) -> Pruned:
     result = helper.make_model(pruned, opset_imports=model.opset_import, ir_version=model.ir_version)
     result.functions.extend(model.functions)
     zeros = {o.name: walk.facts.shape(o.name) for o in graph.output if o.name in zero}
-    return Pruned(result, zeros, removed, walk.support)
+    return Pruned(result, zeros, removed)
 
 
 def _known_past_batch(shape) -> bool:

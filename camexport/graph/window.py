@@ -44,6 +44,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from camexport.graph.builder import GraphFacts
+from camexport.graph.cut import computed_into
 from camexport.graph.sparse import _ZERO_PRESERVING, Box, _empty
 
 #: element-wise ops of values that do not come from the target, computed on windows on demand
@@ -103,17 +104,13 @@ def _window(geometry: Geometry) -> _Range:
 @dataclass
 class Windowed:
     """A windowed tail: ``model`` (the tail's inputs, plus int64 window inputs), the values it
-    enters windows at (``entries``, with their window sizes) and what feeds its inputs
+    enters windows at (``sizes``: each with its window's size) and what feeds its inputs
     (:meth:`feeds`, from the supports of one target)."""
 
     model: onnx.ModelProto
     sizes: dict[str, tuple[int, ...]]
     _cuts: list  # (starts, ends, geometry): a full value cut to a window
     _places: list  # (prefix, from range, to range, rank): a range cut and padded to another
-
-    @property
-    def entries(self) -> tuple[str, ...]:
-        return tuple(self.sizes)
 
     def feeds(self, support: Mapping[str, Box]) -> dict[str, np.ndarray]:
         """The window inputs for the supports of one run's target (``sparse._Walk.support``)."""
@@ -438,7 +435,8 @@ class _Rewrite:
             return None
         for output in graph.output:
             self._full(output.name)
-        nodes = _needed(self.nodes, [o.name for o in graph.output])
+        needed = computed_into(self.nodes, [o.name for o in graph.output])
+        nodes = [node for node in self.nodes if any(name in needed for name in node.output)]
         used = {i for node in nodes for i in node.input}
         rewritten = helper.make_graph(
             nodes, graph.name, [*[i for i in graph.input if i.name in used],
@@ -454,12 +452,3 @@ class _Rewrite:
         entries = {g.entry for *_, g in cuts} | {r.geometry.entry for p in places for r in p[1:3]}
         return Windowed(model, {e: s for e, s in self.sizes.items() if e in entries}, cuts, places)
 
-
-def _needed(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
-    needed, kept = set(outputs), []
-    for node in reversed(nodes):
-        if any(name in needed for name in node.output):
-            kept.append(node)
-            needed.update(name for name in node.input if name)
-    kept.reverse()
-    return kept
