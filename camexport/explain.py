@@ -309,9 +309,10 @@ class Explainer:
             extra = [name for name in self.task.head_outputs(self.graph_outputs) if name not in outputs]
             split = split_by_targets(model, [*outputs, *extra]) if self.task.splits else None
             # the head and the tail run in turn: threads left spinning after one slow the other
-            # (a YOLOv8n detection's GradCAM at 640: 0.36 -> 0.26 s, 2 cores)
+            # (a YOLOv8n detection's GradCAM at 640: 0.36 -> 0.26 s, 2 cores); within a run
+            # they spin (the same GradCAM 67-75 -> 64-70 ms)
             def quiet(part):
-                return session(part, self.provider, spin=False)
+                return session(part, self.provider, spin="run")
 
             self._splits[outputs] = (None, None, None) if split is None else (
                 split, quiet(split.head), SparseTails(split.tail, TARGET_WEIGHTS, quiet))
@@ -539,8 +540,8 @@ class Explainer:
             head = dict(zip(split.head_outputs, head_session.run(split.head_outputs, {self.input_name: x})))
         model_outputs = head[self.output_name]
         resolved = [as_targets(column, model_outputs) for column in columns]
-        weights = np.stack([target_weights(column, model_outputs, self.output_shape)
-                            for column in resolved])
+        rows = [target_weights(column, model_outputs, self.output_shape) for column in resolved]
+        weights = rows[0][None] if len(rows) == 1 else np.stack(rows)  # no copy of one column
         ran = self._tail_gradients(cut, head, weights)
         backward = self._head_backward(cut, head)
         per_slot = [self._cam_inputs(x, {**head, **{n: v[k] for n, v in ran.items()}},

@@ -298,7 +298,7 @@ def target_weights(targets: Sequence, outputs: np.ndarray | None, classes) -> np
     """The ``target_weights`` rows (B, K) for a logit-score graph: dt_b/dz_b. ``classes``: the
     number of outputs, or the output shape per sample ((K, H, W) for segmentation)."""
     shape = (classes,) if isinstance(classes, (int, np.integer)) else tuple(classes)
-    rows = []
+    rows = np.empty((len(targets), *shape), np.float32)
     for b, target in enumerate(targets):
         if getattr(target, "linear", False):
             row = target.cotangent(np.zeros(shape))
@@ -310,7 +310,9 @@ def target_weights(targets: Sequence, outputs: np.ndarray | None, classes) -> np
         if row.shape != shape:
             raise TargetError(f"the target of image {b} gives weights of shape {row.shape} for an "
                               f"output of shape {shape}: expected {shape}")
-        if not np.isfinite(row).all():
-            raise TargetError(f"the target of image {b} gives non-finite weights {row}")
-        rows.append(row)
-    return np.asarray(rows, dtype=np.float32).reshape(len(rows), *shape)
+        with np.errstate(over="ignore"):  # beyond float32's range: inf, refused next
+            rows[b] = row
+        if not np.isfinite(rows[b]).all():  # float32's range too
+            raise TargetError(f"the target of image {b} gives weights that are not finite in "
+                              f"float32: {row}")
+    return rows

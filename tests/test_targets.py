@@ -133,6 +133,28 @@ def test_wrong_weight_shapes_raise(explainer):
         explainer.run_graph(x, np.zeros((1, 1000), np.float32))
 
 
+class _Weights:
+    """A target whose gradient is ``value`` at class 0."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, z):
+        return z[..., 0]
+
+    def cotangent(self, z):
+        row = np.zeros(z.shape[-1])
+        row[0] = self.value
+        return row
+
+
+@pytest.mark.parametrize("value", [np.inf, np.nan, 1e39], ids=["inf", "nan", "beyond-float32"])
+def test_weights_that_are_not_finite_in_float32_raise(value):
+    with pytest.raises(T.TargetError, match="the target of image 1 gives weights that are not finite"):
+        T.target_weights([_Weights(1.0), _Weights(value)], np.zeros((2, 10), np.float32), 10)
+    assert T.target_weights([_Weights(3e38)], np.zeros((1, 10), np.float32), 10)[0, 0] == np.float32(3e38)
+
+
 def test_a_zero_gradient_target_is_not_the_top_class(explainer):
     """The graph reads an all-zero target_weights row as "top class"; a target whose gradient is
     zero (a constant, a saturated softmax) must give zero gradients, not the top class's."""

@@ -156,11 +156,17 @@ def layer_map(raw: np.ndarray, size: Sequence[int]) -> np.ndarray:
 
 def aggregate(layer_maps: Sequence[np.ndarray], reuse: bool = False) -> np.ndarray:
     """CAM = n(mean_l relu(Q_l)), float32 (B, H, W). ``reuse``: the maps are the caller's own
-    temporaries (from :func:`layer_map`), which the result may overwrite."""
-    if len(layer_maps) == 1 and layer_maps[0].dtype == np.float32 and layer_maps[0].ndim == 3:
-        # Q = R(n(.)) >= 0 (a bilinear resize of non-negative maps; not the cubic volume zoom)
-        # and a mean of one value is that value: the same numbers without full-size copies
-        return min_max(layer_maps[0], out=layer_maps[0] if reuse else None)
+    temporaries from :func:`layer_map` (non-negative: a bilinear resize of non-negative maps),
+    which the result may overwrite."""
+    if all(m.dtype == np.float32 and m.ndim == 3 for m in layer_maps):
+        # the maps added in order, then divided (numpy's mean over the stacked axis): the same
+        # numbers without the stacked copy; the relu changes nothing on the reused maps
+        total = layer_maps[0] if reuse else relu(layer_maps[0])
+        for other in layer_maps[1:]:
+            total += other if reuse else relu(other)
+        if len(layer_maps) > 1:
+            total /= np.float32(len(layer_maps))
+        return min_max(total, out=total)
     stacked = np.stack(layer_maps, axis=1)
     stacked = relu(stacked, out=stacked)
     return min_max(stacked.mean(axis=1)).astype(np.float32, copy=False)
