@@ -37,7 +37,7 @@ import onnx
 from onnx import helper
 
 from camexport.graph.builder import GraphFacts
-from camexport.graph.cut import computed_from
+from camexport.graph.cut import computed_from, computed_into
 
 Box = tuple[tuple[int, int], ...]
 #: the stop of an axis whose size is not static (the batch axis): read as "to the end"
@@ -380,13 +380,8 @@ def _pruned(model: onnx.ModelProto, walk: _Walk) -> Pruned:
     zero = {name for name in zero if name not in {o.name for o in graph.output}
             or _known_past_batch(walk.facts.shape_or_none(name))}
     outputs = [o for o in graph.output if o.name not in zero]
-    needed = {o.name for o in outputs}
-    kept = []
-    for node in reversed(nodes):
-        if any(name in needed for name in node.output):
-            kept.append(node)
-            needed.update(name for name in node.input if name)
-    kept.reverse()
+    needed = computed_into(nodes, [o.name for o in outputs])
+    kept = [node for node in nodes if any(name in needed for name in node.output)]
     removed = sum(1 for node in graph.node if node.op_type in HEAVY) - sum(
         1 for node in kept if node.op_type in HEAVY)
     pruned = helper.make_graph(
